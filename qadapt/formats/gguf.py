@@ -1,0 +1,139 @@
+"""GGUF files: metadata and memory-mapped tensors, validated before anything uses them.
+
+gguf-py's reader memory-maps the file and copies nothing; this module adds the
+checks a loader needs (every tensor inside the file, a type we run, sizes that
+agree with the block geometry) and turns its failures into :class:`FormatError`
+naming the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import FormatError, InputError, UnsupportedError
+from ..quant.types import GGML_TYPE_NAMES
+
+log = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    name: str
+    qtype: str  # gguf type name, e.g. "Q4_K"
+    shape: tuple[int, ...]  # torch order: [rows, cols] for a matrix (gguf stores it reversed)
+    data: np.ndarray  # memory-mapped; [rows, bytes_per_row] uint8 for block types
+    nbytes: int
+
+
+def _field_value(field) -> Any:
+    try:
+        return field.contents()
+    except Exception:  # pragma: no cover - gguf-py older than contents()
+        return None
+
+
+class GGUFFile:
+    """A validated, memory-mapped GGUF file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise InputError(f"model file {self.path} does not exist")
+        if self.path.is_dir():
+            raise InputError(f"{self.path} is a directory, expected a .gguf file")
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            magic = f.read(4)
+        if magic != GGUF_MAGIC:
+            raise FormatError(f"{self.path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+        import gguf
+
+        try:
+            self._reader = gguf.GGUFReader(self.path, "r")
+        except (ValueError, IndexError, KeyError, OverflowError, MemoryError, UnicodeDecodeError) as e:
+            raise FormatError(f"{self.path}: truncated or malformed GGUF header ({type(e).__name__}: {e})") from None
+        self.file_size = size
+        self.metadata: dict[str, Any] = {
+            k: _field_value(f) for k, f in self._reader.fields.items() if not k.startswith("GGUF.")
+        }
+        arch = self.metadata.get("general.architecture")
+        if not isinstance(arch, str):
+            raise FormatError(f"{self.path}: metadata has no `general.architecture` string")
+        self.architecture = arch
+        self.tensors: dict[str, GGUFTensor] = {}
+        for t in self._reader.tensors:
+            self.tensors[t.name] = self._check_tensor(t)
+
+    def _check_tensor(self, t) -> GGUFTensor:
+        from gguf import GGML_QUANT_SIZES
+
+        name, qtype = t.name, t.tensor_type.name
+        if qtype not in GGML_TYPE_NAMES:
+            raise UnsupportedError(
+                f"{self.path}: tensor `{name}` has type {qtype}; qadapt runs {', '.join(GGML_TYPE_NAMES)}"
+            )
+        ne = [int(x) for x in t.shape]
+        block, type_size = GGML_QUANT_SIZES[t.tensor_type]
+        if ne and ne[0] % block:
+            raise FormatError(f"{self.path}: tensor `{name}` rows of {ne[0]} are not whole {qtype} blocks of {block}")
+        n_el = int(np.prod(ne)) if ne else 1
+        want = n_el // block * type_size
+        start = int(t.data_offset)
+        if start + want > self.file_size or int(t.n_bytes) != want:
+            raise FormatError(
+                f"{self.path}: tensor `{name}` ({qtype}, shape {ne[::-1]}) needs {want} bytes at offset "
+                f"{start} but the file has {self.file_size} bytes"
+            )
+        if t.data.size * t.data.itemsize != want:
+            raise FormatError(f"{self.path}: tensor `{name}` data is truncated")
+        return GGUFTensor(name, qtype, tuple(ne[::-1]), t.data, want)
+
+    # ------------------------------------------------------------------ metadata helpers
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
+
+    @cached_property
+    def arch_metadata(self) -> dict[str, Any]:
+        """Metadata under ``{architecture}.`` with the prefix stripped, plus ``vocab_size``."""
+        prefix = self.architecture + "."
+        out = {k[len(prefix):]: v for k, v in self.metadata.items() if k.startswith(prefix)}
+        if "vocab_size" not in out:
+            emb = self.tensors.get("token_embd.weight")
+            tokens = self.metadata.get("tokenizer.ggml.tokens")
+            if emb is not None:
+                out["vocab_size"] = emb.shape[0]
+            elif isinstance(tokens, list):
+                out["vocab_size"] = len(tokens)
+        return out
+
+    def tensor(self, name: str) -> GGUFTensor:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise FormatError(f"{self.path}: tensor `{name}` is missing") from None
+
+    def type_counts(self) -> dict[str, tuple[int, int]]:
+        """qtype -> (tensor count, bytes)."""
+        out: dict[str, tuple[int, int]] = {}
+        for t in self.tensors.values():
+            n, b = out.get(t.qtype, (0, 0))
+            out[t.qtype] = (n + 1, b + t.nbytes)
+        return out
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
