@@ -50,6 +50,26 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, force: bool = False
         raise
 
 
+@contextmanager
+def atomic_path(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temp path next to ``path`` for a writer that opens files itself; renamed on success."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise InputError(f"{path} exists; pass --force to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
 def atomic_write(path: str | os.PathLike, data: str | bytes, *, force: bool = False) -> Path:
     with atomic_open(path, "wb" if isinstance(data, bytes) else "w", force=force) as f:
         f.write(data)

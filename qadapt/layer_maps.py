@@ -22,6 +22,7 @@ from typing import Any, Iterator, Mapping
 from .errors import FormatError, QadaptError, UnsupportedError
 
 BASE_FORMATS = ("full", "gguf", "gptq", "bnb")
+ROLES = ("q", "k", "v", "o", "qkv", "gate", "up", "gate_up", "down", "lm_head")
 NORMALISED_KEYS = (
     "hidden_size",
     "num_hidden_layers",
@@ -34,6 +35,7 @@ NORMALISED_KEYS = (
 _MODULE_KEYS = {
     "name": str,
     "path": str,
+    "role": str,
     "in_features": str,
     "out_features": str,
     "gguf": str,
@@ -44,7 +46,7 @@ _MODULE_KEYS = {
     "conv1d": bool,
     "tied_to": str,
 }
-_MODULE_REQUIRED = ("name", "path", "in_features", "out_features", "gguf", "formats")
+_MODULE_REQUIRED = ("name", "path", "role", "in_features", "out_features", "gguf", "formats")
 _TOP_KEYS = {
     "schema_version": int,
     "architecture": str,
@@ -132,6 +134,7 @@ class LayerSpec:
 
     name: str  # short PEFT target name, e.g. ``q_proj``
     path: str  # template with ``{layer_idx}``, or a fixed path (``lm_head``)
+    role: str  # what the decoder does with it: q k v o qkv gate up gate_up down lm_head
     in_features: str
     out_features: str
     gguf: str
@@ -312,6 +315,8 @@ def parse_layer_map(data: Any, source: str = "<memory>") -> LayerMap:
                 _check_expr(e)
             except (ValueError, SyntaxError) as err:
                 _fail(source, f"{where}.fused", str(err))
+        if m["role"] not in ROLES:
+            _fail(source, f"{where}.role", f"{m['role']!r}: expected one of {list(ROLES)}")
         bad = [f for f in m["formats"] if f not in BASE_FORMATS]
         if bad or not m["formats"]:
             _fail(source, f"{where}.formats", f"{bad or 'empty'}: expected a subset of {list(BASE_FORMATS)}")
@@ -325,6 +330,7 @@ def parse_layer_map(data: Any, source: str = "<memory>") -> LayerMap:
             LayerSpec(
                 name=m["name"],
                 path=m["path"],
+                role=m["role"],
                 in_features=m["in_features"],
                 out_features=m["out_features"],
                 gguf=m["gguf"],

@@ -1,0 +1,92 @@
+"""``qadapt run`` and ``qadapt inspect``: parse, call the API, print."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+MODE = click.Choice(["inplace", "dequantize"])
+
+
+def _model_options(f):
+    f = click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")(f)
+    f = click.option("--gguf-file", default=None, metavar="NAME",
+                     help="GGUF file inside a Hub repo (MODEL is then org/repo).")(f)
+    f = click.option("--dtype", default=None, metavar="DTYPE",
+                     help="Compute dtype for dequantize mode: float32 (default), bfloat16, float16.")(f)
+    f = click.option("--mode", type=MODE, default="inplace", show_default=True,
+                     help="inplace: weights stay quantized in memory; dequantize: expand them on load.")(f)
+    return f
+
+
+@click.command()
+@click.argument("model")
+@_model_options
+@click.option("-p", "--prompt", required=True, help="Text to continue.")
+@click.option("-n", "--max-tokens", default=128, show_default=True, type=click.IntRange(min=0),
+              help="Maximum new tokens.")
+@click.option("-t", "--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="0 = greedy (deterministic).")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 = off.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--repetition-penalty", default=1.0, show_default=True, type=float)
+@click.option("--seed", default=None, type=int, help="Seed for sampling.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object {text, token_ids, ...} at the end.")
+def run(model, mode, dtype, gguf_file, revision, prompt, max_tokens, temperature, top_k, top_p,
+        repetition_penalty, seed, stop, as_json):
+    """Generate text from MODEL (a .gguf file, or org/repo with --gguf-file).
+
+    \b
+    Examples:
+      qadapt run model.Q4_0.gguf -p "Once upon a time" -n 64
+      qadapt run model.Q8_0.gguf -p "Hello" --mode dequantize --json
+      qadapt run TheOrg/Repo-GGUF --gguf-file repo.Q4_K_M.gguf -p "Hi" -t 0.8 --seed 1
+    """
+    import qadapt
+
+    m = qadapt.load(model, mode=mode, dtype=dtype, gguf_file=gguf_file, revision=revision)
+    kw = dict(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+              repetition_penalty=repetition_penalty, seed=seed, stop=list(stop))
+    if as_json:
+        g = m.generate(prompt, **kw)
+        click.echo(json.dumps({"text": g.text, "token_ids": g.token_ids, "prompt_tokens": g.prompt_tokens,
+                               "finish_reason": g.finish_reason}))
+        return
+    for piece in m.generate(prompt, stream=True, **kw):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+@click.command()
+@click.argument("model")
+@click.option("--gguf-file", default=None, metavar="NAME", help="GGUF file inside a Hub repo.")
+@click.option("--revision", default=None)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect(model, gguf_file, revision, as_json):
+    """Show MODEL's architecture, hyper-parameters, tensor types and adapter-targetable layers.
+
+    Reads metadata only: no weights are loaded.
+    """
+    from qadapt.inspect import describe
+
+    info = describe(model, gguf_file=gguf_file, revision=revision)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{info['path']}  ({info['file_size'] / 2**20:.1f} MiB)")
+    click.echo(f"architecture: {info['architecture']} (GGUF `{info['gguf_architecture']}`)")
+    click.echo("hyper-parameters:")
+    for k, v in info["config"].items():
+        click.echo(f"  {k:<22} {v}")
+    click.echo("tensor types:")
+    for t in info["tensor_types"]:
+        click.echo(f"  {t['type']:<7} {t['count']:>5} tensors  {t['bytes'] / 2**20:10.2f} MiB")
+    click.echo("adapter-targetable layers (per block unless noted):")
+    for layer in info["targetable"]:
+        where = "" if layer["per_block"] else "  (top level)"
+        click.echo(f"  {layer['name']:<14} {layer['path']:<46} in={layer['in_features']:<6} "
+                   f"out={layer['out_features']:<6} {layer['qtype']}{where}")

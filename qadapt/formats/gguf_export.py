@@ -1,0 +1,159 @@
+"""Write a transformers checkpoint as a GGUF file, the way llama.cpp's converter lays it out.
+
+Used to make test and demo models and for ``qadapt quantize``: names come from
+the layer map and family spec, llama.cpp's q/k row permutation is applied for
+the families that have it, and quantization is gguf-py's (the types it
+implements: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from ..errors import InputError, UnsupportedError
+from ..layer_maps import LayerMap, evaluate
+from ..models.family import FAMILIES
+
+log = logging.getLogger(__name__)
+
+QUANTIZABLE = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's converter row order for q/k (see FIELD-NOTES)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def quantize(w: np.ndarray, qtype: str) -> tuple[np.ndarray, Any]:
+    import gguf
+
+    if qtype not in QUANTIZABLE:
+        raise UnsupportedError(f"gguf-py cannot quantize to {qtype}; choose one of {', '.join(QUANTIZABLE)}")
+    t = gguf.GGMLQuantizationType[qtype]
+    if qtype == "F32":
+        return w.astype(np.float32), t
+    if w.ndim < 2 or w.shape[-1] % gguf.GGML_QUANT_SIZES[t][0]:
+        return w.astype(np.float32), gguf.GGMLQuantizationType.F32  # vectors and odd rows stay F32
+    return gguf.quants.quantize(w.astype(np.float32), t), t
+
+
+def export_gguf(
+    state_dict: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    layer_map: LayerMap,
+    path: str | os.PathLike,
+    qtype: str = "F32",
+    *,
+    tokenizer: Mapping[str, Any] | None = None,
+    force: bool = False,
+    keep_f32: tuple[str, ...] = (),
+    raw: Mapping[str, tuple[np.ndarray, str]] | None = None,
+) -> Path:
+    """Write ``state_dict`` (transformers names) as GGUF. ``tokenizer`` holds ``tokenizer.ggml.*`` values.
+
+    ``raw`` maps GGUF tensor names to already-encoded (bytes, type name) pairs, written as
+    they are (how K-quant tensors, which gguf-py cannot quantize, get into a file).
+    """
+    import gguf
+
+    from ..io import atomic_path
+    from ..models.config import config_from_hf
+
+    path = Path(path)
+    if path.exists() and not force:
+        raise InputError(f"{path} exists; pass --force to overwrite it")
+    spec = FAMILIES[layer_map.architecture]
+    cfg = config_from_hf(config, layer_map, str(path), spec.tie_embeddings_default)
+    shapes = cfg.shapes
+    arch = (layer_map.gguf_architectures or ("llama",))[0]
+    sd = {k: v.detach().float().numpy() for k, v in state_dict.items()}
+
+    tensors: list[tuple[str, np.ndarray]] = []
+    for role, (hf, gg) in spec.tensors.items():
+        per_block = "{i}" in hf
+        for i in range(cfg.num_hidden_layers) if per_block else [None]:
+            h = hf.format(i=i) if per_block else hf
+            if h in sd:
+                tensors.append((gg.format(i=i) if per_block else gg, sd[h]))
+    for ls in layer_map.layers:
+        per_block = ls.per_block
+        for i in range(cfg.num_hidden_layers) if per_block else [None]:
+            src = ls.module_path(i)
+            if src + ".weight" not in sd:
+                continue
+            w = sd[src + ".weight"]
+            b = sd.get(src + ".bias")
+            if ls.conv1d:
+                w = w.T.copy()
+            if ls.gguf_permute_heads:
+                n = evaluate(ls.gguf_permute_heads, shapes)
+                w = llama_cpp_permute(w, n)
+                b = None if b is None else llama_cpp_permute(b, n)
+            tensors.append((ls.gguf_name(i) + ".weight", w))
+            if b is not None:
+                tensors.append((ls.gguf_name(i) + ".bias", b))
+
+    with atomic_path(path, force=force) as tmp:
+        writer = gguf.GGUFWriter(path=tmp, arch=arch)
+        writer.add_block_count(cfg.num_hidden_layers)
+        writer.add_context_length(cfg.context_length)
+        writer.add_embedding_length(cfg.hidden_size)
+        writer.add_feed_forward_length(cfg.intermediate_size)
+        writer.add_head_count(cfg.num_attention_heads)
+        writer.add_head_count_kv(cfg.num_key_value_heads)
+        if spec.norm == "rms":
+            writer.add_layer_norm_rms_eps(cfg.norm_eps)
+        else:
+            writer.add_layer_norm_eps(cfg.norm_eps)
+        if spec.positions == "rope":
+            writer.add_rope_freq_base(cfg.rope_theta)
+            writer.add_rope_dimension_count(cfg.rope_dim or cfg.head_dim)
+        if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size:
+            writer.add_key_length(cfg.head_dim)
+            writer.add_value_length(cfg.head_dim)
+        if cfg.sliding_window:
+            writer.add_sliding_window(int(cfg.sliding_window))
+        writer.add_file_type(int(gguf.LlamaFileType.ALL_F32) if qtype == "F32" else 1)
+        for key, value in (tokenizer or {}).items():
+            _add_kv(writer, key, value)
+        for name, w in tensors:
+            if raw and name in raw:
+                data, tname = raw[name]
+                writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=gguf.GGMLQuantizationType[tname])
+                continue
+            is_matrix = w.ndim == 2 and name.endswith(".weight") and not name.startswith("position_embd")
+            if is_matrix and name not in keep_f32:
+                data, t = quantize(w, qtype)
+            else:
+                data, t = w.astype(np.float32), gguf.GGMLQuantizationType.F32
+            writer.add_tensor(name, data, raw_shape=data.shape if data.dtype == np.uint8 else None, raw_dtype=t)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return path
+
+
+def _add_kv(writer, key: str, value: Any) -> None:
+    import gguf
+
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_uint32(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    elif isinstance(value, (list, tuple)):
+        writer.add_array(key, list(value))
+    else:  # pragma: no cover
+        raise TypeError(f"cannot write {key}={type(value).__name__} to GGUF")
+    del gguf

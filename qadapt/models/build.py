@@ -1,0 +1,172 @@
+"""Build the decoder from a tensor source (a GGUF file now; transformers checkpoints later).
+
+The layer map says which linears exist, their shapes and names in each format;
+the family spec names the few other tensors. A source only answers "give me the
+tensor called X as a linear / vector / embedding", so adding a format never
+touches the model code.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from ..errors import FormatError
+from ..layer_maps import LayerMap, evaluate
+from ..progress import progress
+from .config import ModelConfig
+from .decoder import Block, Decoder, Rotary, make_norm
+from .family import FamilySpec
+
+log = logging.getLogger(__name__)
+
+
+class TensorSource(Protocol):
+    fmt: str  # "gguf" | "hf": which name column of the layer map / family spec applies
+
+    def has(self, name: str) -> bool: ...
+
+    def linear(self, name: str, shape: tuple[int, int], row_perm: torch.Tensor | None) -> nn.Module: ...
+
+    def vector(self, name: str) -> torch.Tensor: ...
+
+    def embedding(self, name: str, shape: tuple[int, int]) -> nn.Module: ...
+
+
+def llama_cpp_unpermute(rows: int, n_head: int) -> torch.Tensor:
+    """Row order that undoes llama.cpp's q/k permutation.
+
+    The converter stores ``w.reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2)``;
+    stored row ``i`` is original row ``perm[i]``, so original = stored[argsort(perm)].
+    """
+    perm = torch.arange(rows).reshape(n_head, 2, rows // n_head // 2).transpose(1, 2).reshape(-1)
+    return torch.argsort(perm)
+
+
+class GGUFSource:
+    """Tensors of a :class:`~qadapt.formats.gguf.GGUFFile`, as qadapt layers."""
+
+    fmt = "gguf"
+
+    def __init__(self, gf, mode: str, dtype: torch.dtype):
+        self.gf, self.mode, self.dtype = gf, mode, dtype
+
+    def has(self, name: str) -> bool:
+        return name in self.gf.tensors
+
+    def _bias(self, weight_name: str, out_features: int) -> torch.Tensor | None:
+        name = weight_name.removesuffix(".weight") + ".bias"
+        if name not in self.gf.tensors:
+            return None
+        b = self.vector(name)
+        if b.numel() != out_features:
+            raise FormatError(f"{self.gf.path}: `{name}` has {b.numel()} values, expected {out_features}")
+        return b
+
+    def _check(self, name: str, shape: tuple[int, ...]):
+        t = self.gf.tensor(name)
+        if tuple(t.shape) != tuple(shape):
+            raise FormatError(
+                f"{self.gf.path}: tensor `{name}` has shape {list(t.shape)}, the metadata implies {list(shape)}"
+            )
+        return t
+
+    def linear(self, name, shape, row_perm=None):
+        from ..quant.ggml import make_linear, take_rows
+
+        t = self._check(name, shape)
+        data = t.data if row_perm is None else take_rows(t.data, t.qtype, row_perm)
+        bias = self._bias(name, shape[0])
+        if bias is not None and row_perm is not None:
+            bias = bias[row_perm]
+        return make_linear(data, t.qtype, shape, bias=bias, mode=self.mode, dtype=self.dtype)
+
+    def vector(self, name):
+        from ..quant.ggml import dequantize_array
+
+        t = self.gf.tensor(name)
+        return dequantize_array(t.data, t.qtype, t.shape).float().reshape(-1)
+
+    def embedding(self, name, shape):
+        from ..quant.ggml import make_embedding
+
+        t = self._check(name, shape)
+        return make_embedding(t.data, t.qtype, shape, mode=self.mode, dtype=self.dtype)
+
+    def rope_freq_factors(self) -> torch.Tensor | None:
+        return self.vector("rope_freqs.weight") if self.has("rope_freqs.weight") else None
+
+
+class _Embedding(nn.Module):
+    """Learned positions (GPT-2) are small: kept dense."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(table, requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids]
+
+
+def build_decoder(cfg: ModelConfig, layer_map: LayerMap, spec: FamilySpec, src: TensorSource,
+                  desc: str = "loading") -> Decoder:
+    shapes = cfg.shapes
+    fmt = src.fmt
+
+    def tname(role: str, i: int | None = None) -> str | None:
+        return spec.tensor_name(role, fmt, i)
+
+    def norm(role: str, i: int | None = None) -> nn.Module:
+        w = src.vector(tname(role, i))
+        if w.numel() != cfg.hidden_size:
+            raise FormatError(f"`{tname(role, i)}` has {w.numel()} values, expected hidden size {cfg.hidden_size}")
+        bname = tname(role + "_bias", i)
+        b = src.vector(bname) if bname and src.has(bname) else None
+        return make_norm(spec, w, b, cfg.norm_eps)
+
+    def linear(ls, i):
+        in_f, out_f = ls.shape(shapes)
+        name = (ls.gguf_name(i) + ".weight") if fmt == "gguf" else (ls.module_path(i) + ".weight")
+        perm = None
+        if fmt == "gguf" and ls.gguf_permute_heads:
+            perm = llama_cpp_unpermute(out_f, evaluate(ls.gguf_permute_heads, shapes))
+        return src.linear(name, (out_f, in_f), perm)
+
+    block_specs = [ls for ls in layer_map.layers if ls.per_block]
+    fused = {ls.role: ls for ls in block_specs if ls.role == "qkv"}
+    qkv_split = tuple(evaluate(e, shapes) for e in fused["qkv"].fused) if fused else None
+    blocks = []
+    for i in progress(range(cfg.num_hidden_layers), desc=desc, unit="block"):
+        linears = {ls.role: linear(ls, i) for ls in block_specs}
+        blocks.append(Block(cfg, spec, linears, norm("attn_norm", i), norm("mlp_norm", i), qkv_split, i))
+
+    embed_name = tname("embed")
+    embed = src.embedding(embed_name, (cfg.vocab_size, cfg.hidden_size))
+    head_spec = next(ls for ls in layer_map.layers if ls.role == "lm_head")
+    head_name = (head_spec.gguf_name() if fmt == "gguf" else head_spec.module_path()) + ".weight"
+    if src.has(head_name) and not (fmt == "hf" and cfg.tie_embeddings):
+        lm_head = linear(head_spec, None)
+    else:  # tied output head: the same bytes as the token table
+        lm_head = src.linear(embed_name, (cfg.vocab_size, cfg.hidden_size), None)
+    pos_embed = None
+    if spec.positions == "learned":
+        pos_embed = _Embedding(src.vector(tname("pos_embed")).reshape(-1, cfg.hidden_size))
+    rope = None
+    if spec.positions == "rope":
+        factors = src.rope_freq_factors() if hasattr(src, "rope_freq_factors") else None
+        rope = Rotary(cfg.rope_dim or cfg.head_dim, cfg.rope_theta, min(cfg.context_length, 4096), factors)
+    return Decoder(cfg, spec, embed, blocks, norm("final_norm"), lm_head, rope, pos_embed)
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of parameters and buffers (quantized layers count their packed bytes)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total

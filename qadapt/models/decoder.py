@@ -1,0 +1,212 @@
+"""One decoder for every family: a whole forward pass readable in one screen.
+
+The linears come from the loader as :class:`~qadapt.quant.base.BaseLinear`
+(quantized or dense) or adapter wrappers around them, keyed by their role from
+the layer map (q, k, v, o, qkv, gate, up, gate_up, down). What differs between
+families is the spec (norm, activation, positions) and which roles exist.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .family import FamilySpec
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight.float(), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * xf).to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight.float(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), x.shape[-1:], self.weight, self.bias, self.eps).to(x.dtype)
+
+
+def make_norm(spec: FamilySpec, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> nn.Module:
+    return RMSNorm(weight, eps) if spec.norm == "rms" else LayerNorm(weight, bias, eps)
+
+
+class Rotary(nn.Module):
+    """RoPE in transformers' half-split layout (the loader undoes llama.cpp's q/k row permutation)."""
+
+    def __init__(self, dim: int, base: float, max_pos: int, freq_factors: torch.Tensor | None = None):
+        super().__init__()
+        inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        if freq_factors is not None:
+            inv = inv / freq_factors.float()
+        self.dim = dim
+        self.register_buffer("inv_freq", inv, persistent=False)
+        self._table(max_pos)
+
+    def _table(self, n: int) -> None:
+        t = torch.arange(n, dtype=torch.int64).float()
+        freqs = torch.outer(t, self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos, self.sin = emb.cos(), emb.sin()
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [B, T, H, D], positions [B, T]."""
+        if int(positions.max()) >= self.cos.shape[0]:
+            self._table(int(positions.max()) * 2 + 1)
+        cos = self.cos[positions].unsqueeze(2)
+        sin = self.sin[positions].unsqueeze(2)
+        rot, rest = x[..., : self.dim], x[..., self.dim :]
+        x1, x2 = rot[..., : self.dim // 2], rot[..., self.dim // 2 :]
+        rotated = torch.cat((-x2, x1), dim=-1)
+        out = rot.float() * cos + rotated.float() * sin
+        return torch.cat((out.to(x.dtype), rest), dim=-1) if rest.numel() else out.to(x.dtype)
+
+
+def _act(name: str, x: torch.Tensor) -> torch.Tensor:
+    return F.silu(x) if name == "silu" else F.gelu(x, approximate="tanh")
+
+
+def call_linear(m: nn.Module, x: torch.Tensor, ctx: Any) -> torch.Tensor:
+    """Adapter wrappers take the per-forward context (active adapters, X-LoRA scalings); base layers don't."""
+    return m(x, ctx) if getattr(m, "takes_context", False) else m(x)
+
+
+class Block(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        spec: FamilySpec,
+        linears: dict[str, nn.Module],
+        attn_norm: nn.Module,
+        mlp_norm: nn.Module,
+        qkv_split: tuple[int, int, int] | None,
+        layer_idx: int,
+    ):
+        super().__init__()
+        self.cfg, self.spec, self.layer_idx = cfg, spec, layer_idx
+        self.linears = nn.ModuleDict(linears)
+        self.attn_norm, self.mlp_norm = attn_norm, mlp_norm
+        self.qkv_split = qkv_split
+
+    def forward(self, x, positions, rope, cache, mask, ctx):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        lin = self.linears
+        h = self.attn_norm(x)
+        if "qkv" in lin:
+            q, k, v = call_linear(lin["qkv"], h, ctx).split(self.qkv_split, dim=-1)
+        else:
+            q, k, v = (call_linear(lin[r], h, ctx) for r in ("q", "k", "v"))
+        q = q.view(B, T, cfg.num_attention_heads, cfg.head_dim)
+        k = k.view(B, T, cfg.num_key_value_heads, cfg.head_dim)
+        v = v.view(B, T, cfg.num_key_value_heads, cfg.head_dim)
+        if rope is not None:
+            q, k = rope(q, positions), rope(k, positions)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, positions, k, v)  # [B, Hkv, S, D]
+        else:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        q = q.transpose(1, 2)
+        if cfg.num_key_value_heads != cfg.num_attention_heads:
+            rep = cfg.num_attention_heads // cfg.num_key_value_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        a = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+        a = a.transpose(1, 2).reshape(B, T, cfg.num_attention_heads * cfg.head_dim)
+        x = x + call_linear(lin["o"], a, ctx)
+
+        h = self.mlp_norm(x)
+        if "gate_up" in lin:
+            gate, up = call_linear(lin["gate_up"], h, ctx).chunk(2, dim=-1)
+            h = _act(self.spec.act, gate) * up
+        elif "gate" in lin:
+            h = _act(self.spec.act, call_linear(lin["gate"], h, ctx)) * call_linear(lin["up"], h, ctx)
+        else:
+            h = _act(self.spec.act, call_linear(lin["up"], h, ctx))
+        return x + call_linear(lin["down"], h, ctx)
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor | None
+    hidden: torch.Tensor  # after the final norm (X-LoRA's classifier input)
+
+
+class Decoder(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        spec: FamilySpec,
+        embed: nn.Module,
+        blocks: list[Block],
+        final_norm: nn.Module,
+        lm_head: nn.Module,
+        rope: Rotary | None,
+        pos_embed: nn.Module | None = None,
+    ):
+        super().__init__()
+        self.cfg, self.spec = cfg, spec
+        self.embed, self.pos_embed = embed, pos_embed
+        self.blocks = nn.ModuleList(blocks)
+        self.final_norm = final_norm
+        self.lm_head = lm_head
+        self.rope = rope
+
+    def mask(self, positions: torch.Tensor, n_keys: int | None) -> torch.Tensor:
+        """Boolean [B, 1, T, S]: key j is visible from a query at position p iff j <= p (and within the window)."""
+        keys = torch.arange(n_keys if n_keys is not None else positions.shape[1])
+        q = positions.unsqueeze(-1)
+        if n_keys is None:  # no cache: keys are this chunk's own positions
+            keys = positions.unsqueeze(1)
+        m = keys <= q
+        if self.cfg.sliding_window:
+            m = m & (keys > q - self.cfg.sliding_window)
+        return m.unsqueeze(1)
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: Any = None,
+        ctx: Any = None,
+        last_only: bool = False,
+        logits: bool = True,
+    ) -> ForwardOutput:
+        """ids [B, T]; positions [B, T] (default 0..T-1); writes keys/values into ``cache`` at ``positions``."""
+        B, T = ids.shape
+        if positions is None:
+            positions = torch.arange(T).expand(B, T)
+        x = self.embed(ids)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        n_keys = None if cache is None else cache.prepare(positions)
+        mask = self.mask(positions, n_keys)
+        for blk in self.blocks:
+            x = blk(x, positions, self.rope, cache, mask, ctx)
+        x = self.final_norm(x)
+        if last_only:
+            x = x[:, -1:]
+        out = call_linear(self.lm_head, x, ctx).float() if logits else None
+        return ForwardOutput(out, x)
+
+    # ---- the module tree as the layer map names it
+    def linear_slots(self):
+        """Yield (role, layer_idx or None, container, key) for every targetable linear."""
+        for i, blk in enumerate(self.blocks):
+            for role in blk.linears:
+                yield role, i, blk.linears, role
+        yield "lm_head", None, self, "lm_head"

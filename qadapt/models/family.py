@@ -1,0 +1,65 @@
+"""One small spec per architecture family: what the decoder does that the layer map cannot say.
+
+The layer map (``layer_maps/*.json``) lists the targetable linears and their
+roles; this table adds the norm kind, the activation, the position scheme and
+the names of the few non-linear tensors, in transformers' and GGUF's naming.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# role -> (transformers name template, GGUF name template); "{i}" is the block index
+_LLAMA_TENSORS = {
+    "embed": ("model.embed_tokens.weight", "token_embd.weight"),
+    "attn_norm": ("model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
+    "mlp_norm": ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
+    "final_norm": ("model.norm.weight", "output_norm.weight"),
+}
+_GPT2_TENSORS = {
+    "embed": ("transformer.wte.weight", "token_embd.weight"),
+    "pos_embed": ("transformer.wpe.weight", "position_embd.weight"),
+    "attn_norm": ("transformer.h.{i}.ln_1.weight", "blk.{i}.attn_norm.weight"),
+    "attn_norm_bias": ("transformer.h.{i}.ln_1.bias", "blk.{i}.attn_norm.bias"),
+    "mlp_norm": ("transformer.h.{i}.ln_2.weight", "blk.{i}.ffn_norm.weight"),
+    "mlp_norm_bias": ("transformer.h.{i}.ln_2.bias", "blk.{i}.ffn_norm.bias"),
+    "final_norm": ("transformer.ln_f.weight", "output_norm.weight"),
+    "final_norm_bias": ("transformer.ln_f.bias", "output_norm.bias"),
+}
+_QWEN_TENSORS = {
+    "embed": ("transformer.wte.weight", "token_embd.weight"),
+    "attn_norm": ("transformer.h.{i}.ln_1.weight", "blk.{i}.attn_norm.weight"),
+    "mlp_norm": ("transformer.h.{i}.ln_2.weight", "blk.{i}.ffn_norm.weight"),
+    "final_norm": ("transformer.ln_f.weight", "output_norm.weight"),
+}
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    name: str
+    norm: str = "rms"  # "rms" | "layer"
+    act: str = "silu"  # "silu" | "gelu_tanh"
+    positions: str = "rope"  # "rope" | "learned"
+    tensors: dict[str, tuple[str, str]] = field(default_factory=lambda: dict(_LLAMA_TENSORS))
+    tie_embeddings_default: bool = False
+
+    def tensor_name(self, role: str, fmt: str, i: int | None = None) -> str | None:
+        """The tensor name of ``role`` in ``fmt`` ("hf" or "gguf"), or None if the family has none."""
+        pair = self.tensors.get(role)
+        if pair is None:
+            return None
+        name = pair[0 if fmt == "hf" else 1]
+        return name.format(i=i) if i is not None else name
+
+
+FAMILIES: dict[str, FamilySpec] = {
+    "llama": FamilySpec("llama"),
+    "mistral": FamilySpec("mistral"),
+    "qwen2": FamilySpec("qwen2"),
+    "phi3": FamilySpec("phi3"),
+    "qwen": FamilySpec("qwen", tensors=dict(_QWEN_TENSORS)),
+    "gpt2": FamilySpec(
+        "gpt2", norm="layer", act="gelu_tanh", positions="learned", tensors=dict(_GPT2_TENSORS),
+        tie_embeddings_default=True,
+    ),
+}

@@ -1,0 +1,165 @@
+"""Small random models for tests: transformers configs with random weights, written to GGUF.
+
+The GGUF files are written by gguf-py's writer and quantizer (through
+``qadapt.formats.gguf_export``); the references the tests compare against are
+transformers' modeling code and gguf-py's dequantization, never qadapt itself.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_bpe() -> tuple[list[str], list[str]]:
+    """A byte-level BPE vocabulary (GPT-2 style) trained offline on a generated corpus."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+
+    words = ["the", "cat", "sat", "on", "a", "mat", "hello", "world", "adapter", "model", "quant", "lora"]
+    rng = np.random.default_rng(0)
+    corpus = [" ".join(rng.choice(words, 12)) + "." for _ in range(300)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    vocab = tok.get_vocab()
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    import json
+
+    merges = [m if isinstance(m, str) else " ".join(m) for m in json.loads(tok.to_str())["model"]["merges"]]
+    return tokens, merges
+
+
+def tokenizer_metadata(vocab_size: int) -> dict:
+    tokens, merges = tiny_bpe()
+    tokens = tokens + [f"<extra_{i}>" for i in range(vocab_size - len(tokens))]
+    types = [3 if t.startswith("<") and t.endswith(">") and len(t) > 2 else 1 for t in tokens]
+    return {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "default",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 0,
+        "tokenizer.ggml.add_bos_token": True,
+    }
+
+
+def tiny_hf(arch: str = "llama", seed: int = 0, **overrides):
+    """A random transformers causal LM of the given model_type, float32, eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    vocab = len(tiny_bpe()[0]) + 8
+    kw = dict(TINY, vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=0,
+              tie_word_embeddings=False)
+    if arch == "gpt2":
+        kw = dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, vocab_size=vocab, bos_token_id=1,
+                  eos_token_id=0, tie_word_embeddings=True)
+    kw.update(overrides)
+    cfg = AutoConfig.for_model(arch, **kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():  # norms away from 1 so that a wrong norm weight shows
+        for n, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def write_gguf(model, path: Path, qtype: str = "F32") -> Path:
+    from qadapt.formats.gguf_export import export_gguf
+    from qadapt.layer_maps import get_layer_map
+
+    cfg = model.config.to_dict()
+    lm = get_layer_map(cfg["model_type"])
+    return export_gguf(model.state_dict(), cfg, lm, path, qtype, tokenizer=tokenizer_metadata(model.config.vocab_size),
+                       force=True)
+
+
+# byte offsets of the fp16 scale(s) inside one block, per type: randomised bytes elsewhere
+_SCALE_OFFSETS = {
+    "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+    "IQ4_NL": (0,), "IQ4_XS": (0,),
+}
+
+
+def random_blocks(qtype: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Valid blocks of a type gguf-py cannot quantize: random bytes with small fp16 (super-)block scales."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    if cols % block:
+        raise ValueError(f"{qtype} needs rows of whole {block}-element blocks, got {cols} columns")
+    data = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
+    for off in _SCALE_OFFSETS[qtype]:
+        scale = rng.uniform(1e-4, 1e-3, size=(rows, cols // block)).astype(np.float16)
+        data[:, :, off:off + 2] = scale.view(np.uint8).reshape(rows, cols // block, 2)
+    return data.reshape(rows, cols // block * size)
+
+
+def dequantized_reference(model, qtype: str, seed: int = 0):
+    """(raw GGUF tensors, transformers model whose weights are gguf-py's dequantization of them).
+
+    For types gguf-py quantizes, the reference is ``dequantize(quantize(W))``; for the others the
+    file holds random valid blocks and the reference weights are their gguf-py dequantization,
+    with llama.cpp's q/k row permutation undone (rows are independent, so this is exact).
+    """
+    import copy
+
+    import gguf
+
+    from qadapt.formats.gguf_export import QUANTIZABLE, llama_cpp_permute
+    from qadapt.layer_maps import evaluate, get_layer_map
+
+    ref = copy.deepcopy(model)
+    lm = get_layer_map(model.config.model_type)
+    shapes = lm.normalise_hf_config(model.config.to_dict())
+    raw = {}
+    rng = np.random.default_rng(seed)
+    t = gguf.GGMLQuantizationType[qtype]
+    sd = ref.state_dict()
+    with torch.no_grad():
+        if qtype in QUANTIZABLE:  # the exporter quantizes every matrix (embeddings too) but positions
+            for key, v in sd.items():
+                if v.ndim == 2 and key.endswith(".weight") and "wpe" not in key and v.shape[-1] % 32 == 0:
+                    w = v.numpy().astype(np.float32)
+                    v.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w, t), t)))
+            return raw, ref
+        for ls in lm.layers:
+            for i in range(shapes["num_hidden_layers"]) if ls.per_block else [None]:
+                key = ls.module_path(i) + ".weight"
+                if key not in sd:
+                    continue
+                w = sd[key].numpy()
+                if ls.conv1d:
+                    w = w.T
+                blocks = random_blocks(qtype, *w.shape, rng)
+                deq = gguf.quants.dequantize(blocks, t)
+                n = evaluate(ls.gguf_permute_heads, shapes) if ls.gguf_permute_heads else None
+                raw[ls.gguf_name(i) + ".weight"] = (llama_cpp_permute(blocks, n) if n else blocks, qtype)
+                deq = torch.from_numpy(np.ascontiguousarray(deq.T if ls.conv1d else deq)).float()
+                sd[key].copy_(deq)
+    return raw, ref
+
+
+def write_quantized(model, path: Path, qtype: str, seed: int = 0):
+    """Write ``model`` as a GGUF of ``qtype`` and return the transformers reference for it."""
+    from qadapt.formats.gguf_export import QUANTIZABLE, export_gguf
+    from qadapt.layer_maps import get_layer_map
+
+    raw, ref = dequantized_reference(model, qtype, seed)
+    cfg = model.config.to_dict()
+    export_gguf(model.state_dict(), cfg, get_layer_map(cfg["model_type"]), path,
+                qtype if qtype in QUANTIZABLE else "F32", tokenizer=tokenizer_metadata(model.config.vocab_size),
+                force=True, raw=raw)
+    return ref
