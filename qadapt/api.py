@@ -37,19 +37,120 @@ class Model:
         self.mode = mode
         self.base_format = base_format  # "gguf" | "full" | "gptq" | "bnb"
         self.file_info = file_info or {}
+        self.adapters: dict[str, Any] = {}  # name -> LoraAdapter
+        self._active: tuple[str, ...] = ()
+        self._merged: tuple[str, ...] = ()
 
     @property
     def config(self) -> ModelConfig:
         return self.decoder.cfg
 
     @property
+    def base_format_quant(self) -> str | None:
+        """A ``--quant`` value describing the base (for the layer-map support tables)."""
+        if self.base_format == "gguf":
+            types = [t for t in self.file_info.get("types", {}) if t not in ("F32", "F16", "BF16")]
+            return types[0] if types else None
+        return None
+
+    @property
     def architecture(self) -> str:
         return self.layer_map.architecture
 
     # ------------------------------------------------------------------ forward
-    def _context(self) -> Any:
+    def _context(self, active: tuple[str, ...] | None = None) -> Any:
         """Per-forward adapter context (None: base model only)."""
-        return None
+        from .adapters.lora import AdapterContext
+
+        names = tuple(n for n in (self._active if active is None else active) if n not in self._merged)
+        return AdapterContext(active=names) if names else None
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def active_adapters(self) -> tuple[str, ...]:
+        return self._active
+
+    def _slot(self, path: str):
+        """(container, key) holding the linear at a module path."""
+        hit = self.layer_map.match_path(path)
+        if hit is None:
+            raise InputError(f"{path} is not a targetable layer of {self.architecture}")
+        spec, idx = hit
+        if idx is None:
+            return self.decoder, "lm_head"
+        return self.decoder.blocks[idx].linears, spec.role
+
+    def _wrapper(self, path: str):
+        from .adapters.lora import LoraLinear
+
+        container, key = self._slot(path)
+        cur = container[key] if isinstance(container, torch.nn.ModuleDict) else getattr(container, key)
+        if isinstance(cur, LoraLinear):
+            return cur
+        wrapped = LoraLinear(cur, path)
+        if isinstance(container, torch.nn.ModuleDict):
+            container[key] = wrapped
+        else:
+            setattr(container, key, wrapped)
+        return wrapped
+
+    def _wrappers(self):
+        from .adapters.lora import LoraLinear
+
+        return [m for m in self.decoder.modules() if isinstance(m, LoraLinear)]
+
+    def load_adapter(self, name: str, source: str | os.PathLike, adapter_source: str | None = None, *,
+                     activate: bool = False, subfolder: str | None = None, revision: str | None = None) -> None:
+        """Load a PEFT LoRA adapter (local folder, Hub id or s3:// URL) under ``name``; inactive unless ``activate``."""
+        from .adapters.loading import build_adapter
+        from .adapters.sources import resolve_adapter
+
+        if name in self.adapters:
+            raise InputError(f"an adapter named `{name}` is already loaded; unload it first")
+        folder = resolve_adapter(str(source), adapter_source, subfolder=subfolder, revision=revision)
+        adapter = build_adapter(name, str(source), folder, self.layer_map, self.config.shapes, self.base_format,
+                                base_id=self.source)
+        for path, f in adapter.factors.items():
+            self._wrapper(path).add(name, f)
+        self.adapters[name] = adapter
+        log.info("loaded adapter %s from %s: %d layers, %.1f KiB", name, source, len(adapter.factors),
+                 adapter.nbytes / 1024)
+        if activate:
+            self.activate_adapters(self._active + (name,))
+
+    def unload_adapter(self, name: str) -> None:
+        if name not in self.adapters:
+            raise InputError(f"no adapter named `{name}` is loaded (loaded: {', '.join(self.adapters) or 'none'})")
+        if name in self._merged:
+            raise InputError(f"adapter `{name}` is merged; call unmerge_adapters() first")
+        for w in self._wrappers():
+            w.remove(name)
+        del self.adapters[name]
+        self._active = tuple(n for n in self._active if n != name)
+
+    def activate_adapters(self, names: list[str] | tuple[str, ...]) -> None:
+        """Make exactly ``names`` active (``[]`` = base model only). Costs no copies."""
+        names = tuple(dict.fromkeys(names))
+        unknown = [n for n in names if n not in self.adapters]
+        if unknown:
+            raise InputError(f"unknown adapter(s) {', '.join(unknown)}; loaded: {', '.join(self.adapters) or 'none'}")
+        if self._merged and set(self._merged) - set(names):
+            raise InputError(f"adapters {', '.join(self._merged)} are merged; call unmerge_adapters() first")
+        self._active = names
+
+    def merge_adapters(self) -> None:
+        """Fold the active adapters into the dense weights (dequantize mode); ``unmerge_adapters`` restores them."""
+        if self.mode != "dequantize":
+            raise InputError("merging needs mode='dequantize' (in place, the base weights stay quantized)")
+        self.unmerge_adapters()
+        for w in self._wrappers():
+            w.merge(self._active)
+        self._merged = self._active
+
+    def unmerge_adapters(self) -> None:
+        for w in self._wrappers():
+            w.unmerge()
+        self._merged = ()
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -161,12 +262,22 @@ def load(
     dtype: torch.dtype | str | None = None,
     gguf_file: str | None = None,
     revision: str | None = None,
+    adapters: dict[str, str] | None = None,
+    ordering: str | os.PathLike | None = None,
+    adapter_model_id: str | None = None,
+    activate: list[str] | None = None,
+    merge: bool = False,
     **kwargs: Any,
 ) -> Model:
     """Load a base model: a GGUF file (local, or ``org/repo`` + ``gguf_file`` on the Hub).
 
     ``mode="inplace"`` keeps quantized weights in their bytes and multiplies on them;
     ``mode="dequantize"`` expands them to ``dtype`` (float32 by default) on load.
+
+    Adapters: ``adapters={name: source}`` (local folder, Hub id or ``s3://``; all active unless
+    ``activate`` names a subset), or an ordering file (mistral.rs format) whose ``order`` names are
+    sub-folders of ``adapter_model_id`` (active at start) and whose ``preload_adapters`` load
+    inactive. ``merge=True`` (dequantize mode) folds the active adapters into the weights.
     """
     from .formats.gguf import GGUFFile, is_gguf
     from .models.build import GGUFSource, build_decoder
@@ -194,7 +305,46 @@ def load(
     decoder = build_decoder(cfg, lm, FAMILIES[lm.architecture], GGUFSource(gf, mode, dt), desc=f"loading {path.name}")
     decoder.eval()
     info = {"file_size": gf.file_size, "types": gf.type_counts(), "path": str(path)}
-    return Model(decoder, tok, lm, str(path), mode, "gguf", info)
+    model = Model(decoder, tok, lm, str(path), mode, "gguf", info)
+    _attach_adapters(model, adapters, ordering, adapter_model_id, activate)
+    if merge:
+        model.merge_adapters()
+    return model
+
+
+def _attach_adapters(model: Model, adapters, ordering, adapter_model_id, activate) -> None:
+    start: list[str] = []
+    for name, src in (adapters or {}).items():
+        model.load_adapter(name, src)
+        start.append(name)
+    if ordering is not None:
+        from .ordering import read_ordering
+
+        o = read_ordering(ordering)
+        _check_ordering(model, ordering)
+        if o.order and adapter_model_id is None:
+            raise InputError(f"ordering {ordering} names adapters {list(o.order)}: pass adapter_model_id "
+                             "(the folder, Hub id or s3:// URL holding one sub-folder per name)")
+        for name in o.order or ():
+            model.load_adapter(name, adapter_model_id, subfolder=name)
+            start.append(name)
+        for p in o.preload_adapters:
+            model.load_adapter(p.name, p.adapter_model_id)
+    elif adapter_model_id is not None:
+        raise InputError("adapter_model_id is given without an ordering file")
+    model.activate_adapters(start if activate is None else activate)
+
+
+def _check_ordering(model: Model, ordering) -> None:
+    """The ordering's own rules against this base (what ``qadapt check`` reports), before loading adapters."""
+    from .check import check_ordering
+
+    report = check_ordering(ordering, model=model.source, quant=model.base_format_quant, offline=True)
+    if report.problems:
+        from .errors import AdapterError
+
+        lines = "\n  - ".join(p.message for p in report.problems)
+        raise AdapterError(f"ordering {ordering} does not fit this base:\n  - {lines}")
 
 
 def _with_tokens(cfg: ModelConfig, tok: Tokenizer) -> ModelConfig:

@@ -46,8 +46,8 @@ class _LazyGroup(click.Group):
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.option("-v", "--verbose", count=True, help="More log output: -v info, -vv debug.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors.")
 @click.version_option(package_name="qadapt")
 def main(verbose: int, quiet: bool) -> None:
     """Run quantized LLMs (GGUF, GPTQ, bitsandbytes) with full-precision LoRA / X-LoRA adapters.
@@ -59,7 +59,7 @@ def main(verbose: int, quiet: bool) -> None:
       qadapt inspect MODEL.gguf                    what is inside a model file
     Every command has its own --help.
     """
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    level = logging.ERROR if quiet else [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 

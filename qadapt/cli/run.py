@@ -10,6 +10,34 @@ import click
 MODE = click.Choice(["inplace", "dequantize"])
 
 
+def _adapter_options(f):
+    f = click.option("--merge", is_flag=True,
+                     help="Fold the active adapters into the weights (needs --mode dequantize).")(f)
+    f = click.option("--activate", default=None, metavar="A,B",
+                     help="Adapters active at start (default: all given with --adapter, and the ordering's "
+                          "`order`); '' = base only.")(f)
+    f = click.option("--adapter-model-id", default=None, metavar="SRC",
+                     help="Folder, Hub id or s3:// URL with one sub-folder per name in the ordering's `order`.")(f)
+    f = click.option("--ordering", default=None, type=click.Path(dir_okay=False), metavar="FILE",
+                     help="Ordering file (mistral.rs format): adapter names, layers, preloads.")(f)
+    f = click.option("--adapter", "adapters", multiple=True, metavar="NAME=SOURCE",
+                     help="LoRA adapter (PEFT format): a local folder, a Hub id or s3://bucket/prefix. "
+                          "Repeatable.")(f)
+    return f
+
+
+def load_from_options(model, mode, dtype, gguf_file, revision, adapters=(), ordering=None,
+                      adapter_model_id=None, activate=None, merge=False):
+    """The one place the CLI and the server turn their options into ``qadapt.load``."""
+    import qadapt
+    from qadapt.adapters.sources import split_source
+
+    named = dict(split_source(a) for a in adapters)
+    act = None if activate is None else [n for n in activate.split(",") if n]
+    return qadapt.load(model, mode=mode, dtype=dtype, gguf_file=gguf_file, revision=revision, adapters=named,
+                       ordering=ordering, adapter_model_id=adapter_model_id, activate=act, merge=merge)
+
+
 def _model_options(f):
     f = click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")(f)
     f = click.option("--gguf-file", default=None, metavar="NAME",
@@ -24,6 +52,7 @@ def _model_options(f):
 @click.command()
 @click.argument("model")
 @_model_options
+@_adapter_options
 @click.option("-p", "--prompt", required=True, help="Text to continue.")
 @click.option("-n", "--max-tokens", default=128, show_default=True, type=click.IntRange(min=0),
               help="Maximum new tokens.")
@@ -35,8 +64,8 @@ def _model_options(f):
 @click.option("--seed", default=None, type=int, help="Seed for sampling.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object {text, token_ids, ...} at the end.")
-def run(model, mode, dtype, gguf_file, revision, prompt, max_tokens, temperature, top_k, top_p,
-        repetition_penalty, seed, stop, as_json):
+def run(model, mode, dtype, gguf_file, revision, adapters, ordering, adapter_model_id, activate, merge, prompt,
+        max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, as_json):
     """Generate text from MODEL (a .gguf file, or org/repo with --gguf-file).
 
     \b
@@ -44,10 +73,11 @@ def run(model, mode, dtype, gguf_file, revision, prompt, max_tokens, temperature
       qadapt run model.Q4_0.gguf -p "Once upon a time" -n 64
       qadapt run model.Q8_0.gguf -p "Hello" --mode dequantize --json
       qadapt run TheOrg/Repo-GGUF --gguf-file repo.Q4_K_M.gguf -p "Hi" -t 0.8 --seed 1
+      qadapt run model.Q4_0.gguf --adapter upper=./adapters/upper -p "hello"
+      qadapt run model.Q8_0.gguf --ordering lora.json --adapter-model-id ./adapters --activate a -p "hi"
     """
-    import qadapt
-
-    m = qadapt.load(model, mode=mode, dtype=dtype, gguf_file=gguf_file, revision=revision)
+    m = load_from_options(model, mode, dtype, gguf_file, revision, adapters, ordering, adapter_model_id,
+                          activate, merge)
     kw = dict(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
               repetition_penalty=repetition_penalty, seed=seed, stop=list(stop))
     if as_json:

@@ -1,0 +1,352 @@
+"""PEFT's LoRA adapter format: ``adapter_config.json`` and ``adapter_model.{safetensors,bin}``.
+
+The matching rules (which module an adapter wraps, which rank and alpha it gets)
+re-implement PEFT 0.21's ``check_target_module_exists``,
+``_maybe_include_all_linear_layers`` and ``get_pattern_key`` so that qadapt wraps
+exactly the modules PEFT would, without building the model. The tests compare
+the two on real transformers models.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Mapping
+
+from ..errors import AdapterError, FormatError, InputError
+from ..io import read_json, read_safetensors_header
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from ..layer_maps import LayerMap
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # first wins, as in PEFT
+ALL_LINEAR = "all-linear"
+#: PEFT's default targets when a config leaves ``target_modules`` empty (peft.utils.constants).
+DEFAULT_TARGETS = {
+    "llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"),
+    "phi3": ("qkv_proj",), "gpt2": ("c_attn",), "qwen": ("c_attn",),
+}
+EMBEDDING_NAMES = ("embed_tokens", "wte", "wpe", "embed_in", "word_embeddings")
+# base_model.model.<module>.lora_A[.<adapter name>].weight
+_KEY_RX = re.compile(r"(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<ab>[AB])(?:\.(?P<name>[^.]+))?\.weight")
+
+StrList = tuple[str, ...]
+
+
+def _strs(value: Any) -> StrList | str | None:
+    """A PEFT 'list or string' field, lists frozen to tuples."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+# field -> (accepted JSON types, converter)
+_FIELDS: dict[str, tuple[tuple[type, ...], Any]] = {
+    "r": ((int,), int),
+    "lora_alpha": ((int, float), float),
+    "use_rslora": ((bool,), bool),
+    "target_modules": ((list, str, type(None)), _strs),
+    "exclude_modules": ((list, str, type(None)), _strs),
+    "layers_to_transform": ((list, int, type(None)), _strs),
+    "layers_pattern": ((list, str, type(None)), _strs),
+    "rank_pattern": ((dict, type(None)), lambda v: MappingProxyType(dict(v or {}))),
+    "alpha_pattern": ((dict, type(None)), lambda v: MappingProxyType(dict(v or {}))),
+    "fan_in_fan_out": ((bool,), bool),
+    "bias": ((str,), str),
+    "modules_to_save": ((list, type(None)), _strs),
+    "use_dora": ((bool,), bool),
+    "base_model_name_or_path": ((str, type(None)), lambda v: v),
+    "peft_type": ((str, type(None)), lambda v: v),
+    "task_type": ((str, type(None)), lambda v: v),
+}
+
+
+@dataclass(frozen=True)
+class LoraAdapterConfig:
+    """The fields of a PEFT ``LoraConfig`` that decide what an adapter wraps and how it scales."""
+
+    r: int = 8
+    lora_alpha: float = 8.0
+    use_rslora: bool = False
+    target_modules: StrList | str | None = None
+    exclude_modules: StrList | str | None = None
+    layers_to_transform: tuple[int, ...] | int | None = None
+    layers_pattern: StrList | str | None = None
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    modules_to_save: StrList | None = None
+    use_dora: bool = False
+    base_model_name_or_path: str | None = None
+    peft_type: str | None = "LORA"
+    task_type: str | None = None
+    source: str = field(default="<memory>", compare=False)  # the adapter folder, for messages
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<memory>") -> "LoraAdapterConfig":
+        """Validate an ``adapter_config.json`` object; unknown keys are ignored (PEFT has many)."""
+        if not isinstance(data, dict):
+            raise FormatError(f"{source}: expected a JSON object")
+        kwargs: dict[str, Any] = {}
+        for key, (types, convert) in _FIELDS.items():
+            if key not in data:
+                continue
+            value = data[key]
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+                raise FormatError(f"{source}: key `{key}` must be {want}, got {json_type(value)}")
+            kwargs[key] = convert(value)
+        cfg = cls(**kwargs, source=source)
+        cfg._validate()
+        return cfg
+
+    def _validate(self) -> None:
+        """PEFT's own consistency checks (LoraConfig.__post_init__), as FormatErrors."""
+        src = self.source
+        if self.r <= 0:
+            raise FormatError(f"{src}: key `r` must be positive, got {self.r}")
+        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
+            raise FormatError(
+                f"{src}: key `layers_to_transform`/`layers_pattern` cannot be used when `target_modules` "
+                "is a regex string"
+            )
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise FormatError(f"{src}: key `layers_pattern` needs `layers_to_transform`")
+        for key in ("rank_pattern", "alpha_pattern"):
+            for pattern, value in getattr(self, key).items():
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise FormatError(f"{src}: key `{key}.{pattern}` must be a number, got {json_type(value)}")
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise FormatError(f"{src}: key `{key}`: bad pattern {pattern!r} ({e})") from None
+        if isinstance(self.target_modules, str) and self.target_modules.lower() != ALL_LINEAR:
+            try:
+                re.compile(self.target_modules)
+            except re.error as e:
+                raise FormatError(f"{src}: key `target_modules`: bad regex {self.target_modules!r} ({e})") from None
+
+    # ------------------------------------------------------------------ matching
+    def matches(self, module_path: str, layer_map: "LayerMap | None" = None) -> bool:
+        """Whether PEFT would wrap ``module_path`` (a path without ``base_model.model.``).
+
+        With ``layer_map``, paths the table does not list never match (PEFT only
+        wraps supported layer types), and ``all-linear`` means every table layer
+        except the output embedding (PEFT drops ``get_output_embeddings()``).
+        """
+        spec = layer_map.match_path(module_path) if layer_map is not None else None
+        if layer_map is not None and spec is None:
+            return False
+        if self._excluded(module_path):
+            return False
+        targets = self.target_modules
+        if targets is None and layer_map is not None:
+            targets = DEFAULT_TARGETS.get(layer_map.architecture)
+        if targets is None:
+            return False
+        if isinstance(targets, str):
+            if targets.lower() == ALL_LINEAR:
+                return not _is_output_layer(module_path, spec)
+            return re.fullmatch(targets, module_path) is not None
+        if module_path in targets:
+            return True
+        if not any(module_path.endswith(f".{t}") for t in targets):
+            return False
+        return self._in_transformed_layers(module_path)
+
+    def _excluded(self, path: str) -> bool:
+        ex = self.exclude_modules
+        if ex:
+            if isinstance(ex, str):
+                if re.fullmatch(ex, path):
+                    return True
+            elif path in ex or any(path.endswith(f".{e}") for e in ex):
+                return True
+        return any(re.match(rf"(^|.*\.){m}($|\..*)", path) for m in self.modules_to_save or ())
+
+    def _in_transformed_layers(self, path: str) -> bool:
+        wanted = self.layers_to_transform
+        if wanted is None or wanted == ():
+            return True
+        patterns = self.layers_pattern
+        match = None
+        if not patterns:
+            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+        else:
+            for p in [patterns] if isinstance(patterns, str) else patterns:
+                match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", path)
+                if match:
+                    break
+        if match is None:
+            return False
+        idx = int(match.group("idx"))
+        return idx == wanted if isinstance(wanted, int) else idx in wanted
+
+    def rank_alpha(self, module_path: str) -> tuple[int, float]:
+        """(r, alpha) of a module, honouring ``rank_pattern`` / ``alpha_pattern`` as PEFT does."""
+        r = self.rank_pattern.get(_pattern_key(self.rank_pattern, module_path), self.r)
+        alpha = self.alpha_pattern.get(_pattern_key(self.alpha_pattern, module_path), self.lora_alpha)
+        return int(r), float(alpha)
+
+    def scale(self, module_path: str) -> float:
+        """The factor on ``B(A(x))``: alpha/r, or alpha/sqrt(r) with rsLoRA."""
+        r, alpha = self.rank_alpha(module_path)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def unsupported_features(self) -> list[str]:
+        """What this adapter asks for that qadapt does not run, one message per field."""
+        src, out = self.source, []
+        if (self.peft_type or "LORA").upper() != "LORA":
+            out.append(f"{src}: `peft_type` is {self.peft_type}; qadapt runs LORA adapters only")
+        if self.use_dora:
+            out.append(f"{src}: `use_dora` is true; DoRA adapters are not supported")
+        if self.modules_to_save:
+            out.append(
+                f"{src}: `modules_to_save` lists {list(self.modules_to_save)}; fully trained modules are not supported"
+            )
+        if self.bias != "none":
+            out.append(f"{src}: `bias` is {self.bias!r}; only 'none' is supported (trained biases would be ignored)")
+        targets = () if isinstance(self.target_modules, str) else self.target_modules or ()
+        emb = [t for t in targets if t.rsplit(".", 1)[-1] in EMBEDDING_NAMES]
+        if emb:
+            out.append(f"{src}: `target_modules` includes embedding layer(s) {emb}; embedding LoRA is not supported")
+        return out
+
+
+def _pattern_key(patterns: Mapping[str, Any], key: str) -> str:
+    """PEFT's ``get_pattern_key``: the first pattern that matches a dotted suffix of ``key``."""
+    for pattern in patterns:
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return pattern
+    return key
+
+
+def _is_output_layer(path: str, spec) -> bool:
+    if spec is not None:
+        return spec[0].name == "lm_head" and not spec[0].per_block
+    return path == "lm_head" or path.endswith(".lm_head")
+
+
+def json_type(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+# ---------------------------------------------------------------------- files
+def _folder(folder: str | Path) -> Path:
+    path = Path(folder)
+    if not path.is_dir():
+        what = "is not a folder" if path.exists() else "does not exist"
+        raise InputError(f"adapter folder {path} {what}")
+    return path
+
+
+def read_adapter_config(folder: str | Path) -> LoraAdapterConfig:
+    """Parse ``<folder>/adapter_config.json``."""
+    path = _folder(folder) / CONFIG_FILE
+    return LoraAdapterConfig.from_dict(read_json(path, "adapter config"), str(path))
+
+
+def find_adapter_weights(folder: str | Path) -> Path:
+    """``adapter_model.safetensors`` if present, else ``adapter_model.bin``."""
+    root = _folder(folder)
+    for name in WEIGHT_FILES:
+        if (root / name).is_file():
+            return root / name
+    raise InputError(f"adapter {root} has no weights: expected {' or '.join(WEIGHT_FILES)}")
+
+
+def parse_weight_key(key: str) -> tuple[str, str] | None:
+    """``(module path, "A"|"B")`` of a PEFT tensor name, or None for other tensors."""
+    m = _KEY_RX.fullmatch(key)
+    return (m.group("module"), m.group("ab")) if m else None
+
+
+def _load_bin(path: Path) -> dict[str, "torch.Tensor"]:
+    """A PEFT ``.bin`` state dict, through torch's restricted unpickler only."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the restricted unpickler raises several types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FormatError(
+            f"{path}: refused to load: not a plain tensor pickle ({first}); "
+            "convert the adapter to adapter_model.safetensors"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise FormatError(f"{path}: expected a dict of tensors")
+    return state
+
+
+def _raw_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    if path.suffix == ".safetensors":
+        return {k: tuple(v["shape"]) for k, v in read_safetensors_header(path).items()}
+    return {k: tuple(v.shape) for k, v in _load_bin(path).items()}
+
+
+def _group(names, path: Path) -> dict[str, dict[str, str]]:
+    """module -> {"A": tensor name, "B": tensor name}; other tensors are logged, embedding LoRA refused."""
+    out: dict[str, dict[str, str]] = {}
+    for name in names:
+        parsed = parse_weight_key(name)
+        if parsed is None:
+            if "lora_embedding_" in name:
+                raise AdapterError(f"{path}: tensor `{name}` is an embedding LoRA, which is not supported")
+            log.warning("%s: ignoring tensor `%s` (not a LoRA A/B weight)", path, name)
+            continue
+        module, ab = parsed
+        slot = out.setdefault(module, {})
+        if ab in slot:
+            raise FormatError(f"{path}: module `{module}` has two lora_{ab} tensors: `{slot[ab]}` and `{name}`")
+        slot[ab] = name
+    return out
+
+
+def adapter_weight_shapes(folder: str | Path) -> dict[str, dict[str, tuple[int, ...]]]:
+    """module path -> ``{"A": (r, in), "B": (out, r)}`` without reading tensor data (safetensors).
+
+    A module missing one factor has only the other key, so callers can report it.
+    """
+    path = find_adapter_weights(folder)
+    shapes = _raw_shapes(path)
+    return {m: {ab: shapes[n] for ab, n in slot.items()} for m, slot in _group(shapes, path).items()}
+
+
+def load_adapter_tensors(folder: str | Path, dtype=None) -> dict[str, tuple["torch.Tensor", "torch.Tensor"]]:
+    """module path -> (A [r, in], B [out, r]) in ``dtype`` (float32 by default), checked for pairing and rank."""
+    import torch
+
+    path = find_adapter_weights(folder)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        read_safetensors_header(path)  # validates sizes before any allocation
+        state = load_file(str(path))
+    else:
+        state = _load_bin(path)
+    out = {}
+    for module, slot in _group(state, path).items():
+        if set(slot) != {"A", "B"}:
+            missing = "lora_B" if "A" in slot else "lora_A"
+            raise AdapterError(f"{path}: module `{module}` has no {missing} weight")
+        a, b = state[slot["A"]], state[slot["B"]]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise AdapterError(
+                f"{path}: module `{module}`: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not share a rank"
+            )
+        out[module] = (a.to(dtype or torch.float32), b.to(dtype or torch.float32))
+    return out
+
+
+def config_fields() -> tuple[str, ...]:
+    """Names of the config fields qadapt reads (for docs and tests)."""
+    return tuple(f.name for f in fields(LoraAdapterConfig) if f.name != "source")

@@ -1,0 +1,501 @@
+"""GGUF tensor types in torch: block maths per type, and the layers built on it.
+
+Each type is one :class:`BlockType` subclass that registers itself in
+:data:`BLOCK_TYPES` and writes only its block maths over a uint8 tensor
+``[n_blocks, type_size]``; geometry comes from gguf-py's ``GGML_QUANT_SIZES``.
+The float operations follow gguf-py's ``quants.py`` in order and dtype (float32
+from fp16 scales, no fused multiply-add), so dequantization agrees with
+``gguf.quants.dequantize`` bit for bit.
+
+Raw tensors arrive as gguf-py hands them out: memory-mapped numpy arrays, uint8
+``[rows, bytes_per_row]`` for block types (and BF16), float32/float16 ``[rows, cols]``
+for F32/F16. They are turned into torch views of the same memory, never copied.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import FormatError, UnsupportedError
+from .base import BaseLinear, DenseLinear
+from . import kernels
+from .kernels import Int4Packed, blockwise_matmul, int4pack_fits, kernel_path
+from .types import block_geometry
+
+QK_K = 256
+
+#: IQ4_NL / IQ4_XS non-linear 4-bit codebook (llama.cpp's kvalues_iq4nl).
+_IQ4_VALUES = torch.tensor((-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113),
+                           dtype=torch.float32)
+
+#: Type name -> block maths; filled by :class:`BlockType` subclasses as they are defined.
+BLOCK_TYPES: dict[str, type["BlockType"]] = {}
+
+
+# --------------------------------------------------------------------------- bit helpers
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """Two bytes per block [n, 2] -> float32 [n, 1] (fp16 -> fp32 is exact)."""
+    return b.contiguous().view(torch.float16).float()
+
+
+def _bits(b: torch.Tensor, shifts: tuple[int, ...], mask: int, width: int) -> torch.Tensor:
+    """Fields of ``b`` [n, k * width]: for each run of ``width`` bytes, each shift in turn.
+
+    Output [n, k * len(shifts) * width] in gguf-py's element order: run 0 at shift 0,
+    run 0 at shift 1, ..., run 1 at shift 0, ...
+    """
+    n = b.shape[0]
+    runs = b.reshape(n, -1, width)
+    # one scalar shift per field: torch vectorises these, not a broadcast tensor shift
+    return torch.stack([(runs >> s if s else runs) & mask for s in shifts], dim=2).reshape(n, -1)
+
+
+def _nibbles(b: torch.Tensor, width: int) -> torch.Tensor:
+    return _bits(b, (0, 4), 0x0F, width)
+
+
+def _bit_planes(b: torch.Tensor, width: int) -> torch.Tensor:
+    """One bit per element: bit i of byte j is element i * width + j."""
+    return _bits(b, tuple(range(8)), 0x01, width)
+
+
+def _bits32(b: torch.Tensor) -> torch.Tensor:
+    """Four bytes per block [n, 4], read as a little-endian uint32 -> its 32 bits [n, 32]
+    (bit i is element i), as gguf-py's ``qh.view(np.uint32)``."""
+    shifts = torch.arange(32, dtype=torch.int32)
+    return ((b.contiguous().view(torch.int32) >> shifts) & 1).to(torch.uint8)
+
+
+def _iq4_values(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes -> IQ4 codebook values, float32 (index_select: a fast gather)."""
+    return _IQ4_VALUES.index_select(0, codes.reshape(-1).to(torch.int32)).reshape(codes.shape)
+
+
+def _affine(scale: torch.Tensor, q: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """``scale * q (+ offset)`` per group: scale, offset [n, G]; q [n, G * group] -> float32 [n, G * group].
+
+    Two rounded float32 operations in gguf-py's order (``a - b`` is ``a + -b`` exactly).
+    """
+    n, groups = scale.shape
+    w = scale.unsqueeze(-1) * q.float().reshape(n, groups, -1)
+    if offset is not None:
+        w = w + offset.unsqueeze(-1)
+    return w.reshape(n, -1)
+
+
+def _split(b: torch.Tensor, *sizes: int) -> list[torch.Tensor]:
+    """Byte fields of a block, in order; the last field takes the rest."""
+    return list(torch.split(b, [*sizes, b.shape[1] - sum(sizes)], dim=1))
+
+
+def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K: 12 bytes -> eight 6-bit scales and eight 6-bit mins, as float32."""
+    d, m, md = (scales[:, i * 4:(i + 1) * 4] for i in range(3))
+    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=1)
+    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=1)
+    return sc.float(), mn.float()
+
+
+# --------------------------------------------------------------------------- block types
+class BlockType:
+    """One GGUF type's block maths; ``dequantize_blocks`` is the reference for every path.
+
+    Types exactly expressible as 4-bit codes with one scale and zero per ``int4_group``
+    weights also implement :meth:`int4_blocks`, which the int4pack kernel consumes.
+    """
+
+    name: ClassVar[str]
+    block_size: ClassVar[int]
+    type_size: ClassVar[int]
+    int4_group: ClassVar[int | None] = None
+
+    def __init_subclass__(cls, name: str, **kw) -> None:
+        super().__init_subclass__(**kw)
+        cls.name = name
+        cls.block_size, cls.type_size = block_geometry(name)
+        BLOCK_TYPES[name] = cls
+
+    @staticmethod
+    def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
+        """uint8 [n, type_size] -> float32 [n, block_size]."""
+        raise NotImplementedError
+
+    @staticmethod
+    def int4_blocks(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """uint8 [n, type_size] -> (codes [n, block_size] in 0..15, scale [n, g], zero [n, g])
+        with ``w = (code - 8) * scale + zero`` per group of ``int4_group`` weights."""
+        raise NotImplementedError
+
+
+class F32(BlockType, name="F32"):
+    @staticmethod
+    def dequantize_blocks(b):
+        return b.contiguous().view(torch.float32)
+
+
+class F16(BlockType, name="F16"):
+    @staticmethod
+    def dequantize_blocks(b):
+        return b.contiguous().view(torch.float16).float()
+
+
+class BF16(BlockType, name="BF16"):
+    @staticmethod
+    def dequantize_blocks(b):
+        return (b.contiguous().view(torch.int16).to(torch.int32) << 16).view(torch.float32)
+
+
+class Q8_0(BlockType, name="Q8_0"):
+    @staticmethod
+    def dequantize_blocks(b):
+        d, qs = _split(b, 2)
+        return _affine(_f16(d), qs.contiguous().view(torch.int8))
+
+
+class Q4_0(BlockType, name="Q4_0"):
+    int4_group = 32
+
+    @staticmethod
+    def dequantize_blocks(b):
+        d, qs = _split(b, 2)
+        return _affine(_f16(d), _nibbles(qs, 16).to(torch.int8) - 8)
+
+    @staticmethod
+    def int4_blocks(b):
+        d, qs = _split(b, 2)
+        d = _f16(d)
+        return _nibbles(qs, 16), d, torch.zeros_like(d)
+
+
+class Q4_1(BlockType, name="Q4_1"):
+    int4_group = 32
+
+    @staticmethod
+    def dequantize_blocks(b):
+        d, m, qs = _split(b, 2, 2)
+        return _affine(_f16(d), _nibbles(qs, 16), _f16(m))
+
+    @staticmethod
+    def int4_blocks(b):
+        # d * q + m == (q - 8) * d + (m + 8 d)
+        d, m, qs = _split(b, 2, 2)
+        d = _f16(d)
+        return _nibbles(qs, 16), d, _f16(m) + 8 * d
+
+
+class Q5_0(BlockType, name="Q5_0"):
+    @staticmethod
+    def dequantize_blocks(b):
+        d, qh, qs = _split(b, 2, 4)
+        q = _nibbles(qs, 16) | (_bits32(qh) << 4)
+        return _affine(_f16(d), q.to(torch.int8) - 16)
+
+
+class Q5_1(BlockType, name="Q5_1"):
+    @staticmethod
+    def dequantize_blocks(b):
+        d, m, qh, qs = _split(b, 2, 2, 4)
+        q = _nibbles(qs, 16) | (_bits32(qh) << 4)
+        return _affine(_f16(d), q, _f16(m))
+
+
+class Q2_K(BlockType, name="Q2_K"):
+    @staticmethod
+    def dequantize_blocks(b):
+        scales, qs, d, dmin = _split(b, QK_K // 16, QK_K // 4, 2)
+        dl = _f16(d) * (scales & 0x0F).float()
+        ml = _f16(dmin) * (scales >> 4).float()
+        return _affine(dl, _bits(qs, (0, 2, 4, 6), 0x03, 32), -ml)
+
+
+class Q3_K(BlockType, name="Q3_K"):
+    @staticmethod
+    def dequantize_blocks(b):
+        hmask, qs, scales, d = _split(b, QK_K // 8, QK_K // 4, 12)
+        lo = _bits(scales[:, :8], (0, 4), 0x0F, 8)
+        hi = _bits(scales[:, 8:], (0, 2, 4, 6), 0x03, 4)
+        sc = ((lo | (hi << 4)).to(torch.int8) - 32).float()
+        ql = _bits(qs, (0, 2, 4, 6), 0x03, 32).to(torch.int8)
+        qh = (_bit_planes(hmask, 32) ^ 1).to(torch.int8)  # the offset is 0 where the bit is 1
+        return _affine(_f16(d) * sc, ql - (qh << 2))
+
+
+class Q4_K(BlockType, name="Q4_K"):
+    int4_group = 32
+
+    @staticmethod
+    def _parts(b):
+        d, dmin, scales, qs = _split(b, 2, 2, 12)
+        sc, mn = _k_scale_min(scales)
+        return _f16(d) * sc, _f16(dmin) * mn, _nibbles(qs, 32)
+
+    @staticmethod
+    def dequantize_blocks(b):
+        dl, ml, q = Q4_K._parts(b)
+        return _affine(dl, q, -ml)
+
+    @staticmethod
+    def int4_blocks(b):
+        # dl * q - ml == (q - 8) * dl + (8 dl - ml), per sub-block of 32
+        dl, ml, q = Q4_K._parts(b)
+        return q, dl, 8 * dl - ml
+
+
+class Q5_K(BlockType, name="Q5_K"):
+    @staticmethod
+    def dequantize_blocks(b):
+        d, dmin, scales, qh, qs = _split(b, 2, 2, 12, QK_K // 8)
+        sc, mn = _k_scale_min(scales)
+        return _affine(_f16(d) * sc, _nibbles(qs, 32) | (_bit_planes(qh, 32) << 4), -(_f16(dmin) * mn))
+
+
+class Q6_K(BlockType, name="Q6_K"):
+    @staticmethod
+    def dequantize_blocks(b):
+        ql, qh, scales, d = _split(b, QK_K // 2, QK_K // 4, QK_K // 16)
+        dl = _f16(d) * scales.contiguous().view(torch.int8).float()
+        q = (_nibbles(ql, 64) | (_bits(qh, (0, 2, 4, 6), 0x03, 32) << 4)).to(torch.int8) - 32
+        return _affine(dl, q)
+
+
+class IQ4_NL(BlockType, name="IQ4_NL"):
+    @staticmethod
+    def dequantize_blocks(b):
+        d, qs = _split(b, 2)
+        return _affine(_f16(d), _iq4_values(_nibbles(qs, 16)))
+
+
+class IQ4_XS(BlockType, name="IQ4_XS"):
+    @staticmethod
+    def dequantize_blocks(b):
+        d, sh, sl, qs = _split(b, 2, 2, QK_K // 64)
+        lo = _bits(sl, (0, 4), 0x0F, 1)
+        sh16 = sh[:, :1].to(torch.int32) | (sh[:, 1:].to(torch.int32) << 8)
+        hi = (sh16 >> torch.arange(0, 16, 2, dtype=torch.int32)) & 0x03
+        sc = ((lo.to(torch.int32) | (hi << 4)) - 32).float()
+        return _affine(_f16(d) * sc, _iq4_values(_nibbles(qs, 16)))
+
+
+# --------------------------------------------------------------------------- raw tensors
+def block_type(qtype: str) -> type[BlockType]:
+    try:
+        return BLOCK_TYPES[qtype]
+    except KeyError:
+        raise UnsupportedError(f"GGUF type {qtype} is not supported; qadapt runs {', '.join(BLOCK_TYPES)}") from None
+
+
+def raw_bytes(data: np.ndarray | torch.Tensor, qtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A uint8 torch view [rows, bytes_per_row] of the same memory as ``data``, no copy.
+
+    ``shape`` is the torch-order shape ([rows, cols], or [n] for a vector).
+    """
+    bt = block_type(qtype)
+    cols = shape[-1]
+    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    if cols % bt.block_size:
+        raise FormatError(
+            f"{qtype} tensor of shape {tuple(shape)}: {cols} columns are not whole blocks of {bt.block_size}"
+        )
+    bpr = cols // bt.block_size * bt.type_size
+    if isinstance(data, torch.Tensor):
+        t = data.detach()
+    else:
+        with warnings.catch_warnings():  # gguf-py maps read-only; we never write through this view
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(np.ascontiguousarray(data))
+    t = t.contiguous().view(torch.uint8) if t.dtype != torch.uint8 else t.contiguous()
+    if t.numel() != rows * bpr:
+        raise FormatError(f"{qtype} tensor of shape {tuple(shape)} needs {rows * bpr} bytes, got {t.numel()}")
+    return t.reshape(rows, bpr)
+
+
+def dequantize_rows(raw: torch.Tensor, qtype: str) -> torch.Tensor:
+    """uint8 [rows, bytes_per_row] -> float32 [rows, cols], vectorised over all blocks."""
+    bt = block_type(qtype)
+    rows = raw.shape[0]
+    blocks = raw.reshape(-1, bt.type_size)
+    return bt.dequantize_blocks(blocks).reshape(rows, -1)
+
+
+def dequantize_array(data: np.ndarray | torch.Tensor, qtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """float32 tensor of ``shape`` from raw GGUF data (norms, biases, whole small tensors)."""
+    return dequantize_rows(raw_bytes(data, qtype, shape), qtype).reshape(shape)
+
+
+def take_rows(data: np.ndarray, qtype: str, rows: torch.Tensor | np.ndarray) -> np.ndarray:
+    """The rows ``rows`` of a raw 2-D GGUF tensor, still quantized (a copy, same layout).
+
+    GGUF rows are independent whole blocks, so permuting rows of the byte array is exact
+    (used to undo llama.cpp's q/k row permutation).
+    """
+    block_type(qtype)
+    idx = rows.cpu().numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows)
+    if idx.ndim != 1 or np.any(idx < 0) or np.any(idx >= data.shape[0]):
+        raise FormatError(f"row selection for a {qtype} tensor of {data.shape[0]} rows is out of range")
+    return np.asarray(data)[idx.astype(np.int64)]
+
+
+# --------------------------------------------------------------------------- layers
+class GGMLLinear(BaseLinear):
+    """A linear layer over a GGUF tensor, computed without a dense float copy.
+
+    ``raw`` stays a view of the memory-mapped file (file-backed pages, counted in no
+    budget); the int4pack path adds its repacked weight (~0.625 byte/weight), the
+    blockwise path dequantizes at most ``kernels.SCRATCH_BYTES`` at a time.
+    ``dequantize()`` always reads ``raw``: it is the exact gguf-py reference.
+
+    ``compute_dtype`` (float32, exact up to accumulation order; or bfloat16) applies to
+    the blockwise and dense paths; int4pack always computes in bf16.
+    """
+
+    def __init__(
+        self, data: np.ndarray | torch.Tensor, qtype: str, shape: tuple[int, int],
+        bias: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        if compute_dtype not in (torch.float32, torch.bfloat16):
+            raise UnsupportedError(f"compute_dtype must be float32 or bfloat16, got {compute_dtype}")
+        self.out_features, self.in_features = shape
+        self.qtype = qtype
+        self.compute_dtype = compute_dtype
+        self.raw = raw_bytes(data, qtype, shape)
+        self.bias = None if bias is None else bias.detach().to(torch.float32)
+        self._int4: Int4Packed | None = None
+        self._dense: torch.Tensor | None = None
+        bt = block_type(qtype)
+        path = kernel_path(qtype, compute_dtype)
+        if path == "int4pack" and not int4pack_fits(self.out_features, self.in_features, bt.int4_group or 0):
+            path = "blockwise"
+        self.path = path
+        if path == "int4pack":
+            self._int4 = Int4Packed.from_codes(self._int4_rows, self.out_features, bt.int4_group)
+        elif path == "dense":
+            self._dense = self.raw.view(compute_dtype)
+
+    def _int4_rows(self, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        bt = block_type(self.qtype)
+        codes, scale, zero = bt.int4_blocks(self.raw[r0:r1].reshape(-1, bt.type_size))
+        n = r1 - r0
+        return codes.reshape(n, -1), scale.reshape(n, -1), zero.reshape(n, -1)
+
+    def _dequant_rows(self, r0: int, r1: int) -> torch.Tensor:
+        return dequantize_rows(self.raw[r0:r1], self.qtype)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_rows(self.raw, self.qtype).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, self.in_features)
+        if self._int4 is not None and x2d.shape[0] <= kernels.INT4PACK_MAX_BATCH:
+            y = self._int4.matmul(x2d)
+        elif self._dense is not None:
+            y = x2d.to(self._dense.dtype) @ self._dense.t()
+        else:
+            dtype = torch.bfloat16 if self._int4 is not None else self.compute_dtype
+            y = blockwise_matmul(x2d, self._dequant_rows, self.out_features, self.in_features, dtype)
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    @property
+    def nbytes(self) -> int:
+        w = self._int4.nbytes if self._int4 is not None else self.raw.numel()
+        return w + (0 if self.bias is None else self.bias.numel() * 4)
+
+    @property
+    def weight_is_dense(self) -> bool:
+        return self._dense is not None
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", path={self.path}"
+
+
+class GGMLEmbedding(nn.Module):
+    """Token lookup on a GGUF table that dequantizes only the rows it is asked for."""
+
+    def __init__(self, data: np.ndarray | torch.Tensor, qtype: str, shape: tuple[int, int]):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = shape
+        self.qtype = qtype
+        self.raw = raw_bytes(data, qtype, shape)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [...] -> float32 [..., dim]."""
+        rows = dequantize_rows(self.raw[ids.reshape(-1)], self.qtype)
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_rows(self.raw, self.qtype).to(dtype)
+
+    def as_linear(self, compute_dtype: torch.dtype = torch.float32) -> GGMLLinear:
+        """The same table as a tied output head over the same bytes (the int4pack path
+        adds its packed copy; the other paths add nothing)."""
+        return GGMLLinear(self.raw, self.qtype, (self.num_embeddings, self.embedding_dim),
+                          compute_dtype=compute_dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.numel()
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype}"
+
+
+class DenseEmbedding(nn.Module):
+    """A dense embedding table (dequantize mode)."""
+
+    def __init__(self, weight: torch.Tensor, qtype: str = "F32"):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.qtype = qtype
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, self.weight).float()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.weight.detach().to(dtype)
+
+    def as_linear(self, compute_dtype: torch.dtype = torch.float32) -> DenseLinear:
+        return DenseLinear(self.weight.detach(), qtype=self.qtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+
+MODES = ("inplace", "dequantize")
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise UnsupportedError(f"quant mode must be one of {', '.join(MODES)}, got {mode!r}")
+
+
+def make_linear(
+    data: np.ndarray | torch.Tensor, qtype: str, shape: tuple[int, int], bias: torch.Tensor | None = None,
+    mode: str = "inplace", dtype: torch.dtype = torch.float32,
+) -> BaseLinear:
+    """A base linear over raw GGUF data: in place (:class:`GGMLLinear`, ``dtype`` is its
+    compute dtype) or dequantized once into a :class:`DenseLinear` of ``dtype``."""
+    _check_mode(mode)
+    if mode == "dequantize":
+        return DenseLinear(dequantize_array(data, qtype, shape).to(dtype), bias, qtype=qtype)
+    return GGMLLinear(data, qtype, shape, bias, compute_dtype=dtype)
+
+
+def make_embedding(
+    data: np.ndarray | torch.Tensor, qtype: str, shape: tuple[int, int],
+    mode: str = "inplace", dtype: torch.dtype = torch.float32,
+) -> GGMLEmbedding | DenseEmbedding:
+    """An embedding over raw GGUF data, looked up in place or dequantized once to ``dtype``."""
+    _check_mode(mode)
+    if mode == "dequantize":
+        return DenseEmbedding(dequantize_array(data, qtype, shape).to(dtype), qtype=qtype)
+    return GGMLEmbedding(data, qtype, shape)

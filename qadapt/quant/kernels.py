@@ -1,0 +1,123 @@
+"""Which CPU kernel runs each GGUF type's matmul, and the two kernels themselves.
+
+This module is format-agnostic: it knows 4-bit codes with per-group scales and
+zeros, and "a function that dequantizes a range of rows". ``ggml.py`` maps each
+GGUF type onto one of these paths.
+
+==========================  ===============  ==================================================
+GGUF type                   path             why
+==========================  ===============  ==================================================
+F32 (compute float32),      ``dense``        the mapped array *is* the weight in the compute
+BF16 (compute bf16)                          dtype: matmul on it directly (no copy)
+Q4_0, Q4_1, Q4_K            ``int4pack``     exactly ``(q - 8) * scale + zero`` per 32 weights:
+                                             torch's CPU int4 weight-only kernel (bf16)
+Q8_0, Q5_0, Q5_1, Q2_K,     ``blockwise``    no exact torch kernel (5/6/8-bit codes, groups of
+Q3_K, Q5_K, Q6_K, IQ4_NL,                    16, non-linear codebooks): dequantize a chunk of
+IQ4_XS, F16, F32 (bf16),                     rows into a bounded scratch buffer, matmul, repeat
+BF16 (float32)
+==========================  ===============  ==================================================
+
+``int4pack`` falls back to ``blockwise`` when the kernel's shape rules fail
+(out_features not a multiple of 16, in_features not a multiple of the group), and
+hands inputs of more than :data:`INT4PACK_MAX_BATCH` rows (prefills) to ``blockwise``
+in bf16: that kernel's cost grows linearly with the rows (5632x2048 Q4_K, one thread:
+0.7 ms at 1 row, 19 ms at 64, 38 ms at 128, 149 ms at 512), while dequantizing once
+and running the dense bf16 GEMM costs ~20-40 ms at any of those sizes.
+``torch._weight_int8pack_mm`` is not used for Q8_0: it has one scale per output
+row, Q8_0 one per 32 weights, so it cannot reproduce Q8_0 exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+#: GGUF types that take the int4pack path (each also says how in its ``int4_blocks``).
+INT4PACK_TYPES: frozenset[str] = frozenset({"Q4_0", "Q4_1", "Q4_K"})
+#: GGUF types stored as a plain torch dtype: ``dense`` when that is the compute dtype.
+STORED_DTYPES: dict[str, torch.dtype] = {"F32": torch.float32, "BF16": torch.bfloat16}
+
+#: Group sizes the CPU int4 kernel accepts, and its rule on the number of output rows.
+INT4PACK_GROUPS: tuple[int, ...] = (32, 64, 128, 256)
+INT4PACK_ROW_MULTIPLE = 16
+#: Input rows above which the int4pack path dequantizes blockwise instead (see above).
+INT4PACK_MAX_BATCH = 64
+#: Rows converted at once while packing, bounding the int32 staging buffer.
+_PACK_CHUNK_ROWS = 1024
+#: Upper bound on the blockwise path's scratch buffer.
+SCRATCH_BYTES = 8 << 20
+
+
+def kernel_path(qtype: str, compute_dtype: torch.dtype = torch.float32) -> str:
+    """``dense``, ``int4pack`` or ``blockwise`` (before the int4pack shape check)."""
+    if STORED_DTYPES.get(qtype) == compute_dtype:
+        return "dense"
+    return "int4pack" if qtype in INT4PACK_TYPES else "blockwise"
+
+
+def int4pack_fits(out_features: int, in_features: int, group: int) -> bool:
+    """Whether torch's CPU int4 kernel accepts this shape and group size."""
+    return (
+        group in INT4PACK_GROUPS
+        and out_features % INT4PACK_ROW_MULTIPLE == 0
+        and in_features % group == 0
+    )
+
+
+class Int4Packed:
+    """Weights in the layout of ``torch.ops.aten._weight_int4pack_mm_for_cpu``.
+
+    The kernel computes ``w[n, k] = (q[n, k] - 8) * scale[k // g, n] + zero[k // g, n]``
+    (gpt-fast's convention, checked numerically in the tests) with ``x``, scales and
+    zeros in bfloat16 and float32 accumulation; bf16 inputs are 20-70x faster than fp32.
+    """
+
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int):
+        self.packed = packed  # uint8 [out, in / 2]
+        self.scales_and_zeros = scales_and_zeros  # bf16 [in / group, out, 2]
+        self.group = group
+
+    @classmethod
+    def from_codes(
+        cls, codes_fn: Callable[[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+        out_features: int, group: int,
+    ) -> "Int4Packed":
+        """Pack rows in chunks: ``codes_fn(r0, r1)`` -> (codes [rows, in] in 0..15,
+        scale [rows, in/group], zero [rows, in/group]) for output rows r0:r1."""
+        packed, sz = [], []
+        for r0 in range(0, out_features, _PACK_CHUNK_ROWS):
+            codes, scale, zero = codes_fn(r0, min(r0 + _PACK_CHUNK_ROWS, out_features))
+            packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
+            sz.append(torch.stack([scale, zero], dim=-1).transpose(0, 1).to(torch.bfloat16))
+        return cls(torch.cat(packed), torch.cat(sz, dim=1).contiguous(), group)
+
+    def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        """x [m, in] (any float dtype) -> [m, out] bf16."""
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x2d.to(torch.bfloat16).contiguous(), self.packed, self.group, self.scales_and_zeros
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales_and_zeros))
+
+
+def blockwise_matmul(
+    x2d: torch.Tensor, dequant_rows: Callable[[int, int], torch.Tensor],
+    out_features: int, in_features: int, compute_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``x2d @ W.T`` with W produced a chunk of rows at a time by ``dequant_rows(r0, r1)``.
+
+    The scratch (one chunk of dequantized rows) stays within :data:`SCRATCH_BYTES`; the
+    result is accumulated as ``out.T`` so every chunk writes a contiguous slice.
+    """
+    x2d = x2d.to(compute_dtype)
+    xt = x2d.t()
+    out_t = torch.empty(out_features, x2d.shape[0], dtype=compute_dtype)
+    step = max(1, SCRATCH_BYTES // (in_features * 4))
+    for r0 in range(0, out_features, step):
+        r1 = min(r0 + step, out_features)
+        w = dequant_rows(r0, r1).to(compute_dtype)
+        torch.mm(w, xt, out=out_t[r0:r1])
+    return out_t.t()

@@ -1,0 +1,13 @@
+#!/usr/bin/env python
+"""mistral.rs's `create_ordering.py`, over qadapt: same as `qadapt ordering create`.
+
+Flags as in `qadapt ordering create --help`; missing values are asked for when
+stdin is a terminal, and every value is asked for when no flags are given.
+"""
+
+import sys
+
+from qadapt.cli.ordering import script_main
+
+if __name__ == "__main__":
+    sys.exit(script_main("create"))
