@@ -279,33 +279,15 @@ def load(
     sub-folders of ``adapter_model_id`` (active at start) and whose ``preload_adapters`` load
     inactive. ``merge=True`` (dequantize mode) folds the active adapters into the weights.
     """
-    from .formats.gguf import GGUFFile, is_gguf
-    from .models.build import GGUFSource, build_decoder
-    from .models.config import config_from_gguf
-    from .models.family import FAMILIES
+    from .models.loader import load_base
 
     if kwargs:
         raise InputError(f"unknown argument(s) to qadapt.load: {', '.join(sorted(kwargs))}")
     if mode not in MODES:
         raise InputError(f"mode must be one of {MODES}, got {mode!r}")
-    dt = _dtype(dtype)
     path = _resolve_model_path(path_or_id, gguf_file, revision)
-    if path.is_dir():
-        raise InputError(f"{path} is a folder; transformers checkpoints are not supported yet, pass a .gguf file")
-    if not is_gguf(path):
-        from .formats.gguf import GGUFFile as _G
-
-        _G(path)  # raises the precise error (empty, not GGUF)
-    gf = GGUFFile(path)
-    lm = get_layer_map(gf.architecture)
-    cfg = config_from_gguf(gf, lm)
-    tok = Tokenizer.from_gguf(gf) if "tokenizer.ggml.tokens" in gf.metadata else None
-    if tok is not None:
-        cfg = _with_tokens(cfg, tok)
-    decoder = build_decoder(cfg, lm, FAMILIES[lm.architecture], GGUFSource(gf, mode, dt), desc=f"loading {path.name}")
-    decoder.eval()
-    info = {"file_size": gf.file_size, "types": gf.type_counts(), "path": str(path)}
-    model = Model(decoder, tok, lm, str(path), mode, "gguf", info)
+    base = load_base(path, mode=mode, dtype=_dtype(dtype))
+    model = Model(base.decoder, base.tokenizer, base.layer_map, str(path), mode, base.base_format, base.info)
     _attach_adapters(model, adapters, ordering, adapter_model_id, activate)
     if merge:
         model.merge_adapters()
@@ -345,12 +327,6 @@ def _check_ordering(model: Model, ordering) -> None:
 
         lines = "\n  - ".join(p.message for p in report.problems)
         raise AdapterError(f"ordering {ordering} does not fit this base:\n  - {lines}")
-
-
-def _with_tokens(cfg: ModelConfig, tok: Tokenizer) -> ModelConfig:
-    from dataclasses import replace
-
-    return replace(cfg, bos_token_id=tok.bos_id, eos_token_ids=tok.eos_ids or cfg.eos_token_ids)
 
 
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:

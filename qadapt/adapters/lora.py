@@ -49,15 +49,30 @@ class LoraAdapter:
 
 @dataclass(frozen=True)
 class AdapterContext:
-    """What a forward applies: the active adapter names, in order.
+    """What a forward applies.
 
-    ``xlora`` (set by the X-LoRA runtime) carries per-token scalings and the module's
-    classifier row; plain LoRA leaves it None.
+    ``active``: adapter names applied to every row. ``rows``: per batch row, its own
+    adapter names (heterogeneous batches, as LoRAX's BGMV: each row gathers its
+    adapters); when set it replaces ``active``. ``xlora`` (set by the X-LoRA runtime)
+    carries per-token scalings; plain LoRA leaves it None.
     """
 
     active: tuple[str, ...] = ()
+    rows: tuple[tuple[str, ...], ...] | None = None
     xlora: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def row_groups(self) -> dict[str, torch.Tensor]:
+        """adapter name -> indices of the rows that use it (computed once per forward)."""
+        cached = self.extra.get("_groups")
+        if cached is None:
+            groups: dict[str, list[int]] = {}
+            for i, names in enumerate(self.rows or ()):
+                for n in names:
+                    groups.setdefault(n, []).append(i)
+            cached = {n: torch.tensor(ix) for n, ix in groups.items()}
+            self.extra["_groups"] = cached
+        return cached
 
 
 class LoraLinear(nn.Module):
@@ -94,6 +109,13 @@ class LoraLinear(nn.Module):
             return y
         if ctx.xlora is not None:
             return ctx.xlora.apply(self, x, y)
+        if ctx.rows is not None:
+            if len(ctx.rows) != x.shape[0]:
+                raise ValueError(f"{len(ctx.rows)} row adapter sets for a batch of {x.shape[0]}")
+            for name, ix in ctx.row_groups().items():
+                if name in self.adapters:
+                    y = y.index_add(0, ix, self.delta(x.index_select(0, ix), name).to(y.dtype))
+            return y
         for name in ctx.active:
             if name in self.adapters:
                 y = y + self.delta(x, name).to(y.dtype)
