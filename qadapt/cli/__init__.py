@@ -7,6 +7,7 @@ Subcommands live one per module and are imported only when used, so
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import sys
 
@@ -20,16 +21,19 @@ COMMANDS = {
     "ordering": "qadapt.cli.ordering:ordering",
     "run": "qadapt.cli.run:run",
     "inspect": "qadapt.cli.run:inspect",
+    "serve": "qadapt.cli.serve:serve",
+    "demo": "qadapt.cli.demo:demo",
+    "bench": "qadapt.cli.bench:bench",
 }
 
 
 class _LazyGroup(click.Group):
     def list_commands(self, ctx):
-        return sorted(COMMANDS)
+        return sorted(n for n, t in COMMANDS.items() if importlib.util.find_spec(t.split(":")[0]) is not None)
 
     def get_command(self, ctx, name):
         target = COMMANDS.get(name)
-        if target is None:
+        if target is None or importlib.util.find_spec(target.split(":")[0]) is None:
             return None
         mod, attr = target.split(":")
         return getattr(importlib.import_module(mod), attr)
