@@ -36,8 +36,9 @@ DEFAULT_TARGETS = {
     "phi3": ("qkv_proj",), "gpt2": ("c_attn",), "qwen": ("c_attn",),
 }
 EMBEDDING_NAMES = ("embed_tokens", "wte", "wpe", "embed_in", "word_embeddings")
-# base_model.model.<module>.lora_A[.<adapter name>].weight
-_KEY_RX = re.compile(r"(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<ab>[AB])(?:\.(?P<name>[^.]+))?\.weight")
+# base_model.model.<module>.lora_A[.<adapter name>].weight; PEFT's X-LoRA saves its experts under
+# base_model.lora_model.model.<module>
+_KEY_RX = re.compile(r"(?:base_model\.model\.|base_model\.lora_model\.model\.)?(?P<module>.+?)\.lora_(?P<ab>[AB])(?:\.(?P<name>[^.]+))?\.weight")
 
 StrList = tuple[str, ...]
 
@@ -113,6 +114,13 @@ class LoraAdapterConfig:
         src = self.source
         if self.r <= 0:
             raise FormatError(f"{src}: key `r` must be positive, got {self.r}")
+        for key, typ in (("target_modules", str), ("exclude_modules", str), ("layers_pattern", str),
+                         ("modules_to_save", str), ("layers_to_transform", int)):
+            value = getattr(self, key)
+            if isinstance(value, tuple) and not all(isinstance(v, typ) and not isinstance(v, bool) for v in value):
+                raise FormatError(f"{src}: key `{key}` must be a list of {typ.__name__}s, got {list(value)!r}")
+        if isinstance(self.lora_alpha, float) and not math.isfinite(self.lora_alpha):
+            raise FormatError(f"{src}: key `lora_alpha` must be a finite number, got {self.lora_alpha}")
         if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
             raise FormatError(
                 f"{src}: key `layers_to_transform`/`layers_pattern` cannot be used when `target_modules` "

@@ -1,0 +1,115 @@
+"""Property tests: every parser ends in a result or a QadaptError, never another exception.
+
+Bounded for CI (a few hundred inputs per parser); ``tools/fuzz.py`` runs the same
+properties for 10^4+ inputs each (see the README's maintainer section).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qadapt.errors import QadaptError
+
+from fuzz_targets import TARGETS, run_one, seed_gguf
+
+FAST = settings(max_examples=int(os.environ.get("QADAPT_FUZZ_EXAMPLES", "120")), deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@pytest.fixture(scope="module")
+def gguf_bytes(tmp_path_factory) -> bytes:
+    return seed_gguf(tmp_path_factory.mktemp("fuzz") / "seed.gguf").read_bytes()
+
+
+mutation = st.tuples(st.integers(0, 6000), st.sampled_from(["byte", "u64", "u32", "truncate"]),
+                     st.integers(0, 2**64 - 1))
+
+
+def mutate(data: bytes, muts) -> bytes:
+    b = bytearray(data)
+    for pos, kind, val in muts:
+        pos = pos % max(len(b), 1)
+        if kind == "byte":
+            b[pos] = val & 0xFF
+        elif kind == "u64":
+            b[pos:pos + 8] = struct.pack("<Q", val)
+        elif kind == "u32":
+            b[pos:pos + 4] = struct.pack("<I", val & 0xFFFFFFFF)
+        else:
+            del b[pos:]
+    return bytes(b)
+
+
+@FAST
+@given(muts=st.lists(mutation, min_size=1, max_size=4))
+def test_gguf_reader_mutations(gguf_bytes, tmp_path, muts):
+    """Mutated GGUF files (bytes, huge u32/u64 counts and lengths, truncation): result or QadaptError."""
+    p = tmp_path / "m.gguf"
+    p.write_bytes(mutate(gguf_bytes, muts))
+    assert run_one("gguf", p) is None
+
+
+@FAST
+@given(n=st.integers(0, 2**64 - 1), header=st.binary(max_size=200), tail=st.binary(max_size=64))
+def test_safetensors_header(tmp_path, n, header, tail):
+    p = tmp_path / "x.safetensors"
+    p.write_bytes(struct.pack("<Q", n) + header + tail)
+    assert run_one("safetensors", p) is None
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda c: st.lists(c, max_size=5) | st.dictionaries(st.text(max_size=12), c, max_size=6),
+    max_leaves=20,
+)
+
+
+def _keyed(keys):
+    return st.dictionaries(st.sampled_from(keys) | st.text(max_size=8), json_values, max_size=len(keys) + 2)
+
+
+ORDERING_KEYS = ["base_model_id", "order", "layers", "preload_adapters"]
+ADAPTER_KEYS = ["r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules", "layers_to_transform",
+                "layers_pattern", "rank_pattern", "alpha_pattern", "fan_in_fan_out", "bias", "modules_to_save",
+                "use_dora", "peft_type", "base_model_name_or_path"]
+
+
+@FAST
+@given(doc=_keyed(ORDERING_KEYS) | json_values)
+def test_ordering_json(tmp_path, doc):
+    p = tmp_path / "o.json"
+    p.write_text(json.dumps(doc))
+    assert run_one("ordering", p) is None
+
+
+@FAST
+@given(raw=st.binary(max_size=300))
+def test_ordering_raw_bytes(tmp_path, raw):
+    p = tmp_path / "o.json"
+    p.write_bytes(raw)
+    assert run_one("ordering", p) is None
+
+
+@FAST
+@given(doc=_keyed(ADAPTER_KEYS) | json_values)
+def test_adapter_config_json(tmp_path, doc):
+    d = tmp_path / "adapter"
+    d.mkdir(exist_ok=True)
+    (d / "adapter_config.json").write_text(json.dumps(doc))
+    assert run_one("adapter_config", d) is None
+
+
+def test_huge_element_count_refused_before_allocation(tmp_path):
+    """A safetensors header claiming 10^12 elements is refused from the header alone."""
+    header = json.dumps({"w": {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 4 * 10**12]}}).encode()
+    p = tmp_path / "huge.safetensors"
+    p.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
+    with pytest.raises(QadaptError, match="offsets"):
+        TARGETS["safetensors"](p)
