@@ -122,6 +122,7 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, dict[str, Any]
         raise FormatError(f"{path}: safetensors header is not a JSON object")
     header.pop("__metadata__", None)
     data_size = size - 8 - n
+    spans = []
     for name, info in header.items():
         try:
             dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
@@ -138,4 +139,9 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, dict[str, Any]
                 f"{path}: tensor `{name}` ({dtype}{list(shape)}) has offsets {start}..{end} that do not "
                 f"match its size {numel * itemsize} or the file's {data_size} data bytes"
             )
+        spans.append((start, end, name))
+    spans.sort()
+    for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise FormatError(f"{path}: tensors `{n0}` and `{n1}` overlap in the data section")
     return header

@@ -27,7 +27,9 @@ def build_adapter(
     base_format: str,
     base_id: str | None = None,
     dtype=None,
+    strict: bool = False,
 ) -> LoraAdapter:
+    """Load and check an adapter; ``strict`` turns warnings about its contents (NaN/Inf weights) into errors."""
     if not name or not isinstance(name, str):
         raise AdapterError(f"adapter from {source}: a non-empty name is required")
     cfg = read_adapter_config(folder)
@@ -62,6 +64,12 @@ def build_adapter(
             problems.append(f"module `{path}`: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not fit the "
                             f"base layer (in={in_f}, out={out_f}): expected A [r, {in_f}] and B [{out_f}, r]")
             continue
+        if not (bool(a.isfinite().all()) and bool(b.isfinite().all())):
+            msg = f"adapter `{name}`: module `{path}` has NaN or infinite weights"
+            if strict:
+                problems.append(f"module `{path}` has NaN or infinite weights (refused with strict)")
+                continue
+            log.warning("%s; its outputs will be NaN/Inf wherever it is active", msg)
         r, _alpha = cfg.rank_alpha(path)
         if a.shape[0] != r:
             log.warning("adapter `%s`: module `%s` has rank %d, its config says %d", name, path, a.shape[0], r)

@@ -257,9 +257,19 @@ def _folder(folder: str | Path) -> Path:
     return path
 
 
+def _inside(root: Path, name: str) -> Path:
+    """``root/name``, refusing a symlink that leads outside the adapter folder."""
+    path = root / name
+    if path.is_symlink() or path.exists():
+        real, base = path.resolve(), root.resolve()
+        if real != base and base not in real.parents:
+            raise AdapterError(f"adapter file {path} is a link to {real}, outside the adapter folder {root}")
+    return path
+
+
 def read_adapter_config(folder: str | Path) -> LoraAdapterConfig:
     """Parse ``<folder>/adapter_config.json``."""
-    path = _folder(folder) / CONFIG_FILE
+    path = _inside(_folder(folder), CONFIG_FILE)
     return LoraAdapterConfig.from_dict(read_json(path, "adapter config"), str(path))
 
 
@@ -267,7 +277,7 @@ def find_adapter_weights(folder: str | Path) -> Path:
     """``adapter_model.safetensors`` if present, else ``adapter_model.bin``."""
     root = _folder(folder)
     for name in WEIGHT_FILES:
-        if (root / name).is_file():
+        if _inside(root, name).is_file():
             return root / name
     raise InputError(f"adapter {root} has no weights: expected {' or '.join(WEIGHT_FILES)}")
 

@@ -70,8 +70,16 @@ class GGUFFile:
             raise FormatError(f"{self.path}: metadata has no `general.architecture` string")
         self.architecture = arch
         self.tensors: dict[str, GGUFTensor] = {}
+        spans = []
         for t in self._reader.tensors:
+            if t.name in self.tensors:
+                raise FormatError(f"{self.path}: tensor `{t.name}` appears twice")
             self.tensors[t.name] = self._check_tensor(t)
+            spans.append((int(t.data_offset), int(t.data_offset) + self.tensors[t.name].nbytes, t.name))
+        spans.sort()
+        for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
+            if s1 < e0:
+                raise FormatError(f"{self.path}: tensors `{n0}` and `{n1}` overlap (bytes {s1}..{min(e0, e1)})")
 
     def _check_tensor(self, t) -> GGUFTensor:
         from gguf import GGML_QUANT_SIZES
