@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import torch
 
 from .errors import InputError, SourceError
-from .layer_maps import LayerMap, get_layer_map
+from .layer_maps import LayerMap
 from .models.config import ModelConfig
 from .models.decoder import Decoder
 from .runtime.generate import Generation, SamplingParams, run_generation
@@ -40,6 +40,7 @@ class Model:
         self.adapters: dict[str, Any] = {}  # name -> LoraAdapter
         self._active: tuple[str, ...] = ()
         self._merged: tuple[str, ...] = ()
+        self._xlora: Any = None  # adapters.xlora.XLora once an X-LoRA checkpoint is loaded
 
     @property
     def config(self) -> ModelConfig:
@@ -51,6 +52,8 @@ class Model:
         if self.base_format == "gguf":
             types = [t for t in self.file_info.get("types", {}) if t not in ("F32", "F16", "BF16")]
             return types[0] if types else None
+        if self.base_format in ("gptq", "bnb"):
+            return self.file_info.get("quant")
         return None
 
     @property
@@ -100,8 +103,11 @@ class Model:
         return [m for m in self.decoder.modules() if isinstance(m, LoraLinear)]
 
     def load_adapter(self, name: str, source: str | os.PathLike, adapter_source: str | None = None, *,
-                     activate: bool = False, subfolder: str | None = None, revision: str | None = None) -> None:
-        """Load a PEFT LoRA adapter (local folder, Hub id or s3:// URL) under ``name``; inactive unless ``activate``."""
+                     activate: bool = False, subfolder: str | None = None, revision: str | None = None,
+                     strict: bool = False) -> None:
+        """Load a PEFT LoRA adapter (local folder, Hub id or s3:// URL) under ``name``; inactive unless ``activate``.
+
+        ``strict`` refuses adapters with NaN/Inf weights (otherwise a warning)."""
         from .adapters.loading import build_adapter
         from .adapters.sources import resolve_adapter
 
@@ -109,7 +115,7 @@ class Model:
             raise InputError(f"an adapter named `{name}` is already loaded; unload it first")
         folder = resolve_adapter(str(source), adapter_source, subfolder=subfolder, revision=revision)
         adapter = build_adapter(name, str(source), folder, self.layer_map, self.config.shapes, self.base_format,
-                                base_id=self.source)
+                                base_id=self.source, strict=strict)
         for path, f in adapter.factors.items():
             self._wrapper(path).add(name, f)
         self.adapters[name] = adapter
@@ -119,6 +125,8 @@ class Model:
             self.activate_adapters(self._active + (name,))
 
     def unload_adapter(self, name: str) -> None:
+        if self._xlora is not None and name in self._xlora.order:
+            raise InputError(f"adapter `{name}` is an X-LoRA expert; its classifier needs every expert loaded")
         if name not in self.adapters:
             raise InputError(f"no adapter named `{name}` is loaded (loaded: {', '.join(self.adapters) or 'none'})")
         if name in self._merged:
@@ -131,6 +139,10 @@ class Model:
     def activate_adapters(self, names: list[str] | tuple[str, ...]) -> None:
         """Make exactly ``names`` active (``[]`` = base model only). Costs no copies."""
         names = tuple(dict.fromkeys(names))
+        if self._xlora is not None and names != self._xlora.order:
+            from .adapters.xlora import unsupported_with_xlora
+
+            raise unsupported_with_xlora("choosing active adapters")
         unknown = [n for n in names if n not in self.adapters]
         if unknown:
             raise InputError(f"unknown adapter(s) {', '.join(unknown)}; loaded: {', '.join(self.adapters) or 'none'}")
@@ -142,6 +154,10 @@ class Model:
         """Fold the active adapters into the dense weights (dequantize mode); ``unmerge_adapters`` restores them."""
         if self.mode != "dequantize":
             raise InputError("merging needs mode='dequantize' (in place, the base weights stay quantized)")
+        if self._xlora is not None:
+            from .adapters.xlora import unsupported_with_xlora
+
+            raise unsupported_with_xlora("merging (the scalings change per token)")
         self.unmerge_adapters()
         for w in self._wrappers():
             w.merge(self._active)
@@ -156,7 +172,14 @@ class Model:
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Full causal forward without cache: LongTensor [batch, seq] -> float32 [batch, seq, vocab]."""
         ids = self._check_ids(input_ids)
+        if self._xlora is not None:  # scaling pass + classifier, then the real pass
+            return self.decoder(ids, ctx=self._xlora.context(self.decoder, ids)).logits
         return self.decoder(ids, ctx=self._context()).logits
+
+    def xlora_scalings(self) -> torch.Tensor | None:
+        """The last X-LoRA scalings, float32 [batch, seq, n_layers or 1, n_adapters] (after softmax, before
+        top-k); None before the first forward or without X-LoRA."""
+        return None if self._xlora is None else self._xlora.last_scalings
 
     def _check_ids(self, input_ids) -> torch.Tensor:
         ids = torch.as_tensor(input_ids, dtype=torch.long)
@@ -172,10 +195,18 @@ class Model:
 
     def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
         c = self.config
-        return KVCache(c.num_hidden_layers, batch, max_len, c.num_key_value_heads, c.head_dim)
+        cache = KVCache(c.num_hidden_layers, batch, max_len, c.num_key_value_heads, c.head_dim)
+        if self._xlora is not None:  # the scaling pass keeps its own cache; non-granular state per row
+            from .adapters.xlora import XLoraCache
+
+            return XLoraCache(cache, KVCache(c.num_hidden_layers, batch, max_len, c.num_key_value_heads, c.head_dim))
+        return cache
 
     @torch.inference_mode()
     def _step(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        if self._xlora is not None:
+            ctx = self._xlora.context(self.decoder, ids, positions, cache)
+            return self.decoder(ids, positions, cache.real, ctx=ctx, last_only=True).logits[:, -1]
         return self.decoder(ids, positions, cache, ctx=self._context(), last_only=True).logits[:, -1]
 
     def generate(
@@ -238,21 +269,27 @@ def _resolve_model_path(path_or_id: str | os.PathLike, gguf_file: str | None, re
     s = str(path_or_id)
     if gguf_file is None:
         if s.count("/") == 1 and not s.startswith((".", "/")):
-            raise InputError(
-                f"{s} is not a local file; for a GGUF model on the Hub pass the file name too "
-                f"(--gguf-file NAME / gguf_file=NAME)"
-            )
+            return _download_hf_checkpoint(s, revision)
         raise InputError(f"model {s} does not exist")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+    from .hub import download
 
-    try:
-        return Path(hf_hub_download(s, gguf_file, revision=revision))
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
-        raise SourceError(f"{s}/{gguf_file} is not in the local Hugging Face cache and the Hub cannot be "
-                          f"reached (offline mode or no network): {e}") from None
-    except (HfHubHTTPError, OSError, ValueError) as e:
-        raise SourceError(f"cannot download {gguf_file} from {s}: {e}") from None
+    return download(s, filename=gguf_file, revision=revision, what=f"GGUF file `{gguf_file}` of Hub repo `{s}`")
+
+
+#: What a transformers checkpoint needs: config, weights, tokenizer (no .bin, no other formats).
+_HF_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+                "tokenizer*", "vocab.*", "merges.txt", "special_tokens_map.json", "added_tokens.json", "*.tiktoken"]
+
+
+def _download_hf_checkpoint(repo: str, revision: str | None) -> Path:
+    """A Hub transformers repo (config.json + safetensors + tokenizer) through huggingface_hub's cache."""
+    from .hub import download
+
+    folder = download(repo, allow_patterns=_HF_PATTERNS, revision=revision, what=f"Hub model `{repo}`")
+    if not (folder / "config.json").is_file():
+        raise SourceError(f"{repo} has no config.json: not a transformers checkpoint; for a GGUF repo pass the "
+                          "file name (--gguf-file NAME / gguf_file=NAME)")
+    return folder
 
 
 def load(
@@ -267,6 +304,10 @@ def load(
     adapter_model_id: str | None = None,
     activate: list[str] | None = None,
     merge: bool = False,
+    xlora: str | os.PathLike | None = None,
+    tgt_non_granular_index: int | None = None,
+    quant: str | None = None,
+    double_quant: bool = False,
     **kwargs: Any,
 ) -> Model:
     """Load a base model: a GGUF file (local, or ``org/repo`` + ``gguf_file`` on the Hub).
@@ -278,6 +319,16 @@ def load(
     ``activate`` names a subset), or an ordering file (mistral.rs format) whose ``order`` names are
     sub-folders of ``adapter_model_id`` (active at start) and whose ``preload_adapters`` load
     inactive. ``merge=True`` (dequantize mode) folds the active adapters into the weights.
+
+    X-LoRA: ``xlora=SOURCE`` (X-LoRA / mistral.rs layout or PEFT's, adapters in sub-folders, or in
+    ``adapter_model_id``); the ordering, if given, must list the training order and each module's
+    classifier row. ``tgt_non_granular_index=k`` freezes each sequence's scalings after k generated tokens.
+
+    A transformers folder or Hub id (``config.json`` + safetensors) loads full precision, or, with
+    ``quant="Q4_0"`` / ``"Q8_0"`` / ..., quantized in situ into the GGUF layers, or with
+    ``quant="nf4"`` / ``"fp4"`` / ``"int8"`` through bitsandbytes (``double_quant=True``: nested
+    absmax quantization; ``dtype``: the 4-bit compute dtype). GPTQ and bitsandbytes folders load
+    as saved.
     """
     from .models.loader import load_base
 
@@ -286,8 +337,13 @@ def load(
     if mode not in MODES:
         raise InputError(f"mode must be one of {MODES}, got {mode!r}")
     path = _resolve_model_path(path_or_id, gguf_file, revision)
-    base = load_base(path, mode=mode, dtype=_dtype(dtype))
+    base = load_base(path, mode=mode, dtype=_dtype(dtype), quant=quant, double_quant=double_quant)
     model = Model(base.decoder, base.tokenizer, base.layer_map, str(path), mode, base.base_format, base.info)
+    if xlora is not None:
+        _attach_xlora(model, xlora, ordering, adapter_model_id, tgt_non_granular_index, adapters, activate, merge)
+        return model
+    if tgt_non_granular_index is not None:
+        raise InputError("tgt_non_granular_index applies to X-LoRA only (pass xlora=SOURCE)")
     _attach_adapters(model, adapters, ordering, adapter_model_id, activate)
     if merge:
         model.merge_adapters()
@@ -315,6 +371,23 @@ def _attach_adapters(model: Model, adapters, ordering, adapter_model_id, activat
     elif adapter_model_id is not None:
         raise InputError("adapter_model_id is given without an ordering file")
     model.activate_adapters(start if activate is None else activate)
+
+
+def _attach_xlora(model: Model, source, ordering, adapter_model_id, tgt, adapters, activate, merge) -> None:
+    from .adapters.xlora import load_xlora, unsupported_with_xlora
+    from .ordering import read_ordering
+
+    for given, what in ((adapters, "adapters="), (activate is not None, "activate="), (merge, "merge=True")):
+        if given:
+            raise unsupported_with_xlora(what)
+    o = None
+    if ordering is not None:
+        o = read_ordering(ordering)
+        _check_ordering(model, ordering)
+        if o.preload_adapters:
+            log.warning("ordering %s: preload_adapters are ignored with X-LoRA", ordering)
+    model._xlora = load_xlora(model, str(source), o, tgt, adapter_model_id)
+    model._active = model._xlora.order
 
 
 def _check_ordering(model: Model, ordering) -> None:

@@ -74,8 +74,12 @@ def check_ordering(
     adapters: Sequence[tuple[str, str]] = (),
     adapter_model_id: str | None = None,
     offline: bool | None = None,
+    xlora: str | None = None,
 ) -> CheckReport:
-    """Check an ordering file; raises InputError only for unreadable input or bad options."""
+    """Check an ordering file; raises InputError only for unreadable input or bad options.
+
+    ``xlora``: an X-LoRA checkpoint whose classifier the ordering must fit (classes, rows, names).
+    """
     ordering = read_ordering(path, log_warnings=False)
     report = CheckReport(str(path))
     for w in ordering.warnings:
@@ -95,6 +99,8 @@ def check_ordering(
     sources = _adapter_sources(ordering, adapters, adapter_model_id, report)
     for name, source, subfolder in sources:
         _check_adapter(name, _resolve_or_none(source, subfolder, name, report), ordering, info, report)
+    if xlora is not None:
+        _check_xlora(ordering, xlora, info, report)
     return report
 
 
@@ -278,6 +284,28 @@ def _resolve_or_none(source: str, subfolder: str | None, name: str, report: Chec
     except QadaptError as e:
         report.problem("adapter-unreadable", str(e), f"adapter {name}")
         return None
+
+
+def _check_xlora(ordering: Ordering, source: str, info: ModelInfo | None, report: CheckReport) -> None:
+    """The ordering against an X-LoRA checkpoint: training order, classifier rows, adapters, no lm_head."""
+    from .adapters.xlora import ordering_problems, read_xlora, wrapped_modules
+
+    where = f"xlora {source}"
+    try:
+        ckpt = read_xlora(_resolve(source, None))
+        wrapped = wrapped_modules(ckpt, {n: ckpt.adapter_folder(n) for n in ckpt.config.adapters})
+    except QadaptError as e:
+        report.problem("xlora-unreadable", str(e), where)
+        return
+    hidden = (info.config or {}).get("hidden_size") if info is not None else None
+    if hidden is not None and hidden != ckpt.config.hidden_size:
+        report.problem("xlora-hidden-size", f"the classifier reads hidden_size {ckpt.config.hidden_size}, the model "
+                       f"has {hidden}", where)
+    if ordering.order is None:
+        report.warn("xlora-no-order", f"no `order`: the training order {list(ckpt.config.adapters)} is used", where)
+    for code, message in ordering_problems(ckpt, ordering.order, ordering.layers, wrapped,
+                                           info.layer_map if info is not None else None):
+        report.problem(code, message, where)
 
 
 def _check_adapter(name: str, folder: Path | None, ordering: Ordering, info: ModelInfo | None, report) -> None:

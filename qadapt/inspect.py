@@ -13,6 +13,10 @@ def describe(model: str, gguf_file: str | None = None, revision: str | None = No
     from .models.config import config_from_gguf
 
     path = _resolve_model_path(model, gguf_file, revision)
+    if path.is_dir():  # a transformers folder (full precision, GPTQ or bitsandbytes)
+        from .formats.quantized import describe_folder
+
+        return describe_folder(path)
     gf = GGUFFile(path)
     lm = get_layer_map(gf.architecture)
     cfg = config_from_gguf(gf, lm)

@@ -8,13 +8,12 @@ alone from the Hub) or from a GGUF file's metadata.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError, SourceError
+from .errors import InputError
 from .io import read_json
 from .layer_maps import LayerMap, get_layer_map
 
@@ -87,28 +86,10 @@ def _from_hf_config(raw: Any, source: str) -> ModelInfo:
     return ModelInfo(lm.architecture, lm, config, source, _QUANT_METHODS.get(method, "full"))
 
 
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def _describe_hub(repo: str, offline: bool | None) -> ModelInfo:
     """Fetch ``config.json`` alone; offline mode uses only the local Hub cache."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub import errors as hf_errors
+    from .hub import download
 
-    offline = hub_offline() if offline is None else offline
-    try:
-        path = hf_hub_download(repo, "config.json", local_files_only=offline)
-    except hf_errors.LocalEntryNotFoundError:
-        how = "offline mode, and it is not in the local Hub cache" if offline else "could not reach the Hub (offline?)"
-        raise SourceError(f"cannot fetch config.json of Hub model {repo}: {how}") from None
-    except hf_errors.GatedRepoError:  # a RepositoryNotFoundError subclass: test it first
-        raise SourceError(f"Hub model {repo} is gated: accept its licence and set HF_TOKEN") from None
-    except hf_errors.RepositoryNotFoundError:
-        raise SourceError(f"Hub model {repo} does not exist (or is private: set HF_TOKEN)") from None
-    except hf_errors.EntryNotFoundError:
-        raise SourceError(f"Hub model {repo} has no config.json (a GGUF-only repo? pass the .gguf file)") from None
-    except (OSError, ValueError, hf_errors.HfHubHTTPError) as e:
-        raise SourceError(f"cannot fetch config.json of Hub model {repo}: {e}") from None
+    path = download(repo, filename="config.json", offline=offline, what=f"config.json of Hub model `{repo}`")
     log.debug("fetched config.json of Hub model %s to %s", repo, path)
     return _from_hf_config(read_json(path, "model config"), f"hub:{repo}")

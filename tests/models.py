@@ -130,12 +130,19 @@ def dequantized_reference(model, qtype: str, seed: int = 0):
     sd = ref.state_dict()
     with torch.no_grad():
         if qtype in QUANTIZABLE:  # the exporter quantizes every matrix (embeddings too) but positions
+            conv1d = {ls.module_path(i) + ".weight" for ls in lm.layers if ls.conv1d
+                      for i in range(shapes["num_hidden_layers"])}  # written transposed: [out, in] blocks
             for key, v in sd.items():
-                if v.ndim == 2 and key.endswith(".weight") and "wpe" not in key and v.shape[-1] % 32 == 0:
-                    w = v.numpy().astype(np.float32)
-                    v.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w, t), t)))
+                w = v.numpy().astype(np.float32)
+                w = w.T.copy() if key in conv1d else w
+                if v.ndim == 2 and key.endswith(".weight") and "wpe" not in key and w.shape[-1] % 32 == 0:
+                    deq = gguf.quants.dequantize(gguf.quants.quantize(w, t), t)
+                    v.copy_(torch.from_numpy(deq.T.copy() if key in conv1d else deq))
             return raw, ref
+        tied = bool(getattr(model.config, "tie_word_embeddings", False))
         for ls in lm.layers:
+            if ls.tied_to and tied:  # a tied head stays the (F32) token table, as in the file
+                continue
             for i in range(shapes["num_hidden_layers"]) if ls.per_block else [None]:
                 key = ls.module_path(i) + ".weight"
                 if key not in sd:
@@ -163,3 +170,73 @@ def write_quantized(model, path: Path, qtype: str, seed: int = 0):
                 qtype if qtype in QUANTIZABLE else "F32", tokenizer=tokenizer_metadata(model.config.vocab_size),
                 force=True, raw=raw)
     return ref
+
+
+# ---------------------------------------------------------------------------------------- issue 5 helpers
+def phi3_longrope(head_dim: int, original: int = 8, context: int = 64, window: int | None = 5) -> dict:
+    """tiny_hf overrides for a long-context Phi-3: LongRoPE short/long factors with an original context
+    shorter than the test sequences (so both factor sets are exercised), and a sliding window."""
+    half = head_dim // 2
+    return dict(rope_scaling=dict(rope_type="longrope", short_factor=[1.0 + 0.1 * i for i in range(half)],
+                                  long_factor=[2.0 + 0.3 * i for i in range(half)]),
+                original_max_position_embeddings=original, max_position_embeddings=context, sliding_window=window)
+
+
+def tiny_arch(arch: str, seed: int = 0, wide: bool = False):
+    """tiny_hf per family for the architecture tests; ``wide`` rows hold whole 256-value K-quant blocks."""
+    kw: dict = {}
+    if wide:
+        kw = dict(n_embd=256) if arch == "gpt2" else dict(hidden_size=256, intermediate_size=512)
+    if arch == "mistral":
+        kw["sliding_window"] = 6
+    if arch == "phi3":
+        kw.update(phi3_longrope((256 if wide else 64) // 4))
+    return tiny_hf(arch, seed=seed, **kw)
+
+
+def save_hf(model, folder: Path, shard: bool = False) -> Path:
+    """``save_pretrained`` (safetensors), sharded into several files when ``shard``, plus a tokenizer."""
+    model.save_pretrained(folder, max_shard_size="40KB" if shard else "5GB")
+    save_tokenizer(folder)
+    return folder
+
+
+def save_tokenizer(folder: Path) -> None:
+    """The tiny byte-level BPE as a transformers fast tokenizer folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokens, merges = tiny_bpe()
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ")) for m in merges])
+    tok = Tokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|endoftext|>")
+    fast.save_pretrained(folder)
+
+
+def qwen1_checkpoint(seed: int = 0, hidden: int = 64, heads: int = 4, ff: int = 128, layers: int = 2):
+    """(config.json dict, state dict) of a random Qwen-1 model (QWenLMHeadModel names; transformers has
+    no implementation, so these are written by hand from the remote code's module layout)."""
+    vocab = len(tiny_bpe()[0]) + 8
+    cfg = dict(model_type="qwen", architectures=["QWenLMHeadModel"], hidden_size=hidden, num_hidden_layers=layers,
+               num_attention_heads=heads, kv_channels=hidden // heads, intermediate_size=2 * ff, vocab_size=vocab,
+               layer_norm_epsilon=1e-6, rotary_emb_base=10000, rotary_pct=1.0, max_position_embeddings=256,
+               seq_length=256, tie_word_embeddings=False, bos_token_id=1, eos_token_id=0)
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=0.05):
+        return torch.randn(*shape, generator=g) * scale
+
+    sd = {"transformer.wte.weight": rnd(vocab, hidden, scale=0.5), "lm_head.weight": rnd(vocab, hidden, scale=0.2),
+          "transformer.ln_f.weight": 1 + rnd(hidden, scale=0.1)}
+    for i in range(layers):
+        p = f"transformer.h.{i}."
+        sd.update({
+            p + "ln_1.weight": 1 + rnd(hidden, scale=0.1), p + "ln_2.weight": 1 + rnd(hidden, scale=0.1),
+            p + "attn.c_attn.weight": rnd(3 * hidden, hidden, scale=0.15), p + "attn.c_attn.bias": rnd(3 * hidden, scale=0.1),
+            p + "attn.c_proj.weight": rnd(hidden, hidden, scale=0.15),
+            p + "mlp.w1.weight": rnd(ff, hidden, scale=0.15), p + "mlp.w2.weight": rnd(ff, hidden, scale=0.15),
+            p + "mlp.c_proj.weight": rnd(hidden, ff, scale=0.15),
+        })
+    return cfg, sd

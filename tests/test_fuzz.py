@@ -35,7 +35,9 @@ mutation = st.tuples(st.integers(0, 6000), st.sampled_from(["byte", "u64", "u32"
 def mutate(data: bytes, muts) -> bytes:
     b = bytearray(data)
     for pos, kind, val in muts:
-        pos = pos % max(len(b), 1)
+        if not b:
+            break
+        pos = pos % len(b)
         if kind == "byte":
             b[pos] = val & 0xFF
         elif kind == "u64":

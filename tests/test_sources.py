@@ -275,7 +275,7 @@ def test_hub_id_resolves_to_the_cached_snapshot_offline(hub_cache):
 
 
 def test_hub_id_not_cached_offline_says_what_to_do(hub_cache):
-    with pytest.raises(SourceError, match=r"`org/other` is not in the local cache .* HF_HUB_OFFLINE=1 is set"):
+    with pytest.raises(SourceError, match=r"`org/other` is not in the local Hugging Face cache .*HF_HUB_OFFLINE=1 is set"):
         resolve_adapter("org/other")
 
 

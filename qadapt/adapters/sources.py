@@ -154,10 +154,6 @@ def _inside(path: Path, root: Path) -> bool:
     return True
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in _TRUE
-
-
 # --------------------------------------------------------------------------- local
 
 
@@ -186,26 +182,10 @@ def hub_allow_patterns(subfolder: str | None = None) -> list[str]:
     return [base + n for n in ADAPTER_FILES + XLORA_FILES] + [f"{base}*/{n}" for n in ADAPTER_FILES]
 
 
-def _hub_cache_dir() -> str | None:
-    """The Hub cache from the environment at call time (huggingface_hub reads it once, at import)."""
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(var):
-            return os.environ[var]
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.environ["HF_HOME"], "hub")
-    return None
-
-
-def _offline_var() -> str | None:
-    """The variable that put the Hub in offline mode, if any."""
-    return next((v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if _env_flag(v)), None)
-
-
 def _resolve_hub(
     repo_id: str, *, revision: str | None, cache_dir: str | os.PathLike | None, subfolder: str | None
 ) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub import errors as hf
+    from ..hub import download
 
     if not is_hub_id(repo_id):
         raise InputError(f"`{repo_id}` is not a Hub id (expected org/name)")
@@ -214,52 +194,13 @@ def _resolve_hub(
             _relative_parts(subfolder.strip("/"))  # checked before any download
         except ValueError as e:
             raise InputError(f"`{repo_id}`: sub-folder `{subfolder}` {e}") from None
-    offline = _offline_var()
-    cache = str(cache_dir) if cache_dir is not None else _hub_cache_dir()
-    what = f"Hub adapter `{repo_id}`" + (f" (revision `{revision}`)" if revision else "")
-    where = cache or "the default Hugging Face cache"
-    logger.info("resolving %s%s", what, " from the local cache only" if offline else "")
-    try:
-        folder = Path(
-            snapshot_download(
-                repo_id,
-                revision=revision,
-                cache_dir=cache,
-                allow_patterns=hub_allow_patterns(subfolder),
-                local_files_only=offline is not None,
-            )
-        )
-    except hf.GatedRepoError:
-        raise SourceError(
-            f"{what} is gated: accept its terms on https://huggingface.co/{repo_id} and set HF_TOKEN"
-        ) from None
-    except hf.RepositoryNotFoundError:
-        raise SourceError(f"{what} was not found on the Hub (a private repo needs HF_TOKEN)") from None
-    except hf.RevisionNotFoundError:
-        raise SourceError(f"{what}: the revision does not exist on the Hub") from None
-    except hf.IncompleteSnapshotError as e:
-        raise SourceError(f"{what}: the cached copy in {where} is incomplete; fetch it again online ({e})") from None
-    except hf.LocalEntryNotFoundError:
-        if offline:
-            raise SourceError(
-                f"{what} is not in the local cache ({where}) and {offline}=1 is set: "
-                f"unset {offline} to download it, or download it first on a connected machine"
-            ) from None
-        raise SourceError(
-            f"{what} could not be fetched: the Hub is unreachable and the adapter is not in the local cache "
-            f"({where}); check the network, HF_ENDPOINT or proxy settings"
-        ) from None
-    except hf.HfHubHTTPError as e:
-        raise SourceError(f"{what} could not be fetched from the Hub: {e}") from None
-    except hf.HFValidationError as e:
-        raise InputError(f"{what}: {e}") from None
-    except OSError as e:
-        raise SourceError(f"{what}: cannot write the Hub cache {where}: {e}") from None
+    folder = download(repo_id, allow_patterns=hub_allow_patterns(subfolder), revision=revision, cache=cache_dir,
+                      what=f"Hub adapter `{repo_id}`")
     if subfolder:
         folder = adapter_subfolder(folder, subfolder)
     if not folder.is_dir() or not any(folder.iterdir()):
         raise SourceError(
-            f"{what} has no adapter files{f' under `{subfolder}`' if subfolder else ''} "
+            f"Hub adapter `{repo_id}` has no adapter files{f' under `{subfolder}`' if subfolder else ''} "
             f"(looked for {', '.join(ADAPTER_FILES + XLORA_FILES)})"
         )
     return folder

@@ -16,9 +16,11 @@ from ..ordering import parse_assignment
 @click.option("--quant", help="Base quantization: Q4_K, Q8_0, gptq-4bit, nf4, int8, ... (default: full precision).")
 @click.option("--adapter", "adapters", multiple=True, metavar="NAME=SOURCE", help="An adapter to check (repeatable).")
 @click.option("--adapter-model-id", help="Folder holding one sub-folder per adapter name in `order` (mistral.rs).")
+@click.option("--xlora", default=None, metavar="SRC",
+              help="X-LoRA checkpoint (folder, Hub id or s3:// URL) the ordering must fit.")
 @click.option("--offline", is_flag=True, default=None, help="Do not contact the Hub (HF_HUB_OFFLINE=1 does the same).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def check(ordering, arch, model, quant, adapters, adapter_model_id, offline, as_json) -> None:
+def check(ordering, arch, model, quant, adapters, adapter_model_id, xlora, offline, as_json) -> None:
     """Check an ordering file (and its adapters) against a base model; report every problem.
 
     Exit code 0: valid (warnings allowed); 1: problems found; 2: bad usage or unreadable input.
@@ -30,7 +32,7 @@ def check(ordering, arch, model, quant, adapters, adapter_model_id, offline, as_
     pairs = [parse_assignment(a, "--adapter") for a in adapters]
     report = check_ordering(
         ordering, arch=arch, model=model, quant=quant, adapters=pairs,
-        adapter_model_id=adapter_model_id, offline=offline,
+        adapter_model_id=adapter_model_id, offline=offline, xlora=xlora,
     )
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))

@@ -11,6 +11,12 @@ MODE = click.Choice(["inplace", "dequantize"])
 
 
 def _adapter_options(f):
+    f = click.option("--tgt-non-granular-index", "tgt_non_granular_index", default=None, type=click.IntRange(min=0),
+                     metavar="K", help="X-LoRA: freeze each sequence's scalings after K generated tokens "
+                                       "(skips the scaling pass from then on).")(f)
+    f = click.option("--xlora", default=None, metavar="SRC",
+                     help="X-LoRA checkpoint (X-LoRA/mistral.rs or PEFT layout; folder, Hub id or s3:// URL); "
+                          "--ordering, if given, must match its training order.")(f)
     f = click.option("--merge", is_flag=True,
                      help="Fold the active adapters into the weights (needs --mode dequantize).")(f)
     f = click.option("--activate", default=None, metavar="A,B",
@@ -27,7 +33,8 @@ def _adapter_options(f):
 
 
 def load_from_options(model, mode, dtype, gguf_file, revision, adapters=(), ordering=None,
-                      adapter_model_id=None, activate=None, merge=False):
+                      adapter_model_id=None, activate=None, merge=False, quant=None, xlora=None,
+                      tgt_non_granular_index=None):
     """The one place the CLI and the server turn their options into ``qadapt.load``."""
     import qadapt
     from qadapt.adapters.sources import split_source
@@ -35,10 +42,13 @@ def load_from_options(model, mode, dtype, gguf_file, revision, adapters=(), orde
     named = dict(split_source(a) for a in adapters)
     act = None if activate is None else [n for n in activate.split(",") if n]
     return qadapt.load(model, mode=mode, dtype=dtype, gguf_file=gguf_file, revision=revision, adapters=named,
-                       ordering=ordering, adapter_model_id=adapter_model_id, activate=act, merge=merge)
+                       ordering=ordering, adapter_model_id=adapter_model_id, activate=act, merge=merge,
+                       quant=quant, xlora=xlora, tgt_non_granular_index=tgt_non_granular_index)
 
 
 def _model_options(f):
+    f = click.option("--quant", default=None, metavar="TYPE",
+                     help="Quantize a transformers checkpoint on load (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16, BF16).")(f)
     f = click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")(f)
     f = click.option("--gguf-file", default=None, metavar="NAME",
                      help="GGUF file inside a Hub repo (MODEL is then org/repo).")(f)
@@ -50,9 +60,12 @@ def _model_options(f):
 
 
 @click.command()
-@click.argument("model")
+@click.argument("model", required=False)
 @_model_options
 @_adapter_options
+@click.option("--demo", is_flag=True,
+              help="Run the shipped demo model (see `qadapt demo`) instead of MODEL; --adapter NAME then picks a "
+                   "demo adapter: upper, reverse, sum, words.")
 @click.option("-p", "--prompt", required=True, help="Text to continue.")
 @click.option("-n", "--max-tokens", default=128, show_default=True, type=click.IntRange(min=0),
               help="Maximum new tokens.")
@@ -64,20 +77,29 @@ def _model_options(f):
 @click.option("--seed", default=None, type=int, help="Seed for sampling.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object {text, token_ids, ...} at the end.")
-def run(model, mode, dtype, gguf_file, revision, adapters, ordering, adapter_model_id, activate, merge, prompt,
-        max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, as_json):
+def run(model, mode, dtype, gguf_file, revision, quant, adapters, ordering, adapter_model_id, activate, merge,
+        xlora, tgt_non_granular_index, demo, prompt, max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, as_json):
     """Generate text from MODEL (a .gguf file, or org/repo with --gguf-file).
 
     \b
     Examples:
       qadapt run model.Q4_0.gguf -p "Once upon a time" -n 64
+      qadapt run --demo --adapter upper -p "the cat sees a dog =>"
       qadapt run model.Q8_0.gguf -p "Hello" --mode dequantize --json
       qadapt run TheOrg/Repo-GGUF --gguf-file repo.Q4_K_M.gguf -p "Hi" -t 0.8 --seed 1
       qadapt run model.Q4_0.gguf --adapter upper=./adapters/upper -p "hello"
       qadapt run model.Q8_0.gguf --ordering lora.json --adapter-model-id ./adapters --activate a -p "hi"
+      qadapt run model.Q4_K.gguf --xlora ./my-xlora --ordering xlora.json --tgt-non-granular-index 2 -p "hi"
     """
+    if demo:
+        from qadapt.demo.run import run_options
+
+        model, adapters = run_options(model, adapters)
+    elif model is None:
+        raise click.UsageError("Missing argument 'MODEL' (or --demo for the shipped demo model).")
     m = load_from_options(model, mode, dtype, gguf_file, revision, adapters, ordering, adapter_model_id,
-                          activate, merge)
+                          activate, merge, quant=quant, xlora=xlora,
+                          tgt_non_granular_index=tgt_non_granular_index)
     kw = dict(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
               repetition_penalty=repetition_penalty, seed=seed, stop=list(stop))
     if as_json:
@@ -108,6 +130,14 @@ def inspect(model, gguf_file, revision, as_json):
         click.echo(json.dumps(info, indent=2))
         return
     click.echo(f"{info['path']}  ({info['file_size'] / 2**20:.1f} MiB)")
+    if "layers" in info:  # a transformers folder: full precision, GPTQ or bitsandbytes
+        click.echo(f"architecture: {info['architecture']} ({info['format']})")
+        for k, v in (info["quantization"] or {}).items():
+            click.echo(f"  {k:<22} {v}")
+        click.echo("linears (stored type, bytes of all their tensors):")
+        for layer in info["layers"]:
+            click.echo(f"  {layer['path']:<46} {layer['qtype']:<10} {layer['bytes']:>12,d}")
+        return
     click.echo(f"architecture: {info['architecture']} (GGUF `{info['gguf_architecture']}`)")
     click.echo("hyper-parameters:")
     for k, v in info["config"].items():

@@ -16,13 +16,12 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from ..errors import InputError, UnsupportedError
+from ..errors import InputError
 from ..layer_maps import LayerMap, evaluate
 from ..models.family import FAMILIES
+from ..quantize import QUANTIZABLE, check_quant_type, fits_blocks, quantize_array
 
 log = logging.getLogger(__name__)
-
-QUANTIZABLE = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -34,14 +33,10 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 def quantize(w: np.ndarray, qtype: str) -> tuple[np.ndarray, Any]:
     import gguf
 
-    if qtype not in QUANTIZABLE:
-        raise UnsupportedError(f"gguf-py cannot quantize to {qtype}; choose one of {', '.join(QUANTIZABLE)}")
-    t = gguf.GGMLQuantizationType[qtype]
-    if qtype == "F32":
-        return w.astype(np.float32), t
-    if w.ndim < 2 or w.shape[-1] % gguf.GGML_QUANT_SIZES[t][0]:
+    check_quant_type(qtype)
+    if qtype != "F32" and (w.ndim < 2 or not fits_blocks(w.shape[-1], qtype)):
         return w.astype(np.float32), gguf.GGMLQuantizationType.F32  # vectors and odd rows stay F32
-    return gguf.quants.quantize(w.astype(np.float32), t), t
+    return quantize_array(w, qtype), gguf.GGMLQuantizationType[qtype]
 
 
 def export_gguf(
@@ -105,7 +100,8 @@ def export_gguf(
         writer.add_block_count(cfg.num_hidden_layers)
         writer.add_context_length(cfg.context_length)
         writer.add_embedding_length(cfg.hidden_size)
-        writer.add_feed_forward_length(cfg.intermediate_size)
+        # the config's own value, as llama.cpp's converter writes it (Qwen-1's counts both MLP branches)
+        writer.add_feed_forward_length(int(config.get("intermediate_size") or cfg.intermediate_size))
         writer.add_head_count(cfg.num_attention_heads)
         writer.add_head_count_kv(cfg.num_key_value_heads)
         if spec.norm == "rms":
@@ -120,6 +116,11 @@ def export_gguf(
             writer.add_value_length(cfg.head_dim)
         if cfg.sliding_window:
             writer.add_sliding_window(int(cfg.sliding_window))
+        if cfg.rope_long_factor is not None:  # LongRoPE as llama.cpp's Phi-3 converter writes it
+            writer.add_rope_scaling_orig_ctx_len(int(cfg.rope_original_context))
+            writer.add_rope_scaling_attn_factors(float(cfg.rope_attn_factor))
+            tensors.append(("rope_factors_long.weight", np.asarray(cfg.rope_long_factor, np.float32)))
+            tensors.append(("rope_factors_short.weight", np.asarray(cfg.rope_short_factor, np.float32)))
         writer.add_file_type(int(gguf.LlamaFileType.ALL_F32) if qtype == "F32" else 1)
         for key, value in (tokenizer or {}).items():
             _add_kv(writer, key, value)

@@ -1,4 +1,4 @@
-"""Build the decoder from a tensor source (a GGUF file now; transformers checkpoints later).
+"""Build the decoder from a tensor source (a GGUF file, or a transformers checkpoint: formats/hf.py).
 
 The layer map says which linears exist, their shapes and names in each format;
 the family spec names the few other tensors. A source only answers "give me the
@@ -29,7 +29,8 @@ class TensorSource(Protocol):
 
     def has(self, name: str) -> bool: ...
 
-    def linear(self, name: str, shape: tuple[int, int], row_perm: torch.Tensor | None) -> nn.Module: ...
+    def linear(self, name: str, shape: tuple[int, int], row_perm: torch.Tensor | None,
+               transposed: bool = False) -> nn.Module: ...
 
     def vector(self, name: str) -> torch.Tensor: ...
 
@@ -74,7 +75,7 @@ class GGUFSource:
             )
         return t
 
-    def linear(self, name, shape, row_perm=None):
+    def linear(self, name, shape, row_perm=None, transposed=False):
         from ..quant.ggml import make_linear, take_rows
 
         t = self._check(name, shape)
@@ -129,11 +130,12 @@ def build_decoder(cfg: ModelConfig, layer_map: LayerMap, spec: FamilySpec, src: 
 
     def linear(ls, i):
         in_f, out_f = ls.shape(shapes)
-        name = (ls.gguf_name(i) + ".weight") if fmt == "gguf" else (ls.module_path(i) + ".weight")
-        perm = None
-        if fmt == "gguf" and ls.gguf_permute_heads:
-            perm = llama_cpp_unpermute(out_f, evaluate(ls.gguf_permute_heads, shapes))
-        return src.linear(name, (out_f, in_f), perm)
+        if fmt == "gguf":  # llama.cpp's converter transposes Conv1D weights (GPT-2) to [out, in]
+            perm = None
+            if ls.gguf_permute_heads:
+                perm = llama_cpp_unpermute(out_f, evaluate(ls.gguf_permute_heads, shapes))
+            return src.linear(ls.gguf_name(i) + ".weight", (out_f, in_f), perm)
+        return src.linear(ls.module_path(i) + ".weight", (out_f, in_f), None, transposed=ls.conv1d)
 
     block_specs = [ls for ls in layer_map.layers if ls.per_block]
     fused = {ls.role: ls for ls in block_specs if ls.role == "qkv"}
@@ -157,7 +159,15 @@ def build_decoder(cfg: ModelConfig, layer_map: LayerMap, spec: FamilySpec, src: 
     rope = None
     if spec.positions == "rope":
         factors = src.rope_freq_factors() if hasattr(src, "rope_freq_factors") else None
-        rope = Rotary(cfg.rope_dim or cfg.head_dim, cfg.rope_theta, min(cfg.context_length, 4096), factors)
+        long = None
+        if cfg.rope_long_factor is not None:
+            factors, long = torch.tensor(cfg.rope_short_factor), torch.tensor(cfg.rope_long_factor)
+            half = (cfg.rope_dim or cfg.head_dim) // 2
+            if factors.numel() != half or long.numel() != half:
+                raise FormatError(f"LongRoPE factors have {factors.numel()} / {long.numel()} values, expected "
+                                  f"{half} (half the rotary dimensions)")
+        rope = Rotary(cfg.rope_dim or cfg.head_dim, cfg.rope_theta, min(cfg.context_length, 4096), factors,
+                      long, cfg.rope_original_context, cfg.rope_attn_factor)
     return Decoder(cfg, spec, embed, blocks, norm("final_norm"), lm_head, rope, pos_embed)
 
 

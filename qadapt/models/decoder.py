@@ -47,29 +47,44 @@ def make_norm(spec: FamilySpec, weight: torch.Tensor, bias: torch.Tensor | None,
 
 
 class Rotary(nn.Module):
-    """RoPE in transformers' half-split layout (the loader undoes llama.cpp's q/k row permutation)."""
+    """RoPE in transformers' half-split layout (the loader undoes llama.cpp's q/k row permutation).
 
-    def __init__(self, dim: int, base: float, max_pos: int, freq_factors: torch.Tensor | None = None):
+    ``freq_factors`` divide the frequencies (llama.cpp's ``rope_freqs``). LongRoPE (Phi-3) passes
+    ``long_factors`` too: a forward whose positions reach past ``original_context`` tokens uses
+    them instead of the short set, as transformers does per call; cos/sin are scaled by ``scale``.
+    """
+
+    def __init__(self, dim: int, base: float, max_pos: int, freq_factors: torch.Tensor | None = None,
+                 long_factors: torch.Tensor | None = None, original_context: int | None = None,
+                 scale: float = 1.0):
         super().__init__()
-        inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-        if freq_factors is not None:
-            inv = inv / freq_factors.float()
-        self.dim = dim
-        self.register_buffer("inv_freq", inv, persistent=False)
-        self._table(max_pos)
+        powers = base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+        inv = 1.0 / powers
+        self.dim, self.scale, self.original_context = dim, scale, original_context
+        self.inv_freq = {"short": inv}
+        if long_factors is not None:  # transformers' longrope order: 1 / (factor * base**(i/dim))
+            self.inv_freq = {"short": 1.0 / (freq_factors.float() * powers), "long": 1.0 / (long_factors.float() * powers)}
+        elif freq_factors is not None:
+            self.inv_freq["short"] = inv / freq_factors.float()
+        self.tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.max_pos = max_pos
 
-    def _table(self, n: int) -> None:
-        t = torch.arange(n, dtype=torch.int64).float()
-        freqs = torch.outer(t, self.inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos, self.sin = emb.cos(), emb.sin()
+    def _table(self, which: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = self.tables.get(which)
+        if cached is None or cached[0].shape[0] < n:
+            t = torch.arange(max(n, self.max_pos), dtype=torch.int64).float()
+            freqs = torch.outer(t, self.inv_freq[which])
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cached = self.tables[which] = (emb.cos() * self.scale, emb.sin() * self.scale)
+        return cached
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [B, T, H, D], positions [B, T]."""
-        if int(positions.max()) >= self.cos.shape[0]:
-            self._table(int(positions.max()) * 2 + 1)
-        cos = self.cos[positions].unsqueeze(2)
-        sin = self.sin[positions].unsqueeze(2)
+        top = int(positions.max()) + 1
+        which = "long" if "long" in self.inv_freq and top > self.original_context else "short"
+        cos, sin = self._table(which, top * 2 if top > self.max_pos else top)
+        cos = cos[positions].unsqueeze(2)
+        sin = sin[positions].unsqueeze(2)
         rot, rest = x[..., : self.dim], x[..., self.dim :]
         x1, x2 = rot[..., : self.dim // 2], rot[..., self.dim // 2 :]
         rotated = torch.cat((-x2, x1), dim=-1)

@@ -1,0 +1,304 @@
+"""The engines under test, each behind the same five operations.
+
+Every engine runs the same greedy loop shape: one prefill forward over the prompt
+(logits of the last position only), then one forward per new token, argmax, no
+sampling machinery and no stop conditions (the model's EOS logit is pinned to 0, see
+:func:`qadapt.bench.make.random_state_dict`), so what is timed is the engine's forward.
+
+- :class:`QadaptEngine`: ``qadapt.load`` (``inplace`` or ``dequantize``), its decoder and KV cache,
+  adapters through ``Model.load_adapter`` / ``activate_adapters`` and, for the batch of rows on
+  different adapters, an ``AdapterContext(rows=...)``.
+- :class:`LlamaCppEngine`: llama-cpp-python on the same GGUF, adapters through llama.cpp's
+  LoRA API (``llama_adapter_lora_init`` + per-context adapter scales).
+- :class:`HFEngine`: transformers (bf16, or bitsandbytes nf4) + PEFT; mixed-adapter batches
+  through PEFT's ``adapter_names``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+
+class Unsupported(Exception):
+    """An engine cannot do this measurement (reported as skipped, with this message)."""
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    return logits.float().argmax(-1)
+
+
+class Engine:
+    """Base: ``load`` (timed: the base model), ``add_adapter``, ``prefill_decode``, ``switch``, ``batched``."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        torch.set_num_threads(threads)
+
+    def load(self) -> None:
+        raise NotImplementedError
+
+    def unload(self) -> None:
+        gc.collect()
+
+    def add_adapter(self, name: str, folder: Path, lora_gguf: Path) -> None:
+        raise NotImplementedError
+
+    def prefill_decode(self, prompt: list[int], n: int, adapters: Sequence[str]) -> tuple[float, float]:
+        """Seconds for the prefill of ``prompt`` and for the next ``n`` greedy decode steps."""
+        raise NotImplementedError
+
+    def switch(self, name: str) -> None:
+        """Make exactly ``[name]`` the active adapter."""
+        raise NotImplementedError
+
+    def batched(self, prompts: list[list[int]], n: int, adapters: list[str]) -> float:
+        """Seconds for ``n`` decode steps of ``len(prompts)`` rows, row i on adapter ``adapters[i]``."""
+        raise Unsupported(f"{type(self).__name__} cannot batch sequences on different adapters")
+
+    def weight_bytes(self) -> int | None:
+        """Bytes of weights a decode step reads, when the engine's own layout decides it (else None)."""
+        return None
+
+
+class QadaptEngine(Engine):
+    def __init__(self, path: Path, mode: str, threads: int):
+        super().__init__(threads)
+        self.path, self.mode = path, mode
+        self.m = None
+
+    def load(self) -> None:
+        import qadapt
+
+        self.m = qadapt.load(self.path, mode=self.mode)
+
+    def unload(self) -> None:
+        self.m = None
+        super().unload()
+
+    def add_adapter(self, name, folder, lora_gguf) -> None:
+        self.m.load_adapter(name, folder)
+
+    def _ctx(self, names: Sequence[str]):
+        from ..adapters.lora import AdapterContext
+
+        self.m.activate_adapters(list(names))
+        return AdapterContext(active=tuple(names)) if names else None
+
+    @torch.inference_mode()
+    def prefill_decode(self, prompt, n, adapters):
+        ctx = self._ctx(adapters)
+        dec = self.m.decoder
+        cache = self.m.new_cache(len(prompt) + n + 1)
+        ids = torch.tensor([prompt])
+        pos = torch.arange(len(prompt)).unsqueeze(0)
+        t0 = time.perf_counter()
+        tok = _argmax(dec(ids, pos, cache, ctx=ctx, last_only=True).logits[:, -1])
+        t1 = time.perf_counter()
+        p = len(prompt)
+        for _ in range(n):
+            tok = _argmax(dec(tok.view(1, 1), torch.tensor([[p]]), cache, ctx=ctx, last_only=True).logits[:, -1])
+            p += 1
+        return t1 - t0, time.perf_counter() - t1
+
+    def switch(self, name):
+        self.m.activate_adapters([name])
+
+    @torch.inference_mode()
+    def batched(self, prompts, n, adapters):
+        from ..adapters.lora import AdapterContext
+
+        ctx = AdapterContext(rows=tuple((a,) for a in adapters))
+        dec = self.m.decoder
+        B, T = len(prompts), len(prompts[0])
+        cache = self.m.new_cache(T + n + 1, batch=B)
+        pos = torch.arange(T).expand(B, T)
+        tok = _argmax(dec(torch.tensor(prompts), pos, cache, ctx=ctx, last_only=True).logits[:, -1])
+        t0 = time.perf_counter()
+        for s in range(n):
+            step = torch.full((B, 1), T + s)
+            tok = _argmax(dec(tok.view(B, 1), step, cache, ctx=ctx, last_only=True).logits[:, -1])
+        return time.perf_counter() - t0
+
+
+class LlamaCppEngine(Engine):
+    def __init__(self, path: Path, threads: int, n_ctx: int = 512):
+        super().__init__(threads)
+        self.path, self.n_ctx = path, n_ctx
+        self.llm = None
+        self.adapters: dict[str, Any] = {}
+
+    def load(self) -> None:
+        from llama_cpp import Llama
+
+        self.llm = Llama(str(self.path), n_ctx=self.n_ctx, n_batch=self.n_ctx, n_ubatch=self.n_ctx,
+                         n_threads=self.threads, n_threads_batch=self.threads, verbose=False)
+
+    def unload(self) -> None:
+        import llama_cpp
+
+        for a in self.adapters.values():
+            llama_cpp.llama_adapter_lora_free(a)
+        self.adapters = {}
+        if self.llm is not None:
+            self.llm.close()
+        self.llm = None
+        super().unload()
+
+    def add_adapter(self, name, folder, lora_gguf) -> None:
+        import llama_cpp
+
+        a = llama_cpp.llama_adapter_lora_init(self.llm.model, str(lora_gguf).encode())
+        if not a:
+            raise RuntimeError(f"llama.cpp could not load the LoRA adapter {lora_gguf}")
+        self.adapters[name] = a
+
+    def _set(self, names: Sequence[str]) -> None:
+        import llama_cpp
+
+        ctx = self.llm.ctx
+        if hasattr(llama_cpp, "llama_set_adapters_lora"):  # newer API: the whole set at once
+            n = len(names)
+            arr = (llama_cpp.llama_adapter_lora_p_ctypes * max(n, 1))(*[self.adapters[a] for a in names])
+            scales = (ctypes.c_float * max(n, 1))(*([1.0] * n))
+            if llama_cpp.llama_set_adapters_lora(ctx, arr, n, scales) != 0:
+                raise RuntimeError(f"llama.cpp refused the adapter set {list(names)}")
+            return
+        llama_cpp.llama_clear_adapter_lora(ctx)
+        for a in names:
+            llama_cpp.llama_set_adapter_lora(ctx, self.adapters[a], 1.0)
+
+    def last_logits(self):
+        """The last evaluated position's logits (a view on llama.cpp's buffer)."""
+        import llama_cpp
+        import numpy as np
+
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.llm.ctx), shape=(self.llm.n_vocab(),))
+
+    def _logits(self) -> int:
+        return int(self.last_logits().argmax())
+
+    def prefill_decode(self, prompt, n, adapters):
+        self._set(adapters)
+        llm = self.llm
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        tok = self._logits()
+        t1 = time.perf_counter()
+        for _ in range(n):
+            llm.eval([tok])
+            tok = self._logits()
+        return t1 - t0, time.perf_counter() - t1
+
+    def switch(self, name):
+        self._set([name])
+
+    def batched(self, prompts, n, adapters):
+        raise Unsupported("llama.cpp applies one adapter set per context: it cannot batch sequences on "
+                          "different adapters")
+
+
+class HFEngine(Engine):
+    """transformers + PEFT; ``quant="nf4"`` loads the base through bitsandbytes 4-bit NF4."""
+
+    def __init__(self, folder: Path, quant: str | None, threads: int):
+        super().__init__(threads)
+        self.folder, self.quant = folder, quant
+        self.model = None
+        self.pm = None
+
+    def load(self) -> None:
+        from transformers import AutoModelForCausalLM
+
+        kw: dict[str, Any] = {"dtype": torch.bfloat16}
+        if self.quant == "nf4":
+            from transformers import BitsAndBytesConfig
+
+            kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=torch.bfloat16)
+            kw["device_map"] = "cpu"
+        self.model = AutoModelForCausalLM.from_pretrained(str(self.folder), **kw).eval()
+
+    def unload(self) -> None:
+        self.model = self.pm = None
+        super().unload()
+
+    def add_adapter(self, name, folder, lora_gguf) -> None:
+        from peft import PeftModel
+
+        if self.pm is None:
+            self.pm = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name).eval()
+        else:
+            self.pm.load_adapter(str(folder), adapter_name=name)
+
+    def _model(self, names: Sequence[str]):
+        import contextlib
+
+        if self.pm is None:
+            return self.model, contextlib.nullcontext()
+        if not names:
+            return self.pm, self.pm.disable_adapter()
+        self.pm.base_model.set_adapter(list(names))
+        return self.pm, contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def prefill_decode(self, prompt, n, adapters):
+        model, scope = self._model(adapters)
+        with scope:
+            ids = torch.tensor([prompt])
+            t0 = time.perf_counter()
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            tok = _argmax(out.logits[:, -1])
+            t1 = time.perf_counter()
+            past = out.past_key_values
+            for _ in range(n):
+                out = model(input_ids=tok.view(1, 1), past_key_values=past, use_cache=True, logits_to_keep=1)
+                past = out.past_key_values
+                tok = _argmax(out.logits[:, -1])
+            return t1 - t0, time.perf_counter() - t1
+
+    def switch(self, name):
+        self.pm.set_adapter(name)
+
+    @torch.inference_mode()
+    def batched(self, prompts, n, adapters):
+        pm = self.pm
+        B = len(prompts)
+        out = pm(input_ids=torch.tensor(prompts), use_cache=True, logits_to_keep=1, adapter_names=list(adapters))
+        past, tok = out.past_key_values, _argmax(out.logits[:, -1])
+        t0 = time.perf_counter()
+        for _ in range(n):
+            out = pm(input_ids=tok.view(B, 1), past_key_values=past, use_cache=True, logits_to_keep=1,
+                     adapter_names=list(adapters))
+            past, tok = out.past_key_values, _argmax(out.logits[:, -1])
+        return time.perf_counter() - t0
+
+    def weight_bytes(self) -> int | None:
+        """Parameter and buffer bytes of the base model but the embedding table (plus one row)."""
+        m = self.model
+        emb = m.get_input_embeddings().weight
+        total = 0
+        for p in m.parameters():
+            total += p.numel() * p.element_size()
+            qs = getattr(p, "quant_state", None)  # bitsandbytes: per-block scales live beside the codes
+            if qs is not None and getattr(qs, "absmax", None) is not None:
+                total += qs.absmax.numel() * qs.absmax.element_size()
+        return total - emb.numel() * emb.element_size() + emb.shape[1] * emb.element_size()
+
+
+def make_engine(engine: str, fmt: str, mode: str, files, threads: int) -> Engine:
+    if engine == "qadapt":
+        return QadaptEngine(files.gguf(fmt), mode, threads)
+    if engine == "llama.cpp":
+        return LlamaCppEngine(files.gguf(fmt), threads)
+    if engine == "transformers":
+        return HFEngine(files.hf, None, threads)
+    if engine == "bnb":
+        return HFEngine(files.hf, "nf4", threads)
+    raise ValueError(engine)

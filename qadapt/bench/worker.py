@@ -1,0 +1,115 @@
+"""One engine in its own process, so that its resident memory is its own.
+
+``python -m qadapt.bench.worker '<json spec>'`` then reads one JSON command per line on
+stdin and answers one JSON line each (on the original stdout; anything the engines
+print, C libraries included, goes to stderr):
+
+- ``{"op": "load"}``: drop the model if loaded, load it (timed), load the adapters (timed);
+- ``{"op": "round", ...}``: one sample of every other metric (see :func:`one_round`);
+- ``{"op": "info"}``: peak and current resident memory, weight bytes per token;
+- ``{"op": "quit"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from .engines import Engine, Unsupported, make_engine
+from .make import BenchFiles
+from .measure import peak_rss_bytes, rss_bytes
+from .spec import ModelShape
+
+#: the adapter sets of the batch-1 measurements
+ADAPTER_SETS = ((), ("a0",), ("a0", "a1"))
+SWITCH_REPEATS = 20
+
+
+def prompt_ids(vocab: int, n: int, seed: int) -> list[int]:
+    """Deterministic token ids in [2, vocab) (0 and 1 are EOS and BOS)."""
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randrange(2, vocab) for _ in range(n)]
+
+
+def load(engine: Engine, files: BenchFiles) -> dict:
+    engine.unload()
+    t0 = time.perf_counter()
+    engine.load()
+    t1 = time.perf_counter()
+    names = files.adapter_names
+    for k, name in enumerate(names):
+        engine.add_adapter(name, files.adapter(k), files.lora_gguf(k))
+    t2 = time.perf_counter()
+    return {"metrics": [{"metric": "load_s", "adapters": 0, "value": t1 - t0},
+                        {"metric": "adapter_load_ms", "adapters": 1, "value": (t2 - t1) / len(names) * 1e3}]}
+
+
+def one_round(engine: Engine, files: BenchFiles, cmd: dict) -> dict:
+    """Prefill (``prompt_tokens``) and decode (``decode_tokens``) with 0, 1, 2 adapters; adapter
+    switch latency; batched decode of ``batch`` rows on as many adapters."""
+    vocab = files.shape.vocab_size
+    prompt = prompt_ids(vocab, cmd["prompt_tokens"], 0)
+    n = cmd["decode_tokens"]
+    out, skipped = [], {}
+    for names in ADAPTER_SETS:
+        p, d = engine.prefill_decode(prompt, n, names)
+        out.append({"metric": "prefill_tps", "adapters": len(names), "value": len(prompt) / p})
+        out.append({"metric": "decode_tps", "adapters": len(names), "value": n / d})
+    t0 = time.perf_counter()
+    for i in range(SWITCH_REPEATS):
+        engine.switch(files.adapter_names[i % 2])
+    out.append({"metric": "switch_ms", "adapters": 1, "value": (time.perf_counter() - t0) / SWITCH_REPEATS * 1e3})
+    B = cmd["batch"]
+    try:
+        prompts = [prompt_ids(vocab, cmd["batch_prompt_tokens"], 1 + r) for r in range(B)]
+        t = engine.batched(prompts, cmd["batch_decode_tokens"], files.adapter_names[:B])
+        out.append({"metric": "batched_tps", "adapters": B, "value": B * cmd["batch_decode_tokens"] / t})
+    except Unsupported as e:
+        skipped["batched_tps"] = str(e)
+    return {"metrics": out, "skipped": skipped}
+
+
+def main(argv: list[str] | None = None) -> int:
+    spec = json.loads((argv or sys.argv[1:])[0])
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # C libraries writing to fd 1 must not corrupt the protocol
+    sys.stdout = sys.stderr
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    files = BenchFiles(Path(spec["folder"]), ModelShape(**spec["shape"]))
+    try:
+        engine = make_engine(spec["engine"], spec["format"], spec["mode"], files, spec["threads"])
+    except Exception as e:  # noqa: BLE001 - reported to the runner as this engine's skip reason
+        proto.write(json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n")
+        return 1
+    proto.write(json.dumps({"ready": True}) + "\n")
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        op = cmd.get("op")
+        try:
+            if op == "load":
+                reply = load(engine, files)
+            elif op == "round":
+                reply = one_round(engine, files, cmd)
+            elif op == "info":
+                reply = {"peak_rss_bytes": peak_rss_bytes(), "rss_bytes": rss_bytes(),
+                         "weight_bytes_per_token": engine.weight_bytes()}
+            elif op == "quit":
+                proto.write(json.dumps({"bye": True}) + "\n")
+                return 0
+            else:
+                reply = {"error": f"unknown op {op!r}"}
+        except Exception as e:  # noqa: BLE001 - the runner records it and drops this engine
+            logging.getLogger(__name__).exception("worker %s %s failed", spec["engine"], op)
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        proto.write(json.dumps(reply) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""``qadapt serve``: parse, load the model, run the HTTP server (qadapt/server)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from .run import _adapter_options, _model_options, load_from_options
+
+
+@click.command()
+@click.argument("model")
+@_model_options
+@_adapter_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key", default=None, envvar="QADAPT_API_KEY", metavar="KEY",
+              help="Require `Authorization: Bearer KEY` (or `x-api-key`) on every endpoint but /health "
+                   "[env QADAPT_API_KEY].")
+@click.option("--allow-runtime-adapters", is_flag=True,
+              help="Enable /v1/load_lora_adapter, /v1/unload_lora_adapter, /v1/lora_adapters, "
+                   "/activate_adapters and LoRAX-style loading on first use.")
+@click.option("--adapter-root", default=None, type=click.Path(file_okay=False, exists=True), metavar="DIR",
+              help="Folder that local adapters loaded at run time must stay inside.")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Sequences decoded together (cache rows).")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Requests waiting for a row; more get 429.")
+@click.option("--max-adapters", default=32, show_default=True, type=click.IntRange(min=0),
+              help="Resident adapters; past it the least recently used idle one is unloaded (0 = no limit).")
+@click.option("--max-rank", default=256, show_default=True, type=click.IntRange(min=0),
+              help="Refuse adapters of a higher LoRA rank (0 = no limit).")
+@click.option("--max-seq-len", default=None, type=click.IntRange(min=2), metavar="N",
+              help="Tokens per sequence, prompt and completion (default: the model's context, at most 4096); "
+                   "the KV cache holds max-batch x N.")
+@click.option("--served-model-name", default=None, metavar="NAME",
+              help="The base model's name in requests and /v1/models (default: the file's stem).")
+def serve(model, host, port, api_key, allow_runtime_adapters, adapter_root, max_batch, max_queue, max_adapters,
+          max_rank, max_seq_len, served_model_name, **load_opts):
+    """Serve MODEL over HTTP: OpenAI-compatible and LoRAX-compatible, adapters chosen per request.
+
+    \b
+    Endpoints: GET /health, /metrics, /v1/models; POST /v1/completions, /v1/chat/completions,
+    /generate, /generate_stream; with --allow-runtime-adapters also POST /v1/load_lora_adapter,
+    /v1/unload_lora_adapter, /activate_adapters and GET /v1/lora_adapters.
+    A request's `model` names an adapter, or the base (its file stem: the default adapter set, empty
+    unless --activate; `base`: always the bare base); `adapters: [...]` names several.
+
+    \b
+    Examples:
+      qadapt serve model.Q4_K.gguf --adapter math=./loras/math --adapter code=org/code-lora
+      qadapt serve model.Q4_K.gguf --allow-runtime-adapters --adapter-root ./loras --api-key "$KEY"
+      curl localhost:8000/v1/completions -d '{"model": "math", "prompt": "2+2=", "max_tokens": 8}'
+    """
+    try:
+        import uvicorn
+
+        from qadapt.server.app import create_app
+    except ImportError as e:
+        raise click.UsageError(f"the server needs its extra dependencies ({e.name} is missing): "
+                               "pip install 'qadapt[serve]'") from None
+    if load_opts.get("merge"):
+        raise click.UsageError("--merge cannot be served: requests choose their own adapters per row")
+    if load_opts.get("xlora") is not None:
+        raise click.UsageError("--xlora: serving X-LoRA is not supported yet (the batched engine runs plain LoRA)")
+    m = load_from_options(model, **load_opts)  # the shared model and adapter options, by name
+    given = load_opts.get("activate") is not None or load_opts.get("ordering") is not None
+    default = m.active_adapters if given else ()
+    name = served_model_name or Path(m.source).stem
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        click.echo(f"qadapt: warning: serving on {host} without --api-key: anyone who can reach it can use it",
+                   err=True)
+    root_level = logging.getLogger().level
+    if logging.INFO < root_level <= logging.WARNING:  # per-request log lines unless -q
+        logging.getLogger("qadapt.server").setLevel(logging.INFO)
+    app = create_app(m, base_name=name, api_key=api_key, allow_runtime=allow_runtime_adapters,
+                     adapter_root=adapter_root, max_batch=max_batch, max_adapters=max_adapters, max_rank=max_rank,
+                     max_queue=max_queue, max_seq_len=max_seq_len or min(m.config.context_length, 4096),
+                     default_adapters=tuple(default))
+    click.echo(f"qadapt: serving {name} on http://{host}:{port} (Ctrl+C to stop)", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="info" if root_level <= logging.INFO else "warning",
+                timeout_graceful_shutdown=5)

@@ -1,0 +1,285 @@
+"""The server's adapter registry: public names, versions, reference counts, LRU and limits.
+
+Adapters live in the :class:`~qadapt.api.Model` under internal keys (``name`` for
+the adapters loaded at start, ``name@N`` for later loads); the registry maps each
+public name to its current key. A request resolves its keys once, when it is
+admitted, and holds a reference on them until it ends, so unloading or replacing
+an adapter only changes the mapping: the old key leaves the model when the last
+request using it finishes. Past ``max_adapters`` resident adapters the least
+recently used one that no request holds is unloaded (its source is remembered, and
+it is loaded again on its next use); adapters above ``max_rank`` are refused from
+their config and weight headers, before any tensor is read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError, QadaptError
+
+log = logging.getLogger(__name__)
+
+BASE_ALIASES = ("base",)
+
+
+class NotFound(QadaptError):
+    """An unknown model or adapter name (HTTP 404)."""
+
+
+class Forbidden(QadaptError):
+    """Runtime adapter management is off, or a local path leaves the adapter root (HTTP 403)."""
+
+
+class Busy(QadaptError):
+    """A capacity limit is reached for now: queue full, every resident adapter in use (HTTP 429)."""
+
+
+@dataclass
+class Known:
+    """A public adapter name: where it comes from and which key holds it now (None: not resident)."""
+
+    name: str
+    source: str
+    adapter_source: str | None
+    key: str | None
+    rank: int
+    trusted: bool = False  # given at start: reloaded from its folder without the adapter-root check
+    last_used: float = field(default_factory=time.monotonic)
+    loaded_at: float = field(default_factory=time.time)
+
+
+class AdapterRegistry:
+    """Thread-safe: the event loop resolves and acquires, the engine thread releases, loads run in workers."""
+
+    def __init__(self, model: Any, *, max_adapters: int = 0, max_rank: int = 0, adapter_root: str | None = None,
+                 default: tuple[str, ...] = ()):
+        self.model = model
+        self.max_adapters = max_adapters
+        self.max_rank = max_rank
+        self.adapter_root = Path(adapter_root).resolve() if adapter_root else None
+        self._lock = threading.RLock()
+        self._load_lock = threading.Lock()  # one load at a time (they mutate the model's layers)
+        self._known: dict[str, Known] = {}
+        self._refs: dict[str, int] = {}
+        self._retired: set[str] = set()
+        self._version = 0
+        self.loads = self.evictions = 0
+        for name, adapter in model.adapters.items():  # loaded at start: key == name
+            check_name(name)
+            rank = max((f.A.shape[0] for f in adapter.factors.values()), default=0)
+            self._check_rank(name, rank)
+            self._known[name] = Known(name, str(adapter.folder), "local", name, rank, trusted=True)
+        self.default = self._checked_default(default)
+        if max_adapters and len(self._known) > max_adapters:
+            raise InputError(f"{len(self._known)} adapters given at start, more than --max-adapters {max_adapters}")
+
+    # ------------------------------------------------------------------ queries
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._known)
+
+    def describe(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [{"name": k.name, "source": k.source, "adapter_source": k.adapter_source, "rank": k.rank,
+                     "resident": k.key is not None, "version": k.key, "in_use": self._refs.get(k.key or "", 0),
+                     "loaded_at": int(k.loaded_at)} for k in self._known.values()]
+
+    def retired_in_use(self) -> list[str]:
+        """Versions replaced or unloaded that running requests still hold."""
+        with self._lock:
+            return sorted(self._retired)
+
+    def resident(self) -> int:
+        with self._lock:
+            return sum(1 for k in self._known.values() if k.key is not None) + len(self._retired)
+
+    def is_known(self, name: str) -> bool:
+        with self._lock:
+            return name in self._known
+
+    # ------------------------------------------------------------------ requests
+    def acquire(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        """Keys of ``names``, loading evicted ones again; each key is held until :meth:`release`."""
+        while True:
+            with self._lock:
+                missing = [n for n in names if n not in self._known]
+                if missing:
+                    raise NotFound(f"adapter `{missing[0]}` is not loaded (loaded: {', '.join(self._known) or 'none'})")
+                evicted = [n for n in names if self._known[n].key is None]
+                if not evicted:
+                    keys = tuple(self._known[n].key for n in names)
+                    now = time.monotonic()
+                    for n, k in zip(names, keys):
+                        self._known[n].last_used = now
+                        self._refs[k] = self._refs.get(k, 0) + 1
+                    return keys  # type: ignore[return-value]
+                k = self._known[evicted[0]]
+            log.info("adapter %s was evicted; loading it again from %s", k.name, k.source)
+            self.load(k.name, k.source, k.adapter_source, replace=True, _reload=True, _trusted=k.trusted)
+
+    def release(self, keys: tuple[str, ...]) -> None:
+        with self._lock:
+            for k in keys:
+                self._refs[k] -= 1
+                if not self._refs[k]:
+                    del self._refs[k]
+                    if k in self._retired:
+                        self._drop(k)
+
+    # ------------------------------------------------------------------ management
+    def load(self, name: str, source: str, adapter_source: str | None = None, *, replace: bool = False,
+             _reload: bool = False, _trusted: bool = False) -> Known:
+        """Fetch and load an adapter under ``name`` (blocking: call from a worker thread)."""
+        check_name(name)
+        with self._load_lock:
+            with self._lock:
+                cur = self._known.get(name)
+                if _reload and cur is not None and cur.key is not None:
+                    return cur  # another request loaded it meanwhile
+                if cur is not None and cur.key is not None and not replace:
+                    raise InputError(f"an adapter named `{name}` is already loaded; unload it first "
+                                     "(or pass load_inplace: true to replace it)")
+            folder = Path(source) if _trusted else self.fetch(source, adapter_source)
+            rank = adapter_rank(folder)
+            self._check_rank(name, rank)
+            with self._lock:
+                self._make_room(name)
+                self._version += 1
+                key = f"{name}@{self._version}"
+            self.model.load_adapter(key, str(folder), "local")
+            with self._lock:
+                old = self._known.get(name)
+                entry = Known(name, source, adapter_source, key, rank, trusted=_trusted)
+                self._known[name] = entry
+                if old is not None and old.key is not None:
+                    self._retire(old.key)
+                self.loads += 1
+            log.info("adapter %s loaded from %s as %s (rank %d)", name, source, key, rank)
+            return entry
+
+    def ensure(self, name: str, source: str, adapter_source: str | None = None) -> Known:
+        """``name`` resident, loading it from ``source`` unless it already is (LoRAX's just-in-time loading)."""
+        return self.load(name, source, adapter_source, replace=True, _reload=True)
+
+    def unload(self, name: str) -> None:
+        with self._lock:
+            k = self._known.pop(name, None)
+            if k is None:
+                raise NotFound(f"adapter `{name}` is not loaded (loaded: {', '.join(self._known) or 'none'})")
+            if k.key is not None:
+                self._retire(k.key)
+            self.default = tuple(n for n in self.default if n != name)
+
+    def set_default(self, names: tuple[str, ...]) -> None:
+        with self._lock:
+            self.default = self._checked_default(names)
+
+    def fetch(self, source: str, adapter_source: str | None) -> Path:
+        """A local folder for an adapter source; local paths must stay inside the adapter root."""
+        from ..adapters.sources import resolve_adapter
+
+        kind = adapter_source or guess_source(source, self.adapter_root)
+        if kind == "local":
+            return self.confine(source)
+        return resolve_adapter(source, kind)
+
+    def confine(self, path: str) -> Path:
+        """``path`` (relative to the adapter root, or absolute) resolved, refused if it leaves the root."""
+        from ..adapters.sources import adapter_subfolder
+
+        if self.adapter_root is None:
+            raise Forbidden(f"local adapter `{path}`: loading local adapters at run time needs --adapter-root")
+        p = Path(path)
+        if p.is_absolute():
+            real = Path(os.path.realpath(p))
+            if not real.is_relative_to(self.adapter_root):
+                raise Forbidden(f"local adapter `{path}` resolves to {real}, outside the adapter root "
+                                f"{self.adapter_root}")
+        else:
+            try:
+                real = adapter_subfolder(self.adapter_root, path).resolve()
+            except InputError as e:
+                raise Forbidden(f"local adapter `{path}`: {e}") from None
+        if not real.is_dir():
+            raise NotFound(f"local adapter `{path}`: no such folder under the adapter root {self.adapter_root}")
+        return real
+
+    # ------------------------------------------------------------------ internals
+    def _checked_default(self, names) -> tuple[str, ...]:
+        names = tuple(dict.fromkeys(names))
+        unknown = [n for n in names if n not in self._known]
+        if unknown:
+            raise NotFound(f"adapter `{unknown[0]}` is not loaded (loaded: {', '.join(self._known) or 'none'})")
+        return names
+
+    def _check_rank(self, name: str, rank: int) -> None:
+        if self.max_rank and rank > self.max_rank:
+            raise InputError(f"adapter `{name}` has rank {rank}, above the server's --max-rank {self.max_rank}")
+
+    def _make_room(self, name: str) -> None:
+        """Evict least-recently-used idle adapters until one more (``name``) fits (lock held)."""
+        if not self.max_adapters:
+            return
+        others = lambda: [k for k in self._known.values() if k.key is not None and k.name != name]  # noqa: E731
+        while len(others()) >= self.max_adapters:
+            idle = [k for k in others() if not self._refs.get(k.key)]
+            if not idle:
+                raise Busy(f"all {self.max_adapters} resident adapters are in use (--max-adapters); retry later")
+            victim = min(idle, key=lambda k: k.last_used)
+            log.info("evicting adapter %s (least recently used; --max-adapters %d)", victim.name, self.max_adapters)
+            self._retire(victim.key)
+            victim.key = None
+            self.evictions += 1
+
+    def _retire(self, key: str) -> None:
+        if self._refs.get(key):
+            self._retired.add(key)  # unloaded when its last request ends
+        else:
+            self._drop(key)
+
+    def _drop(self, key: str) -> None:
+        self._retired.discard(key)
+        if key in self.model.adapters:
+            self.model.unload_adapter(key)
+            log.info("adapter version %s unloaded", key)
+
+
+def check_name(name: str) -> None:
+    if not isinstance(name, str) or not name.strip():
+        raise InputError("an adapter name must be a non-empty string")
+    if "@" in name:
+        raise InputError(f"adapter name `{name}`: `@` is reserved for adapter versions")
+    if name in BASE_ALIASES:
+        raise InputError(f"adapter name `{name}` is reserved for the base model")
+
+
+def guess_source(source: str, root: Path | None) -> str:
+    """``s3`` for s3:// URLs; ``local`` for paths (absolute, ./ or ../, or present under the root); else ``hub``."""
+    from ..adapters.sources import is_hub_id
+
+    if source[:5].lower() == "s3://":
+        return "s3"
+    if source.startswith(("/", "./", "../", "~")) or ".." in source.split("/"):
+        return "local"
+    if root is not None and (root / source).exists():
+        return "local"
+    return "hub" if is_hub_id(source) else "local"
+
+
+def adapter_rank(folder: Path) -> int:
+    """The largest LoRA rank of an adapter, from its config and its weight headers (no tensor data read)."""
+    from ..adapters.peft_format import adapter_weight_shapes, read_adapter_config
+
+    cfg = read_adapter_config(folder)
+    rank = max([cfg.r, *cfg.rank_pattern.values()])
+    try:
+        shapes = adapter_weight_shapes(folder)
+    except QadaptError:
+        return int(rank)  # the loader reports the weights' problem itself
+    return int(max([rank, *(s["A"][0] for s in shapes.values() if "A" in s)]))

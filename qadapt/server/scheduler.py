@@ -1,0 +1,336 @@
+"""Continuous batching: one engine thread runs every forward; requests join between decode steps.
+
+Each iteration drops cancelled rows, prefills waiting requests into free cache
+rows (one forward each), then decodes one token for every running row in a
+single forward, each row at its own position with its own adapters (a
+heterogeneous-LoRA batch, see :mod:`qadapt.runtime.batch`). The HTTP side never
+runs model code: it submits a :class:`GenRequest` and reads the events the engine
+pushes through the request's ``emit`` callback (thread-safe, into an asyncio queue).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..errors import QadaptError
+from ..runtime.batch import BatchStepper
+from ..runtime.generate import SamplingParams, _stop_at, sample_next
+from ..tokenizer import StreamDecoder
+from .registry import AdapterRegistry, Busy
+
+log = logging.getLogger(__name__)
+_ids = itertools.count(1)
+
+
+# ---------------------------------------------------------------------- events
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token and the text it releases (held back while it could start a stop string)."""
+
+    id: int
+    text: str
+    logprob: float
+    special: bool = False  # the end-of-sequence token (no text, not counted)
+
+
+@dataclass(frozen=True)
+class Finish:
+    reason: str  # "length" | "eos" | "stop_sequence" | "cancelled"
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    seconds: float
+
+    @property
+    def openai_reason(self) -> str:
+        return "length" if self.reason == "length" else "stop"
+
+
+@dataclass(frozen=True)
+class Failure:
+    status: int
+    message: str
+
+
+@dataclass
+class GenRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    names: tuple[str, ...]  # public adapter names (for logs and metrics)
+    keys: tuple[str, ...]  # the model's adapter keys, held on the registry until the request ends
+    emit: Callable[[Any], None]
+    held: bool = True  # whether ``keys`` are still held on the registry
+    id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    created: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+    @property
+    def label(self) -> str:
+        return "+".join(self.names) or "base"
+
+
+@dataclass
+class _Row:
+    req: GenRequest
+    slot: int
+    pos: int  # where ``last`` is fed next
+    last: int = -1
+    history: list[int] = field(default_factory=list)
+    out: list[int] = field(default_factory=list)
+    gen: torch.Generator | None = None
+    decoder: StreamDecoder | None = None
+    text: str = ""
+    sent: int = 0
+
+
+# ---------------------------------------------------------------------- metrics
+class Metrics:
+    """Counters and gauges for ``/metrics`` (Prometheus text format), updated from any thread."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests: collections.Counter = collections.Counter()  # (adapter, finish) -> n
+        self.http_errors: collections.Counter = collections.Counter()  # status -> n
+        self.prompt_tokens = self.generated_tokens = 0
+        self.decode_steps = self.decode_rows = self.decode_rows_max = self.prefills = 0
+        self._recent: collections.deque = collections.deque()  # (time, tokens) of the last window
+
+    def step(self, rows: int, tokens: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.decode_steps += 1
+            self.decode_rows += rows
+            self.decode_rows_max = max(self.decode_rows_max, rows)
+            self._recent.append((now, tokens))
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        now = time.monotonic()
+        with self._lock:
+            while self._recent and self._recent[0][0] < now - window:
+                self._recent.popleft()
+            return sum(n for _, n in self._recent) / window
+
+    def render(self, extra: list[tuple[str, str, str, float]] = ()) -> str:
+        """The text exposition format; ``extra``: (name, type, help, value) of samples kept elsewhere."""
+        out: list[str] = []
+
+        def metric(name, kind, help_, samples):
+            out.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}"])
+            for labels, value in samples:
+                lab = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+                out.append(f"{name}{{{lab}}} {value}" if lab else f"{name} {value}")
+
+        tps = self.tokens_per_second()
+        with self._lock:
+            metric("qadapt_requests_total", "counter", "Generation requests finished, by adapter and finish reason.",
+                   [({"adapter": a, "finish": f}, n) for (a, f), n in sorted(self.requests.items())])
+            metric("qadapt_http_errors_total", "counter", "Error responses, by HTTP status.",
+                   [({"status": str(s)}, n) for s, n in sorted(self.http_errors.items())])
+            metric("qadapt_prompt_tokens_total", "counter", "Prompt tokens prefilled.", [({}, self.prompt_tokens)])
+            metric("qadapt_generated_tokens_total", "counter", "Tokens generated.", [({}, self.generated_tokens)])
+            metric("qadapt_prefills_total", "counter", "Prefill forwards (one per admitted request).",
+                   [({}, self.prefills)])
+            metric("qadapt_decode_steps_total", "counter", "Batched decode forwards.", [({}, self.decode_steps)])
+            metric("qadapt_decode_rows_total", "counter", "Rows decoded, summed over decode steps.",
+                   [({}, self.decode_rows)])
+            metric("qadapt_decode_rows_max", "gauge", "Most rows decoded together in one step.",
+                   [({}, self.decode_rows_max)])
+        metric("qadapt_tokens_per_second", "gauge", "Generated tokens per second over the last 10 s.",
+               [({}, round(tps, 3))])
+        for name, kind, help_, value in extra:
+            metric(name, kind, help_, [({}, value)])
+        return "\n".join(out) + "\n"
+
+
+def _escape(v: str) -> str:
+    return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+# ---------------------------------------------------------------------- engine
+class Engine:
+    def __init__(self, model: Any, registry: AdapterRegistry, *, max_batch: int, max_queue: int, max_seq_len: int,
+                 metrics: Metrics | None = None):
+        self.model = model
+        self.registry = registry
+        self.max_queue = max_queue
+        self.max_seq_len = max_seq_len
+        self.metrics = metrics or Metrics()
+        self.eos = set(model.tokenizer.eos_ids) if model.tokenizer else set(model.config.eos_token_ids)
+        self.stepper = BatchStepper(self._forward, model.new_cache(max_seq_len, max_batch))
+        self._rows: list[_Row | None] = [None] * max_batch
+        self._pending: collections.deque[GenRequest] = collections.deque()
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="qadapt-engine", daemon=True)
+
+    # ------------------------------------------------------------ public (any thread)
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join(timeout=10)
+
+    def submit(self, req: GenRequest) -> None:
+        """Queue a request (its keys already held); Busy when the queue is full."""
+        with self._cv:
+            if len(self._pending) >= self.max_queue:
+                raise Busy(f"the request queue is full ({self.max_queue} waiting, --max-queue); retry later")
+            self._pending.append(req)
+            self._cv.notify()
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    @property
+    def running(self) -> int:
+        return sum(r is not None for r in self._rows)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # ------------------------------------------------------------ the loop (engine thread)
+    def _forward(self, ids, positions, cache, rows):
+        from ..adapters.lora import AdapterContext
+
+        if all(r == rows[0] for r in rows):  # one adapter set: the plain path, as Model.generate runs it
+            ctx = AdapterContext(active=rows[0]) if rows[0] else None
+        else:
+            ctx = AdapterContext(rows=rows)
+        return self.model.decoder(ids, positions, cache, ctx=ctx, last_only=True).logits[:, -1]
+
+    def _loop(self) -> None:
+        while not self._stop:
+            try:
+                self._iteration()
+            except Exception:  # a bug: fail the running requests, keep serving
+                log.exception("engine step failed; failing the running requests")
+                for row in [r for r in self._rows if r is not None]:
+                    self._fail(row.req, 500, "internal error while generating (see the server log)", row.slot)
+        for row in [r for r in self._rows if r is not None]:
+            self._fail(row.req, 503, "the server is shutting down", row.slot)
+        while self._pending:
+            self._fail(self._pending.popleft(), 503, "the server is shutting down")
+
+    def _iteration(self) -> None:
+        for row in self._rows:
+            if row is not None and row.req.cancelled:
+                self._finish(row, "cancelled")
+        self._admit()
+        active = [r for r in self._rows if r is not None]
+        if not active:
+            with self._cv:
+                if not self._pending and not self._stop:
+                    self._cv.wait(timeout=0.5)
+            return
+        logits = self.stepper.decode([r.slot for r in active], [r.last for r in active],
+                                     [r.pos for r in active], [r.req.keys for r in active])
+        self.metrics.step(len(active), len(active))
+        for row, lg in zip(active, logits):
+            row.pos += 1
+            self._advance(row, lg)
+
+    def _admit(self) -> None:
+        """Prefill waiting requests into free rows, one forward each."""
+        while True:
+            free = next((i for i, r in enumerate(self._rows) if r is None), None)
+            with self._cv:
+                if free is None or not self._pending:
+                    return
+                req = self._pending.popleft()
+            if req.cancelled:
+                self._release(req)
+                continue
+            try:
+                row, logits = self._prefill(req, free)
+            except QadaptError as e:
+                self._fail(req, 400, str(e), free)
+                continue
+            except Exception:
+                log.exception("prefill of %s failed", req.id)
+                self._fail(req, 500, "internal error while reading the prompt (see the server log)", free)
+                continue
+            if logits is not None:
+                self._advance(row, logits)
+
+    def _prefill(self, req: GenRequest, slot: int) -> tuple[_Row, torch.Tensor | None]:
+        n = len(req.prompt_ids)
+        if not n or n >= self.max_seq_len:
+            raise QadaptError(f"prompt of {n} tokens does not fit the context of {self.max_seq_len}")
+        row = _Row(req, slot, pos=n, history=list(req.prompt_ids))
+        if req.params.seed is not None:
+            row.gen = torch.Generator().manual_seed(req.params.seed)
+        row.decoder = StreamDecoder(self.model.tokenizer) if self.model.tokenizer else None
+        self._rows[slot] = row
+        self.metrics.prefills += 1
+        self.metrics.prompt_tokens += n
+        if req.params.max_new_tokens == 0:
+            self._finish(row, "length")
+            return row, None
+        return row, self.stepper.prefill(slot, req.prompt_ids, req.keys)
+
+    def _advance(self, row: _Row, logits: torch.Tensor) -> None:
+        """Sample the row's next token, emit it with its released text, finish the row when it is done."""
+        p = row.req.params
+        tok = sample_next(logits, p, row.history, row.gen)
+        logprob = float(torch.log_softmax(logits.float(), -1)[tok])
+        row.history.append(tok)
+        self.metrics.generated_tokens += 1
+        if tok in self.eos:
+            row.req.emit(TokenEvent(tok, row.text[row.sent:], logprob, special=True))
+            row.sent = len(row.text)
+            return self._finish(row, "eos")
+        row.out.append(tok)
+        row.text += row.decoder.push(tok) if row.decoder else ""
+        cut = _stop_at(row.text, p.stop)
+        if cut is not None:
+            row.text = row.text[:cut]
+            row.req.emit(TokenEvent(tok, row.text[row.sent:] if cut > row.sent else "", logprob))
+            row.sent = len(row.text)
+            return self._finish(row, "stop_sequence")
+        done = len(row.out) >= p.max_new_tokens or row.pos >= self.max_seq_len
+        hold = 0 if done else max((len(s) for s in p.stop), default=0)
+        safe = max(len(row.text) - hold, row.sent)
+        row.req.emit(TokenEvent(tok, row.text[row.sent:safe], logprob))
+        row.sent = safe
+        if done:
+            return self._finish(row, "length")
+        row.last = tok
+
+    # ------------------------------------------------------------ endings
+    def _finish(self, row: _Row, reason: str) -> None:
+        req = row.req
+        self._rows[row.slot] = None
+        secs = time.monotonic() - req.created
+        self._release(req)
+        with self.metrics._lock:
+            self.metrics.requests[(req.label, reason)] += 1
+        log.info("request %s adapter=%s prompt_tokens=%d completion_tokens=%d time=%.3fs finish=%s", req.id,
+                 req.label, len(req.prompt_ids), len(row.out), secs, reason)
+        req.emit(Finish(reason, row.text, list(row.out), len(req.prompt_ids), secs))
+
+    def _fail(self, req: GenRequest, status: int, message: str, slot: int | None = None) -> None:
+        if slot is not None and self._rows[slot] is not None and self._rows[slot].req is req:
+            self._rows[slot] = None
+        self._release(req)
+        with self.metrics._lock:
+            self.metrics.requests[(req.label, "error")] += 1
+        log.warning("request %s adapter=%s failed (%d): %s", req.id, req.label, status, message)
+        req.emit(Failure(status, message))
+
+    def _release(self, req: GenRequest) -> None:
+        if req.held:
+            req.held = False
+            self.registry.release(req.keys)
