@@ -134,10 +134,26 @@ class LlamaCppEngine(Engine):
         self.adapters: dict[str, Any] = {}
 
     def load(self) -> None:
+        """``use_extra_bufts=False``: llama-cpp-python 0.3.36 built with GGML_NATIVE on an AMX CPU segfaults in
+        ``llama_decode`` on Q8_0 / Q4_0 / Q4_K_M files with its AMX-repacked weight buffers (reproduced with
+        the quick model, no adapters); its plain CPU buffers work. ``Llama`` does not take the flag, so its
+        default-params factory is wrapped while the model loads."""
+        import llama_cpp
         from llama_cpp import Llama
 
-        self.llm = Llama(str(self.path), n_ctx=self.n_ctx, n_batch=self.n_ctx, n_ubatch=self.n_ctx,
-                         n_threads=self.threads, n_threads_batch=self.threads, verbose=False)
+        default = llama_cpp.llama_model_default_params
+
+        def params():
+            p = default()
+            p.use_extra_bufts = False
+            return p
+
+        llama_cpp.llama_model_default_params = params
+        try:
+            self.llm = Llama(str(self.path), n_ctx=self.n_ctx, n_batch=self.n_ctx, n_ubatch=self.n_ctx,
+                             n_threads=self.threads, n_threads_batch=self.threads, verbose=False)
+        finally:
+            llama_cpp.llama_model_default_params = default
 
     def unload(self) -> None:
         import llama_cpp

@@ -208,7 +208,8 @@ def _quantize_llama_cpp(src: Path, dst: Path, qtype: str, threads: int) -> None:
     with atomic_path(dst) as tmp:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
-            raise UnsupportedError(f"llama.cpp could not quantize {src} to {qtype} (llama_model_quantize returned {rc})")
+            raise UnsupportedError(f"llama.cpp could not quantize {src} to {qtype} "
+                                   f"(llama_model_quantize returned {rc})")
     log.info("quantized %s with llama.cpp in %.1f s", dst.name, time.perf_counter() - t0)
 
 

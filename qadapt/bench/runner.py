@@ -54,7 +54,8 @@ class Worker:
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
-            raise WorkerFailed(f"worker exited (code {self.proc.wait()}); {self.tail()}")
+            code = self.proc.wait()
+            raise WorkerFailed(f"worker exited (code {code}{', segfault' if code == -11 else ''}); {self.tail()}")
         reply = json.loads(line)
         if "error" in reply:
             raise WorkerFailed(reply["error"])
@@ -70,8 +71,9 @@ class Worker:
 
     def tail(self, n: int = 600) -> str:
         self._log.flush()
-        text = self.log_path.read_text(errors="replace")
-        return text[-n:].strip().replace("\n", " | ")
+        lines = [ln for ln in self.log_path.read_text(errors="replace").splitlines()
+                 if ln.strip() and "fallback to CPU" not in ln]  # llama.cpp's per-tensor LoRA notes
+        return " | ".join(lines)[-n:]
 
     def close(self) -> None:
         try:
@@ -209,7 +211,8 @@ def _results(samples, extra, files: BenchFiles, bw_gbs: float) -> list[dict]:
     for r in list(rows):
         if r["metric"] == "decode_tps" and r["engine"] != "bound" and r["format"] in bounds:
             f = bounds[r["format"]]
-            rows.append({**{k: r[k] for k in ("engine", "format", "mode", "adapters")}, "metric": "decode_fraction_of_bound",
+            keys = {k: r[k] for k in ("engine", "format", "mode", "adapters")}
+            rows.append({**keys, "metric": "decode_fraction_of_bound",
                          "median": r["median"] / f, "min": r["min"] / f, "max": r["max"] / f, "runs": r["runs"]})
     return rows
 

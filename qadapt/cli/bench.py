@@ -30,12 +30,15 @@ def _csv(value: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
                    "the same float32 model, so one is enough to show it.")
 @click.option("--runs", default=5, show_default=True, type=click.IntRange(min=1), help="Measured runs per metric.")
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0), help="Discarded runs first.")
+@click.option("--decode-tokens", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Tokens per decode measurement (batch 1 and batched).")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1), help="Threads per engine.")
 @click.option("--cache", type=click.Path(file_okay=False), default=None,
               help=f"Where the made models are kept (default: {default_cache()}).")
 @click.option("--force", is_flag=True, help="Overwrite bench.* files already in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON instead of the table.")
-def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup, threads, cache, force, as_json) -> None:
+def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup, decode_tokens, threads, cache, force,
+          as_json) -> None:
     """Benchmark qadapt beside llama.cpp and transformers + PEFT, against the memory-bandwidth bound.
 
     \b
@@ -59,7 +62,7 @@ def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup,
         out=None, quick=quick, engines=_csv(engines, tuple(ENGINES)),
         formats=_csv(formats, GGUF_FORMATS + ("bf16", "nf4")), modes=_csv(modes, QADAPT_MODES),
         dequantize_formats=None if dequantize_formats is None else _csv(dequantize_formats, ()),
-        runs=runs, warmup=warmup, threads=threads, force=force, **kw,
+        runs=runs, warmup=warmup, decode_tokens=decode_tokens, threads=threads, force=force, **kw,
     )
     if out:  # check before the (long) run that the outputs may be written
         from dataclasses import replace

@@ -1,22 +1,23 @@
 """The demo's tasks and corpus: generated from a seed, no downloads.
 
-Every demo prompt has the form ``"<input> =>"`` and its answer follows after one
-space. Four skills, each with its own kind of input, so that an X-LoRA classifier
-can tell them apart from the prompt alone:
+Every demo prompt has the form ``"Q: <input> =>"`` and its answer follows after one
+space (the ``Q:`` makes every input word follow a space, so a word is one token
+wherever it stands). Each skill has its own kind of input, so that an X-LoRA
+classifier can tell them apart from the prompt alone:
 
-- ``upper``: a sentence, answered in upper case (``the cat sees a dog => THE CAT SEES A DOG``)
-- ``reverse``: a comma list, answered backwards (``cat, dog, owl => owl, dog, cat``)
-- ``sum``: two two-digit numbers, answered with their sum (``12 + 34 => 46``)
-- ``words``: digits, answered as words (``4 7 2 => four seven two``)
+- ``upper``: a sentence, answered in upper case (``Q: the cat sees a dog => THE CAT SEES A DOG``)
+- ``french``: a sentence, answered word by word in French (``Q: the cat sees a dog => le chat voit un chien``)
+- ``words``: digits, answered as words (``Q: 4 7 2 => four seven two``)
+- ``reverse``: a comma list, answered backwards (``Q: cat, dog, owl => owl, dog, cat``)
 
-The base model is pre-trained to *echo* the input after ``=>`` (``cat, dog => cat, dog``),
-and on plain text in which the underlying facts appear in other phrasings (``12 + 34 = 46``,
-``... in caps is ...``). Each adapter teaches one task behind ``=>``; without one the base echoes.
+The base model is pre-trained to *echo* the input after ``=>`` (``Q: cat, dog => cat, dog``),
+and on plain text in which the word-level facts appear in other phrasings (``cat in caps is
+CAT``, ``cat in french is chat``, ``4 reads four``). Each adapter teaches one task behind
+``=>``; without one the base echoes.
 
 Held-out prompts (``held_out``) are drawn with another seed and are never used in training:
-:func:`task_examples` drops every input that :func:`held_out` can return for the seeds the
-demo uses (``EVAL_SEED``), checked by the input's own hash, so the split does not depend on
-drawing order.
+:func:`task_examples` drops every input that :func:`held_out` can return (the input's own
+hash decides), so the split does not depend on drawing order.
 """
 
 from __future__ import annotations
@@ -26,16 +27,29 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
-SKILLS = ("upper", "reverse", "sum", "words")
+SKILLS = ("upper", "french", "words", "reverse")
 ARROW = " =>"
 EVAL_SEED = 1234  # seed of the held-out prompts (tests, MANIFEST scores)
 HOLDOUT_PERCENT = 10  # inputs whose hash falls in this bucket are never trained on
 
+FRENCH = {  # word -> French, one word each (articles and adjectives uninflected: it is a demo)
+    "the": "le", "a": "un",
+    "cat": "chat", "dog": "chien", "bird": "oiseau", "fish": "poisson", "cow": "vache", "fox": "renard",
+    "owl": "hibou", "bee": "abeille", "frog": "grenouille", "duck": "canard", "king": "roi", "queen": "reine",
+    "boy": "garcon", "girl": "fille", "horse": "cheval", "sheep": "mouton", "lion": "lion", "bear": "ours",
+    "mouse": "souris", "goat": "chevre", "tree": "arbre", "ship": "bateau", "star": "etoile", "moon": "lune",
+    "sees": "voit", "likes": "aime", "finds": "trouve", "helps": "aide", "wants": "veut", "hears": "entend",
+    "calls": "appelle", "feeds": "nourrit", "meets": "rencontre", "follows": "suit", "paints": "peint",
+    "loves": "adore",
+    "red": "rouge", "big": "grand", "small": "petit", "old": "vieux", "new": "neuf", "happy": "heureux",
+    "green": "vert", "blue": "bleu", "quiet": "calme", "brave": "brave", "tall": "haut", "warm": "chaud",
+}
 NOUNS = ("cat", "dog", "bird", "fish", "cow", "fox", "owl", "bee", "frog", "duck", "king", "queen",
          "boy", "girl", "horse", "sheep", "lion", "bear", "mouse", "goat", "tree", "ship", "star", "moon")
 VERBS = ("sees", "likes", "finds", "helps", "wants", "hears", "calls", "feeds", "meets", "follows",
          "paints", "loves")
 ADJS = ("red", "big", "small", "old", "new", "happy", "green", "blue", "quiet", "brave", "tall", "warm")
+PREFIX = "Q: "
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
@@ -47,7 +61,7 @@ class Example:
 
     @property
     def prompt(self) -> str:
-        return self.input + ARROW
+        return PREFIX + self.input + ARROW
 
     @property
     def text(self) -> str:
@@ -65,16 +79,12 @@ def _noun_list(rng: random.Random) -> str:
     return ", ".join(rng.sample(NOUNS, rng.randint(3, 5)))
 
 
-def _sum_input(rng: random.Random) -> str:
-    return f"{rng.randint(10, 99)} + {rng.randint(10, 99)}"
-
-
 def _digits(rng: random.Random) -> str:
     return " ".join(str(rng.randint(0, 9)) for _ in range(rng.randint(3, 5)))
 
 
 INPUTS: dict[str, Callable[[random.Random], str]] = {
-    "upper": _sentence, "reverse": _noun_list, "sum": _sum_input, "words": _digits,
+    "upper": _sentence, "french": _sentence, "words": _digits, "reverse": _noun_list,
 }
 
 
@@ -84,9 +94,8 @@ def solve(skill: str, text: str) -> str:
         return text.upper()
     if skill == "reverse":
         return ", ".join(reversed(text.split(", ")))
-    if skill == "sum":
-        a, b = text.split(" + ")
-        return str(int(a) + int(b))
+    if skill == "french":
+        return " ".join(FRENCH[w] for w in text.split())
     if skill == "words":
         return " ".join(DIGIT_WORDS[int(d)] for d in text.split())
     raise ValueError(f"unknown skill {skill!r}; skills: {', '.join(SKILLS)}")
@@ -121,25 +130,29 @@ def held_out(skill: str, n: int, seed: int = EVAL_SEED) -> list[Example]:
 
 
 def base_corpus(n: int, seed: int) -> list[str]:
-    """Pre-training lines for the base: plain text, facts in other phrasings, and echoes after ``=>``."""
+    """Pre-training lines for the base: echoes after ``=>``, and the word-level facts in other phrasings."""
     rng = random.Random(f"base/{seed}")
     lines = []
     for _ in range(n):
         skill = rng.choice(SKILLS)
         e = _draw(skill, rng, held_out=False)
         kind = rng.random()
-        if kind < 0.45:  # the echo: what the base does after "=>"
+        if kind < 0.5:  # the echo: what the base does after "=>"
             lines.append(f"{e.prompt} {e.input}")
-        elif kind < 0.9:  # the fact, phrased without "=>"
-            lines.append(FACT[skill].format(x=e.input, y=e.answer))
-        else:
-            lines.append(e.answer)
+        elif kind < 0.8:  # one word-level fact
+            lines.append(_word_fact(rng))
+        else:  # the plain text of an input
+            lines.append(PREFIX + e.input)
     return lines
 
 
-FACT = {
-    "upper": "{x} in caps is {y}",
-    "reverse": "{x} backwards is {y}",
-    "sum": "{x} = {y}",
-    "words": "{x} reads {y}",
-}
+def _word_fact(rng: random.Random) -> str:
+    kind = rng.randrange(3)
+    if kind == 0:
+        w = rng.choice(NOUNS + VERBS + ADJS + ("the", "a"))
+        return f"{PREFIX}{w} in caps is {w.upper()}"
+    if kind == 1:
+        w = rng.choice(list(FRENCH))
+        return f"{PREFIX}{w} in french is {FRENCH[w]}"
+    d = rng.randrange(10)
+    return f"{PREFIX}{d} reads {DIGIT_WORDS[d]}"
