@@ -26,31 +26,6 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
 
 @contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w", *, force: bool = False) -> Iterator[Any]:
-    """Open a temp file next to ``path``; on success it is renamed over ``path``.
-
-    Refuses to replace an existing file unless ``force``.
-    """
-    path = Path(path)
-    if path.exists() and not force:
-        raise InputError(f"{path} exists; pass --force to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-@contextmanager
 def atomic_path(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
     """Yield a temp path next to ``path`` for a writer that opens files itself; renamed on success."""
     path = Path(path)
@@ -68,6 +43,19 @@ def atomic_path(path: str | os.PathLike, *, force: bool = False) -> Iterator[Pat
         except FileNotFoundError:
             pass
         raise
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", *, force: bool = False) -> Iterator[Any]:
+    """Open a temp file next to ``path``; on success it is fsynced and renamed over ``path``.
+
+    Refuses to replace an existing file unless ``force``.
+    """
+    with atomic_path(path, force=force) as tmp:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes, *, force: bool = False) -> Path:

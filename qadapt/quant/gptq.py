@@ -214,10 +214,7 @@ class GPTQLinear(BaseLinear):
         else:
             dtype = torch.bfloat16 if self._int4 is not None else self.compute_dtype
             y = blockwise_matmul(x2d, self._dequant_rows, self.out_features, self.in_features, dtype)
-        y = y.to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return kernels.finish(y, x, self.bias, self.out_features)
 
     @property
     def nbytes(self) -> int:

@@ -121,3 +121,11 @@ def blockwise_matmul(
         w = dequant_rows(r0, r1).to(compute_dtype)
         torch.mm(w, xt, out=out_t[r0:r1])
     return out_t.t()
+
+
+def finish(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """A 2-D matmul result back in x's dtype and leading shape, plus the bias: every quantized forward ends so."""
+    y = y.to(x.dtype)
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y.reshape(*x.shape[:-1], out_features)
