@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 import struct
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 from .errors import FormatError, InputError
 
@@ -25,6 +26,25 @@ SAFETENSORS_DTYPES = {
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
 
+def _temp_next_to(path: Path, suffix: str, folder: bool = False) -> Path:
+    """A new empty file (or folder) beside ``path``, with the permissions the umask gives new files.
+
+    Not ``tempfile.mkstemp``/``mkdtemp``: their 0600/0700 would survive the rename, leaving outputs
+    (models, caches, package data) unreadable to anyone else.
+    """
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}{suffix}"
+        try:
+            if folder:
+                os.mkdir(tmp, 0o777)
+            else:
+                os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name next to {path}")
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
     """Yield a temp path next to ``path`` for a writer that opens files itself; renamed on success."""
@@ -32,10 +52,9 @@ def atomic_path(path: str | os.PathLike, *, force: bool = False) -> Iterator[Pat
     if path.exists() and not force:
         raise InputError(f"{path} exists; pass --force to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _temp_next_to(path, ".tmp")
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -56,6 +75,42 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, force: bool = False
             yield f
             f.flush()
             os.fsync(f.fileno())
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temp folder next to ``path`` for a writer that fills a whole folder (``save_pretrained``);
+    on success it replaces ``path``, so a reader sees the old folder or the complete new one.
+
+    Refuses to replace an existing ``path`` unless ``force``. The swap is two renames (old folder
+    aside, new one in): a crash between them leaves the old folder under a hidden name, never
+    a half-written one under ``path``.
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise InputError(f"{path} exists; pass --force to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_next_to(path, ".tmp", folder=True)
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = _temp_next_to(path, ".old", folder=True)
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def open_log(path: str | os.PathLike) -> IO[str]:
+    """A log that a running process streams into (a worker's stderr), written in place on purpose:
+    after a crash the partial log is the evidence. qadapt's only non-atomic writer."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "w")
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes, *, force: bool = False) -> Path:

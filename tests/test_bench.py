@@ -1,16 +1,20 @@
 """The benchmark harness: a ``--quick`` smoke run on qadapt engines, and the files it makes for the peers.
 
 Speed is never asserted here (speed claims live in docs/bench, made by tools/bench.py);
-what is checked is that the harness runs end to end and writes its outputs, that the
-ceiling it reports is computed from the file's real tensor bytes (gguf-py's reader), and
-that the llama.cpp adapter it writes is the adapter the PEFT files describe (llama.cpp
-against transformers + PEFT), so the peers are measured on the same LoRA maths.
+what is checked is that the harness runs end to end and writes its outputs in the JSON
+schema CI and the docs read, that the ceiling it reports is computed from the file's real
+tensor bytes (gguf-py's reader), that the llama.cpp adapter it writes is the adapter the
+PEFT files describe (llama.cpp against transformers + PEFT), so the peers are measured on
+the same LoRA maths, that its X-LoRA checkpoint is the reference layout over the bench
+adapters, and that making the cached model is serialised by its lock.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import threading
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -19,9 +23,16 @@ import torch
 
 from qadapt.bench import BenchSettings, run_bench
 from qadapt.bench.engines import LlamaCppEngine
-from qadapt.bench.make import make_bench_files, random_state_dict
-from qadapt.bench.spec import QUICK
+from qadapt.bench.make import bench_folder, make_bench_files, random_state_dict, xlora_names
+from qadapt.bench.spec import LORA_TARGETS, QUICK, XLORA_EXPERTS, ModelShape
+from qadapt.cache import file_lock
 from qadapt.errors import InputError
+
+#: the report's schema: what CI and docs/bench read
+TOP_KEYS = {"machine", "bandwidth_gbs", "results"}
+ROW_KEYS = {"engine", "format", "mode", "adapters", "metric", "median", "min", "max", "runs"}
+#: the smoke run's model: the bench's architecture, small enough that making and running it takes seconds
+TINY = ModelShape("llama-tiny", 64, 2, 128, 512, 4, 2)
 
 
 @pytest.fixture(scope="module")
@@ -32,28 +43,66 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def quick_run(cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-out")
-    settings = BenchSettings(out=out, cache=cache, quick=True, engines=("qadapt",), formats=("Q4_0",),
-                             modes=("inplace",), runs=2, warmup=0, decode_tokens=8, prompt_tokens=16)
+    settings = BenchSettings(out=out, cache=cache, model=TINY, engines=("qadapt",), formats=("Q4_0",),
+                             modes=("inplace",), runs=2, warmup=0, decode_tokens=4, prompt_tokens=16, batch=2,
+                             probe_gib=0.125, probe_repeats=2)
     return settings, run_bench(settings)
 
 
 def test_quick_smoke_writes_json_md_png(quick_run):
-    """End to end on the quick model; every metric present with median within [min, max]."""
+    """End to end on a tiny model (qadapt only): the JSON schema, every metric present with median
+    within [min, max], the X-LoRA decode rows, the markdown with its summary, and the chart."""
     settings, report = quick_run
     data = json.loads((settings.out / "bench.json").read_text())
-    assert set(data) >= {"machine", "bandwidth_gbs", "results"} and data["bandwidth_gbs"] > 0
+    assert set(data) >= TOP_KEYS and data["bandwidth_gbs"] > 0 and isinstance(data["machine"], dict)
+    assert data["skipped"] == []
+    for r in data["results"]:
+        assert set(r) >= ROW_KEYS, r
+        assert r["min"] <= r["median"] <= r["max"] and r["runs"] >= 1
     rows = [r for r in data["results"] if r["engine"] == "qadapt"]
-    for r in rows:
-        assert set(r) >= {"engine", "format", "mode", "adapters", "metric", "median", "min", "max", "runs"}
-        assert r["min"] <= r["median"] <= r["max"]
+    assert {r["format"] for r in rows} == {"Q4_0"} and {r["mode"] for r in rows} == {"inplace"}
     got = {(r["metric"], r["adapters"]) for r in rows}
+    n = XLORA_EXPERTS
     assert got >= {("load_s", 0), ("prefill_tps", 0), ("decode_tps", 0), ("decode_tps", 1), ("decode_tps", 2),
-                   ("switch_ms", 1), ("batched_tps", 8), ("peak_rss_mb", 8), ("decode_fraction_of_bound", 0)}
-    assert all(r["runs"] == 2 for r in rows if r["metric"] == "decode_tps")
+                   ("switch_ms", 1), ("batched_tps", 2), ("peak_rss_mb", 8), ("decode_fraction_of_bound", 0),
+                   ("xlora_decode_tps", n), ("xlora_nongranular_decode_tps", n), ("xlora_load_s", n),
+                   ("xlora_prefill_tps", n), ("xlora_peak_rss_mb", n)}
+    assert all(r["runs"] == 2 for r in rows if r["metric"].endswith("decode_tps"))
     md = (settings.out / "bench.md").read_text()
-    assert "| Q4_0 | qadapt inplace |" in md and "bound" in md
+    assert "| Q4_0 | qadapt inplace |" in md and "bound" in md and "X-LoRA decode, granular" in md
+    summary = (settings.out / "bench-summary.md").read_text()
+    assert md.split("Details:")[0].strip().endswith(summary.strip())  # bench.md opens with the summary
+    assert summary.count("\n| Q4_0 |") == 1 and "qadapt / bound" in summary
     if importlib.util.find_spec("matplotlib"):
         assert (settings.out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_xlora_checkpoint_is_reference_layout(quick_run, cache):
+    """The harness's X-LoRA folder, read by qadapt's reader (layout and classifier shapes checked
+    there) and against the files: experts are byte copies of adapters a0.., the classifier's
+    last layer has one row per (adapted module, expert), as PEFT counts modules."""
+    from qadapt.adapters.xlora import read_xlora
+
+    files = bench_folder(cache, TINY, 0)
+    ckpt = read_xlora(files.xlora)
+    assert ckpt.config.layout == "xlora" and ckpt.config.adapters == tuple(xlora_names())
+    assert ckpt.config.layerwise_scalings and ckpt.classifier_layers == TINY.num_hidden_layers * len(LORA_TARGETS)
+    for k, name in enumerate(xlora_names()):
+        for f in ("adapter_config.json", "adapter_model.safetensors"):
+            assert (files.xlora / name / f).read_bytes() == (files.adapter(k) / f).read_bytes()
+
+
+def test_make_waits_for_the_cache_lock(tmp_path):
+    """While another process holds the folder's lock, make_bench_files waits and writes nothing."""
+    files = bench_folder(tmp_path, TINY, 0)
+    done = threading.Event()
+    with file_lock(tmp_path, files.folder.name):
+        t = threading.Thread(target=lambda: (make_bench_files(tmp_path, TINY, ("Q4_0",)), done.set()))
+        t.start()
+        time.sleep(0.5)
+        assert not done.is_set() and not files.folder.exists()
+    t.join(timeout=120)
+    assert done.is_set() and files.gguf("Q4_0").exists() and files.lora_gguf(0).exists()
 
 
 def test_refuses_to_overwrite_without_force(quick_run):
@@ -68,11 +117,11 @@ def test_bound_uses_gguf_py_tensor_bytes(quick_run, cache):
     import gguf
 
     settings, report = quick_run
-    files = make_bench_files(cache, QUICK, ("Q4_0",))
+    files = make_bench_files(cache, TINY, ("Q4_0",))
     reader = gguf.GGUFReader(files.gguf("Q4_0"))
     total = sum(int(t.n_bytes) for t in reader.tensors)
     emb = next(t for t in reader.tensors if t.name == "token_embd.weight")
-    want = total - int(emb.n_bytes) + int(emb.n_bytes) // QUICK.vocab_size
+    want = total - int(emb.n_bytes) + int(emb.n_bytes) // TINY.vocab_size
     bound = next(r for r in report["results"] if r["engine"] == "bound" and r["format"] == "Q4_0")
     assert bound["bytes_per_token"] == want
     assert bound["median"] == pytest.approx(report["bandwidth_gbs"] * 1e9 / want)

@@ -1,7 +1,7 @@
 """The shipped demo (qadapt/data/demo): each adapter performs its skill, the base does not.
 
 Reference: the task's own answer computed in plain Python (``qadapt.demo.tasks.solve``:
-``str.upper``, ``reversed``, ``int`` addition, a digit-name table), on held-out prompts drawn
+``str.upper``, a word-for-word French table, a digit-name table, ``reversed``), on held-out prompts drawn
 with another seed from inputs no training set contains (``tasks.is_held_out``).
 
 Measure: exact-match rate of greedy decoding on 50 held-out prompts per skill, in place, for
@@ -113,15 +113,15 @@ def test_cli_demo_json():
     assert out["columns"][:5] == ["base", *tasks.SKILLS]
     assert [row["prompt"] for row in out["rows"]] == list(DEMO_PROMPTS)
     for skill, row in zip(tasks.SKILLS, out["rows"]):
-        text = row["prompt"].removesuffix(tasks.ARROW)
+        text = row["prompt"].removesuffix(tasks.ARROW).removeprefix(tasks.PREFIX)
         assert row[skill] == tasks.solve(skill, text), row
         assert row["base"] == text, row
 
 
 def test_cli_demo_table_and_where():
-    r = _cli("demo", "--quant", "Q4_0", "-p", "31 + 45 =>")
+    r = _cli("demo", "--quant", "Q4_0", "-p", "Q: 3 1 4 =>")
     assert r.returncode == 0, r.stderr
-    assert "31 + 45 =>" in r.stdout and "76" in r.stdout
+    assert "Q: 3 1 4 =>" in r.stdout and "three one four" in r.stdout
     r = _cli("demo", "--where")
     assert r.returncode == 0 and r.stdout.strip() == str(paths().root)
 
@@ -130,8 +130,9 @@ def test_cli_run_demo():
     """`qadapt run --demo --adapter NAME` uses the shipped base and demo adapter."""
     r = _cli("run", "--demo", "--adapter", "upper", "-p", DEMO_PROMPTS[0], "--json")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["text"].strip() == DEMO_PROMPTS[0].removesuffix(tasks.ARROW).upper()
+    text = DEMO_PROMPTS[0].removesuffix(tasks.ARROW).removeprefix(tasks.PREFIX)
+    assert json.loads(r.stdout)["text"].strip() == text.upper()
     r = _cli("run", "--demo", "--adapter", "nope", "-p", "x =>")
-    assert r.returncode != 0 and "upper, reverse, sum, words" in r.stderr
+    assert r.returncode != 0 and ", ".join(tasks.SKILLS) in r.stderr
     r = _cli("run", "-p", "x =>")
     assert r.returncode != 0 and "--demo" in r.stderr

@@ -8,6 +8,9 @@ sampling machinery and no stop conditions (the model's EOS logit is pinned to 0,
 - :class:`QadaptEngine`: ``qadapt.load`` (``inplace`` or ``dequantize``), its decoder and KV cache,
   adapters through ``Model.load_adapter`` / ``activate_adapters`` and, for the batch of rows on
   different adapters, an ``AdapterContext(rows=...)``.
+- :class:`QadaptXLoraEngine`: ``qadapt.load(..., xlora=...)`` with the bench's X-LoRA checkpoint;
+  decode through the model's own generation step (scaling pass + classifier + real pass), with
+  granular scalings or frozen ones (``tgt_non_granular_index``).
 - :class:`LlamaCppEngine`: llama-cpp-python on the same GGUF, adapters through llama.cpp's
   LoRA API (``llama_adapter_lora_init`` + per-context adapter scales).
 - :class:`HFEngine`: transformers (bf16, or bitsandbytes nf4) + PEFT; mixed-adapter batches
@@ -126,6 +129,56 @@ class QadaptEngine(Engine):
         return time.perf_counter() - t0
 
 
+class QadaptXLoraEngine(Engine):
+    """qadapt with an X-LoRA checkpoint: its load (base + classifier + experts) and its decode."""
+
+    def __init__(self, path: Path, xlora: Path, mode: str, threads: int):
+        super().__init__(threads)
+        self.path, self.xlora, self.mode = path, xlora, mode
+        self.m = None
+
+    def load(self) -> None:
+        import qadapt
+
+        self.m = qadapt.load(self.path, mode=self.mode, xlora=self.xlora)
+
+    def unload(self) -> None:
+        self.m = None
+        super().unload()
+
+    @torch.inference_mode()
+    def prefill_decode_xlora(self, prompt: list[int], n: int, non_granular_index: int | None
+                             ) -> tuple[float, float, int]:
+        """Seconds for the prefill and the ``n`` decode steps, and the scaling passes the decode ran.
+
+        Each step is ``Model._step``, the step ``generate`` runs: the scaling pass (its own KV cache)
+        and the classifier, unless this row's scalings are frozen, then the real pass.
+        ``non_granular_index`` sets the loaded X-LoRA's ``tgt_non_granular_index`` (None: granular).
+        """
+        xl = self.m._xlora
+        xl.tgt_non_granular_index = non_granular_index
+        cache = self.m.new_cache(len(prompt) + n + 1)
+        ids = torch.tensor([prompt])
+        t0 = time.perf_counter()
+        tok = _argmax(self.m._step(ids, torch.arange(len(prompt)).unsqueeze(0), cache))
+        t1 = time.perf_counter()
+        passes = xl.scaling_passes
+        p = len(prompt)
+        for _ in range(n):
+            tok = _argmax(self.m._step(tok.view(1, 1), torch.tensor([[p]]), cache))
+            p += 1
+        return t1 - t0, time.perf_counter() - t1, xl.scaling_passes - passes
+
+
+def cpu_has_amx() -> bool:
+    """Intel AMX (``amx_tile`` in /proc/cpuinfo's flags), where llama.cpp's AMX buffers crash (see below)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "amx_tile" in line.split() for line in f)
+    except OSError:
+        return False
+
+
 class LlamaCppEngine(Engine):
     def __init__(self, path: Path, threads: int, n_ctx: int = 512):
         super().__init__(threads)
@@ -134,18 +187,23 @@ class LlamaCppEngine(Engine):
         self.adapters: dict[str, Any] = {}
 
     def load(self) -> None:
-        """``use_extra_bufts=False``: llama-cpp-python 0.3.36 built with GGML_NATIVE on an AMX CPU segfaults in
-        ``llama_decode`` on Q8_0 / Q4_0 / Q4_K_M files with its AMX-repacked weight buffers (reproduced with
-        the quick model, no adapters); its plain CPU buffers work. ``Llama`` does not take the flag, so its
-        default-params factory is wrapped while the model loads."""
+        """llama.cpp's defaults, but on CPUs with AMX: ``use_extra_bufts=False`` there.
+
+        llama-cpp-python 0.3.36 built with GGML_NATIVE on an AMX CPU (Xeon) segfaults in ``llama_decode``
+        on Q8_0 / Q4_0 / Q4_K_M files with its AMX-repacked weight buffers (reproduced with the quick model,
+        no adapters); its plain CPU buffers work. Elsewhere (AVX2: the CPU_REPACK buffers, e.g. Q4_0 as
+        Q4_0_8x8) the defaults work with and without adapters, and they are llama.cpp's fast path, so they
+        stay. ``Llama`` does not take the flag, so its default-params factory is wrapped while the model loads.
+        """
         import llama_cpp
         from llama_cpp import Llama
 
         default = llama_cpp.llama_model_default_params
+        self.extra_bufts = not cpu_has_amx()
 
         def params():
             p = default()
-            p.use_extra_bufts = False
+            p.use_extra_bufts = self.extra_bufts
             return p
 
         llama_cpp.llama_model_default_params = params
@@ -308,7 +366,9 @@ class HFEngine(Engine):
         return total - emb.numel() * emb.element_size() + emb.shape[1] * emb.element_size()
 
 
-def make_engine(engine: str, fmt: str, mode: str, files, threads: int) -> Engine:
+def make_engine(engine: str, fmt: str, mode: str, files, threads: int, task: str = "") -> Engine:
+    if engine == "qadapt" and task == "xlora":
+        return QadaptXLoraEngine(files.gguf(fmt), files.xlora, mode, threads)
     if engine == "qadapt":
         return QadaptEngine(files.gguf(fmt), mode, threads)
     if engine == "llama.cpp":

@@ -8,10 +8,15 @@ One folder per model shape and seed holds:
   (gguf-py's quantizer), and ``model.Q4_K_M.gguf`` from llama.cpp's own quantizer when
   llama-cpp-python is installed;
 - ``adapters/a{k}/``: rank-16 LoRA adapters on q, k, v, o in PEFT format, and ``adapters/a{k}.lora.gguf``,
-  the same adapter as a llama.cpp LoRA GGUF (its converter's names, metadata and q/k row permutation).
+  the same adapter as a llama.cpp LoRA GGUF (its converter's names, metadata and q/k row permutation);
+- ``xlora/``: an X-LoRA checkpoint in the reference layout (``xlora_config.json``,
+  ``xlora_classifier.safetensors`` with random classifier weights, one sub-folder per expert holding a
+  copy of adapter ``a{k}``) over the first :data:`~qadapt.bench.spec.XLORA_EXPERTS` adapters.
 
 Every file is written atomically (``qadapt.io``) and skipped when present, so an interrupted
-make resumes. The weights are random (seeded): the benchmark measures speed, not text.
+make resumes; the whole make holds a lock on the folder (:func:`qadapt.cache.file_lock`), so
+several processes asking for the same model at once make it once and never read half of it.
+The weights are random (seeded): the benchmark measures speed, not text.
 """
 
 from __future__ import annotations
@@ -27,9 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..cache import file_lock
 from ..errors import UnsupportedError
 from ..io import atomic_path, atomic_write, write_json
-from .spec import GGUF_FORMATS, LORA_ALPHA, LORA_RANK, LORA_TARGETS, N_ADAPTERS, ModelShape
+from .spec import (GGUF_FORMATS, LORA_ALPHA, LORA_RANK, LORA_TARGETS, N_ADAPTERS, XLORA_DEPTH, XLORA_EXPERTS,
+                   XLORA_SIZE, ModelShape)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +66,10 @@ class BenchFiles:
         return self.folder / "adapters" / f"a{k}.lora.gguf"
 
     @property
+    def xlora(self) -> Path:
+        return self.folder / "xlora"
+
+    @property
     def adapter_names(self) -> list[str]:
         return [f"a{k}" for k in range(N_ADAPTERS)]
 
@@ -69,9 +80,19 @@ def bench_folder(cache: Path, shape: ModelShape, seed: int) -> BenchFiles:
 
 
 def make_bench_files(cache: Path, shape: ModelShape, formats: tuple[str, ...], seed: int = 0,
-                     threads: int = 2) -> BenchFiles:
-    """Make whatever of the model, its formats and the adapters is missing; return the paths."""
+                     threads: int = 2, xlora: bool = False) -> BenchFiles:
+    """Make whatever of the model, its formats, the adapters (and the X-LoRA checkpoint) is missing.
+
+    Holds the folder's lock meanwhile: a second process asking for the same folder waits, then
+    finds the files made.
+    """
     files = bench_folder(cache, shape, seed)
+    with file_lock(Path(cache), files.folder.name):
+        return _make(files, formats, seed, threads, xlora)
+
+
+def _make(files: BenchFiles, formats: tuple[str, ...], seed: int, threads: int, xlora: bool) -> BenchFiles:
+    shape = files.shape
     wanted = [f for f in formats if f in GGUF_FORMATS]
     need_hf = any(f in ("bf16", "nf4") for f in formats)
     missing = [f for f in wanted if not files.gguf(f).exists()]
@@ -96,6 +117,8 @@ def make_bench_files(cache: Path, shape: ModelShape, formats: tuple[str, ...], s
             skipped.append(("Q4_K_M", str(e)))
     for k in range(N_ADAPTERS):
         _write_adapter(files, k, seed)
+    if xlora:
+        _write_xlora(files, seed)
     return replace(files, missing=tuple(skipped))
 
 
@@ -251,6 +274,55 @@ def _write_adapter(files: BenchFiles, k: int, seed: int) -> None:
         atomic_write(weights, save(sd, metadata={"format": "pt"}))
     if not lora.exists():
         write_lora_gguf(sd, files.shape, lora)
+
+
+def xlora_names() -> list[str]:
+    """The X-LoRA experts: the first adapters, under their own names (the sub-folders)."""
+    return [f"a{k}" for k in range(XLORA_EXPERTS)]
+
+
+def xlora_classifier(shape: ModelShape, seed: int) -> dict[str, torch.Tensor]:
+    """Reference-layout classifier tensors: ``inner.0.*`` [XLORA_SIZE, hidden], ``last.*`` [n_layers * experts,
+    XLORA_SIZE], float32, random (N(0, 1 / fan_in): scalings spread over the experts, not one-hot).
+
+    n_layers = the modules the experts adapt (layerwise scalings: one row each), as PEFT counts them.
+    """
+    gen = torch.Generator().manual_seed(20_000 * (seed + 1))
+    n_rows = shape.num_hidden_layers * len(LORA_TARGETS) * XLORA_EXPERTS
+    dims = [shape.hidden_size] + [XLORA_SIZE] * (XLORA_DEPTH - 1) + [n_rows]
+    out = {}
+    for i in range(XLORA_DEPTH):
+        key = "last" if i == XLORA_DEPTH - 1 else f"inner.{i}"
+        out[f"{key}.weight"] = torch.randn(dims[i + 1], dims[i], generator=gen) / dims[i] ** 0.5
+        out[f"{key}.bias"] = torch.zeros(dims[i + 1])
+    return out
+
+
+def _write_xlora(files: BenchFiles, seed: int) -> None:
+    """The X-LoRA reference layout (what ``qadapt.demo.train.write_xlora`` writes, and mistral.rs reads).
+
+    The config is written last: a folder with it is complete.
+    """
+    from safetensors.torch import save
+
+    folder = files.xlora
+    if (folder / "xlora_config.json").exists():
+        return
+    names = xlora_names()
+    for k, name in enumerate(names):
+        for f in ("adapter_config.json", "adapter_model.safetensors"):
+            dst = folder / name / f
+            if not dst.exists():
+                atomic_write(dst, (files.adapter(k) / f).read_bytes())
+    atomic_write(folder / "xlora_classifier.safetensors", save(xlora_classifier(files.shape, seed)), force=True)
+    write_json(folder / "xlora_config.json", {
+        "hidden_size": files.shape.hidden_size, "adapters": {n: n for n in names}, "enable_softmax": True,
+        "enable_softmax_topk": False, "softmax_temperature": 1.0, "layerwise_scalings": True, "top_k_lora": None,
+        "xlora_depth": XLORA_DEPTH, "xlora_size": XLORA_SIZE, "xlora_dropout_p": 0.0,
+        "enable_relu_and_dropout": XLORA_DEPTH > 1, "use_bias": True, "stop_token_id": None,
+        "use_trainable_adapters": False, "use_mean_pool": False, "scaling_pass_value": 0.0,
+        "global_scaling_weight": 1.0, "base_model_id": files.shape.name,
+    })
 
 
 def write_lora_gguf(peft_sd: dict[str, torch.Tensor], shape: ModelShape, path: Path) -> Path:

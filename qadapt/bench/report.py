@@ -1,4 +1,5 @@
-"""Write a benchmark report as ``bench.json``, ``bench.md`` (tables with ratios) and ``bench.png``."""
+"""Write a benchmark report as ``bench.json``, ``bench.md`` (tables with ratios), ``bench.png`` and
+``bench-summary.md`` (the compact decode table ``bench.md`` opens with, to paste into a README)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,13 @@ COLUMNS = (
 )
 RATIO_METRICS = (("prefill_tps", 0), ("decode_tps", 0), ("decode_tps", 1), ("decode_tps", 2), ("load_s", 0),
                  ("peak_rss_mb", 8))
+#: the summary's GGUF formats, and the transformers peer of each: full precision beside F16 / Q8_0,
+#: bitsandbytes 4-bit beside the 4-bit formats
+SUMMARY_FORMATS = ("F16", "Q8_0", "Q4_K_M", "Q4_0")
+SUMMARY_PEER = {"F16": ("transformers", "bf16"), "Q8_0": ("transformers", "bf16"), "Q4_K_M": ("bnb", "nf4"),
+                "Q4_0": ("bnb", "nf4")}
+#: adapters active in the summary's decode figures
+SUMMARY_ADAPTERS = 1
 
 
 def engine_label(engine: str, mode: str) -> str:
@@ -50,14 +58,96 @@ def _fmt(v: float | None, digits: int) -> str:
     return "-" if v is None else f"{v:,.{digits}f}"
 
 
+def _median(idx: dict, key: tuple) -> float | None:
+    r = idx.get(key)
+    return r["median"] if r else None
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return _fmt(a / b, 2) if a is not None and b else "-"
+
+
+def summary_markdown(report: dict[str, Any]) -> str:
+    """Decode tokens/s per GGUF format, one adapter active: qadapt in place, llama.cpp on the same file,
+    transformers + PEFT (bf16, or nf4 beside the 4-bit formats), the ratios and qadapt's fraction of the bound."""
+    idx = _index(report["results"])
+    m, s, mod = report["machine"], report["settings"], report["model"]
+    ad = SUMMARY_ADAPTERS
+    xlora = any(r["metric"] == "xlora_decode_tps" for r in report["results"])
+    head = ["format", "qadapt in place", "llama.cpp", "transformers + PEFT", "qadapt / llama.cpp",
+            "qadapt / transformers", "qadapt / bound"]
+    if xlora:
+        head.append(f"qadapt X-LoRA, {mod.get('xlora', {}).get('experts', '?')} experts (granular / fixed)")
+    lora = mod.get("lora", {})
+    lines = [
+        f"Decode tokens/s, batch 1, one LoRA adapter active (rank {lora.get('rank', 16)} on "
+        f"{', '.join(t.split('_')[0] for t in lora.get('targets', ('q', 'k', 'v', 'o')))}); random Llama "
+        f"{mod['params'] / 1e9:.2f}B, {s['decode_tokens']} tokens after a {s['prompt_tokens']}-token prompt, median "
+        f"of {s['runs']}; {m['cpu']}, {s['threads']} threads, read bandwidth {report['bandwidth_gbs']:.1f} GB/s. "
+        "`bound` = read bandwidth / bytes of weights one token reads.",
+        "",
+        "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+    ]
+    rows = 0
+    for fmt in SUMMARY_FORMATS:
+        q = _median(idx, ("qadapt", fmt, "inplace", "decode_tps", ad))
+        lc = _median(idx, ("llama.cpp", fmt, "", "decode_tps", ad))
+        peer, pfmt = SUMMARY_PEER[fmt]
+        hf = _median(idx, (peer, pfmt, "", "decode_tps", ad))
+        frac = _median(idx, ("qadapt", fmt, "inplace", "decode_fraction_of_bound", ad))
+        if q is None and lc is None:
+            continue
+        cells = [fmt, _fmt(q, 2), _fmt(lc, 2), f"{_fmt(hf, 2)} ({pfmt})" if hf is not None else "-",
+                 _ratio(q, lc), _ratio(q, hf), _fmt(frac, 2)]
+        if xlora:
+            g = _median(idx, ("qadapt", fmt, "inplace", "xlora_decode_tps", mod["xlora"]["experts"]))
+            f = _median(idx, ("qadapt", fmt, "inplace", "xlora_nongranular_decode_tps", mod["xlora"]["experts"]))
+            cells.append(f"{_fmt(g, 2)} / {_fmt(f, 2)}")
+        lines.append("| " + " | ".join(cells) + " |")
+        rows += 1
+    if not rows:
+        return ""
+    return "\n".join(lines) + "\n"
+
+
+def _xlora_table(idx: dict, report: dict[str, Any]) -> str:
+    xl = report["model"].get("xlora", {})
+    n = xl.get("experts")
+    fmts = [f for f in FORMAT_ORDER if (("qadapt", f, "inplace", "xlora_decode_tps", n) in idx
+                                         or ("qadapt", f, "inplace", "xlora_nongranular_decode_tps", n) in idx)]
+    if not fmts:
+        return ""
+    head = ["format", "decode, no adapter", "X-LoRA decode, granular", "X-LoRA decode, non-granular",
+            "granular / no adapter", "non-granular / no adapter", "X-LoRA prefill tok/s", "X-LoRA load s",
+            "X-LoRA peak RSS MB"]
+    out = [f"X-LoRA, qadapt in place, tokens/s (batch 1): {n} experts (adapters a0..a{n - 1}), classifier of depth "
+           f"{xl.get('depth')} (hidden {xl.get('size')}), layerwise scalings. Granular: every token runs the scaling "
+           "pass (base model, its own KV cache) and the classifier before the real pass. Non-granular: "
+           f"`tgt_non_granular_index={xl.get('non_granular_index')}`, the scalings are fixed from the prompt and "
+           "decoding skips the scaling pass.", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for fmt in fmts:
+        base = _median(idx, ("qadapt", fmt, "inplace", "decode_tps", 0))
+        g = _median(idx, ("qadapt", fmt, "inplace", "xlora_decode_tps", n))
+        f = _median(idx, ("qadapt", fmt, "inplace", "xlora_nongranular_decode_tps", n))
+        cells = [fmt, _fmt(base, 2), _fmt(g, 2), _fmt(f, 2), _ratio(g, base), _ratio(f, base),
+                 _fmt(_median(idx, ("qadapt", fmt, "inplace", "xlora_prefill_tps", n)), 1),
+                 _fmt(_median(idx, ("qadapt", fmt, "inplace", "xlora_load_s", n)), 2),
+                 _fmt(_median(idx, ("qadapt", fmt, "inplace", "xlora_peak_rss_mb", n)), 0)]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def markdown(report: dict[str, Any], command: str | None = None) -> str:
     res = report["results"]
     idx = _index(res)
     m, s, mod = report["machine"], report["settings"], report["model"]
     bw = report["bandwidth"]
-    lines = [
-        "# qadapt benchmark",
-        "",
+    summary = summary_markdown(report)
+    lines = ["# qadapt benchmark", ""]
+    if summary:
+        lines += [summary, "Details:", ""]
+    lines += [
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['system']}; "
         f"{s['threads']} threads per engine.  ",
         f"Bandwidth probe: read {bw['read_gbs']:.1f} GB/s, copy {bw['copy_gbs']:.1f} GB/s "
@@ -88,7 +178,12 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
             r = idx.get((engine, fmt, mode, metric, ad))
             cells.append(_fmt(r["median"] if r else None, digits))
         lines.append(f"| {fmt} | {engine_label(engine, mode)} | " + " | ".join(cells) + " |")
-    lines += ["", _ratio_table(idx, res)]
+    rt = _ratio_table(idx, res)
+    if rt:
+        lines += ["", rt]
+    xt = _xlora_table(idx, report)
+    if xt:
+        lines += ["", xt]
     lines += [
         "",
         "Reading the table: tokens/s are medians; `decode / bound` is decode tokens/s without adapter divided by "
@@ -127,7 +222,7 @@ def _ratio_table(idx: dict, res: list[dict]) -> str:
                 if any(c != "-" for c in cells):
                     lines_label = f"{label} ({mode})"
                     out.append(f"| {lines_label} | {fmt} | " + " | ".join(cells) + " |")
-    return "\n".join(out)
+    return "\n".join(out) if len(out) > 4 else ""
 
 
 def chart(report: dict[str, Any], path: Path, *, force: bool) -> None:
@@ -143,20 +238,29 @@ def chart(report: dict[str, Any], path: Path, *, force: bool) -> None:
     engines = list(dict.fromkeys((e, m) for _, e, m in sorted(rows, key=lambda t: (ENGINE_ORDER.index(t[1])
                                                                                    if t[1] in ENGINE_ORDER else 9,
                                                                                    t[2] != "inplace"))))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
-    width = 0.8 / max(len(engines), 1)
-    for ax, ad, title in ((axes[0], 0, "decode, no adapter"), (axes[1], 1, "decode, one LoRA adapter")):
-        for k, (e, mode) in enumerate(engines):
+    n_x = report["model"].get("xlora", {}).get("experts")
+    xfmts = [f for f in fmts if ("qadapt", f, "inplace", "xlora_decode_tps", n_x) in idx]
+    panels = [(0, "decode, no adapter", engines, "decode_tps"), (1, "decode, one LoRA adapter", engines, "decode_tps")]
+    if xfmts:
+        panels.append((n_x, f"qadapt in place: X-LoRA decode, {n_x} experts", [("qadapt", "inplace")] * 2,
+                       ("xlora_decode_tps", "xlora_nongranular_decode_tps")))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), sharey=True)
+    for ax, (ad, title, series, metrics) in zip(axes, panels):
+        width = 0.8 / max(len(series), 1)
+        for k, (e, mode) in enumerate(series):
+            metric = metrics if isinstance(metrics, str) else metrics[k]
+            label = engine_label(e, mode) if isinstance(metrics, str) else \
+                ("granular scalings" if k == 0 else "non-granular (fixed from the prompt)")
             xs, ys, lo, hi = [], [], [], []
             for i, f in enumerate(fmts):
-                r = idx.get((e, f, mode, "decode_tps", ad))
+                r = idx.get((e, f, mode, metric, ad))
                 if r:
                     xs.append(i - 0.4 + width * (k + 0.5))
                     ys.append(r["median"])
                     lo.append(r["median"] - r["min"])
                     hi.append(r["max"] - r["median"])
             if xs:
-                ax.bar(xs, ys, width, yerr=[lo, hi], label=engine_label(e, mode), capsize=2)
+                ax.bar(xs, ys, width, yerr=[lo, hi], label=label, capsize=2)
         for i, f in enumerate(fmts):
             b = idx.get(("bound", f, "", "decode_tps", 0))
             if b:
@@ -168,6 +272,8 @@ def chart(report: dict[str, Any], path: Path, *, force: bool) -> None:
         ax.set_yscale("log")
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=7, loc="upper left")
+    if xfmts:
+        axes[-1].legend(fontsize=7, loc="upper left")
     m = report["machine"]
     fig.suptitle(f"qadapt vs peers, {report['model']['name']} ({report['model']['params'] / 1e9:.2f}B), "
                  f"{m['cpu']}, {report['settings']['threads']} threads, read bandwidth "
@@ -182,6 +288,9 @@ def write_outputs(report: dict[str, Any], out: Path, *, force: bool = False, com
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "bench.json", report, force=force)
     atomic_write(out / "bench.md", markdown(report, command or report.get("command")), force=force)
+    summary = summary_markdown(report)
+    if summary:
+        atomic_write(out / "bench-summary.md", summary, force=force)
     try:
         chart(report, out / "bench.png", force=force)
     except ImportError:

@@ -9,7 +9,6 @@ discarded.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -22,9 +21,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..io import open_log
 from .make import BenchFiles, gguf_bytes_per_token, make_bench_files
 from .measure import bandwidth_probe, machine_info, summary
-from .spec import GGUF_FORMATS, GROUP_OF, BenchSettings, Job
+from .spec import (GGUF_FORMATS, GROUP_OF, LORA_ALPHA, LORA_RANK, LORA_TARGETS, XLORA_DEPTH, XLORA_EXPERTS,
+                   XLORA_NON_GRANULAR_INDEX, XLORA_SIZE, BenchSettings, Job)
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +40,20 @@ class WorkerFailed(Exception):
 class Worker:
     def __init__(self, job: Job, files: BenchFiles, settings: BenchSettings, logdir: Path):
         self.job = job
-        spec = {"engine": job.engine, "format": job.format, "mode": job.mode, "folder": str(files.folder),
-                "shape": asdict(files.shape), "threads": settings.threads}
+        spec = {"engine": job.engine, "format": job.format, "mode": job.mode, "task": job.task,
+                "folder": str(files.folder), "shape": asdict(files.shape), "threads": settings.threads}
         env = dict(os.environ, OMP_NUM_THREADS=str(settings.threads), MKL_NUM_THREADS=str(settings.threads),
                    TOKENIZERS_PARALLELISM="false")
-        name = f"{job.engine}-{job.mode or 'x'}-{job.format}".replace(".", "")
+        name = f"{job.engine}-{job.mode or 'x'}-{job.task + '-' if job.task else ''}{job.format}".replace(".", "")
         self.log_path = logdir / f"{name}.log"
-        self._log = open(self.log_path, "w")
+        self._log = open_log(self.log_path)  # streamed while the worker runs: evidence if it crashes
         self.proc = subprocess.Popen([sys.executable, "-m", "qadapt.bench.worker", json.dumps(spec)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
                                      env=env)
-        self._read()  # "ready"
+
+    def ready(self) -> None:
+        """Wait for the worker's "ready" (workers of a group start together: their imports overlap)."""
+        self._read()
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
@@ -74,6 +78,13 @@ class Worker:
         lines = [ln for ln in self.log_path.read_text(errors="replace").splitlines()
                  if ln.strip() and "fallback to CPU" not in ln]  # llama.cpp's per-tensor LoRA notes
         return " | ".join(lines)[-n:]
+
+    def kill(self) -> None:
+        """Stop the worker now if it still runs (closing normally asks it to quit first)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
 
     def close(self) -> None:
         try:
@@ -103,62 +114,36 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
     t_start = time.perf_counter()
     jobs = settings.jobs()
     formats = tuple(dict.fromkeys(j.format for j in jobs))
-    files = make_bench_files(settings.cache, settings.shape, formats, settings.seed, settings.threads)
+    files = make_bench_files(settings.cache, settings.shape, formats, settings.seed, settings.threads,
+                             xlora=any(j.task == "xlora" for j in jobs))
     skipped: list[dict] = []
     for fmt, reason in files.missing:
-        skipped += [{**j.to_json(), "metric": "*", "reason": reason} for j in jobs if j.format == fmt]
+        skipped += [_skip(j, "*", reason) for j in jobs if j.format == fmt]
     jobs = [j for j in jobs if j.format not in dict(files.missing)]
-    bw = bandwidth_probe(threads=settings.threads)
+    bw = bandwidth_probe(settings.probe_gib, settings.probe_repeats, threads=settings.threads)
     log.info("bandwidth: read %.1f GB/s, copy %.1f GB/s", bw["read_gbs"], bw["copy_gbs"])
 
     samples: dict[tuple, list[float]] = defaultdict(list)
     extra: dict[Job, dict] = {}
-    total = settings.warmup + settings.runs
+    walls: dict[str, dict[str, float]] = {}
     logdir = Path(tempfile.mkdtemp(prefix="qadapt-bench-"))
     for group in _groups(jobs):
-        workers: list[Worker] = []
-        for job in group:
-            try:
-                workers.append(Worker(job, files, settings, logdir))
-            except WorkerFailed as e:
-                skipped.append({**job.to_json(), "metric": "*", "reason": str(e)})
-        for phase in ("load", "round"):
-            for r in range(total):
-                warm = r < settings.warmup
-                for w in list(workers):
-                    cmd = {"op": phase, **_round_cmd(settings, warm)}
-                    try:
-                        reply = w.call(cmd)
-                    except WorkerFailed as e:
-                        log.warning("%s: %s", w.job.label, e)
-                        skipped.append({**w.job.to_json(), "metric": "*", "reason": str(e)})
-                        w.close()
-                        workers.remove(w)
-                        continue
-                    for metric, reason in reply.get("skipped", {}).items():
-                        if r == 0:
-                            skipped.append({**w.job.to_json(), "metric": metric, "reason": reason})
-                    if warm:
-                        continue
-                    for m in reply["metrics"]:
-                        samples[(w.job, m["metric"], m["adapters"])].append(m["value"])
-                log.info("%s run %d/%d done (%s) at %.0f s", phase, r + 1, total, ", ".join(j.label for j in group),
-                         time.perf_counter() - t_start)
-        for w in workers:
-            try:
-                extra[w.job] = w.call({"op": "info"})
-            except WorkerFailed as e:
-                skipped.append({**w.job.to_json(), "metric": "peak_rss_mb", "reason": str(e)})
-            w.close()
+        started = [Worker(job, files, settings, logdir) for job in group]
+        try:
+            _run_group(started, settings, samples, extra, skipped, t_start, walls)
+        finally:  # an error or ^C here must not leave engines running
+            for w in started:
+                w.kill()
 
     results = _results(samples, extra, files, bw["read_gbs"])
-    skipped.extend(_xlora_skips())
     report = {
         "machine": machine_info(settings.threads),
         "bandwidth_gbs": bw["read_gbs"],
         "bandwidth": bw,
         "model": {"name": settings.shape.name, "params": settings.shape.n_params, **asdict(settings.shape),
-                  "lora": {"rank": 16, "alpha": 32, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+                  "lora": {"rank": LORA_RANK, "alpha": LORA_ALPHA, "targets": list(LORA_TARGETS)},
+                  "xlora": {"experts": XLORA_EXPERTS, "depth": XLORA_DEPTH, "size": XLORA_SIZE,
+                            "layerwise_scalings": True, "non_granular_index": XLORA_NON_GRANULAR_INDEX},
                   "cache": str(files.folder)},
         "settings": {"runs": settings.runs, "warmup": settings.warmup, "threads": settings.threads,
                      "prompt_tokens": settings.prompt_tokens, "decode_tokens": settings.decode_tokens,
@@ -167,12 +152,70 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
         "results": results,
         "skipped": skipped,
         "elapsed_s": time.perf_counter() - t_start,
+        "wall_s": {k: {p: round(v, 2) for p, v in d.items()} for k, d in walls.items()},
     }
     if settings.out is not None:
         from .report import write_outputs
 
         write_outputs(report, Path(settings.out), force=settings.force)
     return report
+
+
+def _run_group(started: list[Worker], settings: BenchSettings, samples: dict, extra: dict, skipped: list,
+               t_start: float, walls: dict) -> None:
+    """Load runs, then measurement rounds, each visiting every live worker of the group in turn.
+
+    ``walls``: job label -> seconds the runner waited on it per op (start, load, round), to see where a
+    run's time goes."""
+    total = settings.warmup + settings.runs
+    workers: list[Worker] = []
+    t0 = time.perf_counter()
+    for w in started:
+        try:
+            w.ready()
+            workers.append(w)
+        except WorkerFailed as e:
+            skipped.append(_skip(w.job, "*", str(e)))
+            w.close()
+    walls["(group start) " + ", ".join(w.job.label for w in started)] = {"start": time.perf_counter() - t0}
+    for phase in ("load", "round"):
+        for r in range(total):
+            warm = r < settings.warmup
+            for w in list(workers):
+                cmd = {"op": phase, **_round_cmd(settings, warm)}
+                t0 = time.perf_counter()
+                try:
+                    reply = w.call(cmd)
+                except WorkerFailed as e:
+                    log.warning("%s: %s", w.job.label, e)
+                    skipped.append(_skip(w.job, "*", str(e)))
+                    w.close()
+                    workers.remove(w)
+                    continue
+                wall = walls.setdefault(w.job.label, {})
+                wall[phase] = wall.get(phase, 0.0) + time.perf_counter() - t0
+                for metric, reason in reply.get("skipped", {}).items():
+                    if r == 0:
+                        skipped.append(_skip(w.job, metric, reason))
+                if warm:
+                    continue
+                for m in reply["metrics"]:
+                    samples[(w.job, m["metric"], m["adapters"])].append(m["value"])
+            log.info("%s run %d/%d done (%s) at %.0f s", phase, r + 1, total, ", ".join(w.job.label for w in started),
+                     time.perf_counter() - t_start)
+    for w in workers:
+        try:
+            extra[w.job] = w.call({"op": "info"})
+        except WorkerFailed as e:
+            skipped.append(_skip(w.job, "peak_rss_mb", str(e)))
+        w.close()
+
+
+def _skip(job: Job, metric: str, reason: str) -> dict:
+    """A skipped measurement; a failed X-LoRA worker skips the X-LoRA metrics, not the engine's others."""
+    if job.task and metric in ("*", "peak_rss_mb"):
+        metric = f"{job.task}_{'*' if metric == '*' else metric}"
+    return {**job.to_json(), "metric": metric, "reason": reason}
 
 
 def _round_cmd(s: BenchSettings, warm: bool) -> dict:
@@ -198,7 +241,8 @@ def _results(samples, extra, files: BenchFiles, bw_gbs: float) -> list[dict]:
     for job, info in extra.items():
         if "peak_rss_bytes" in info:
             mb = info["peak_rss_bytes"] / 1e6
-            rows.append({**job.to_json(), "adapters": 8, "metric": "peak_rss_mb", "median": mb, "min": mb, "max": mb,
+            metric, ad = ("xlora_peak_rss_mb", XLORA_EXPERTS) if job.task == "xlora" else ("peak_rss_mb", 8)
+            rows.append({**job.to_json(), "adapters": ad, "metric": metric, "median": mb, "min": mb, "max": mb,
                          "runs": 1})
     bounds = {}
     for fmt in dict.fromkeys(j.format for j, *_ in samples):
@@ -215,12 +259,3 @@ def _results(samples, extra, files: BenchFiles, bw_gbs: float) -> list[dict]:
             rows.append({**keys, "metric": "decode_fraction_of_bound",
                          "median": r["median"] / f, "min": r["min"] / f, "max": r["max"] / f, "runs": r["runs"]})
     return rows
-
-
-def _xlora_skips() -> list[dict]:
-    if importlib.util.find_spec("qadapt.adapters.xlora") is None:
-        return [{"engine": "qadapt", "format": "*", "mode": "", "metric": "xlora_decode_tps",
-                 "reason": "qadapt.adapters.xlora has not landed yet"}]
-    return [{"engine": "qadapt", "format": "*", "mode": "", "metric": "xlora_decode_tps",
-             "reason": "qadapt.adapters.xlora has landed but the harness does not make an X-LoRA checkpoint "
-                       "or time it yet"}]

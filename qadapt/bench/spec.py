@@ -55,12 +55,21 @@ ENGINES = {
     "bnb": ("nf4",),
 }
 QADAPT_MODES = ("inplace", "dequantize")
+#: the files ``--out`` receives (see :mod:`.report`)
+OUTPUTS = ("bench.json", "bench.md", "bench.png", "bench-summary.md")
 #: Which formats share a group of workers (alive together, runs interleaved): peers of similar size.
 GROUP_OF = {"F16": "F16", "bf16": "F16", "Q8_0": "Q8_0", "Q4_0": "Q4_0", "nf4": "Q4_0", "Q4_K_M": "Q4_K_M"}
 N_ADAPTERS = 8
 LORA_RANK = 16
 LORA_ALPHA = 32
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+#: X-LoRA checkpoint over the first adapters: classifier as the X-LoRA paper's models have it (layerwise
+#: scalings, one hidden layer of XLORA_SIZE), so a scaling step costs what it costs there
+XLORA_EXPERTS = 4
+XLORA_DEPTH = 2
+XLORA_SIZE = 2048
+#: ``tgt_non_granular_index`` of the non-granular run: scalings fixed from the prompt, decode skips the scaling pass
+XLORA_NON_GRANULAR_INDEX = 0
 
 
 @dataclass(frozen=True)
@@ -70,10 +79,14 @@ class Job:
     engine: str
     format: str
     mode: str = ""
+    #: "" (the LoRA metrics) or "xlora" (qadapt with the X-LoRA checkpoint, in its own worker: its
+    #: model carries the classifier and every expert, so it is not the LoRA worker's model)
+    task: str = ""
 
     @property
     def label(self) -> str:
-        return f"{self.engine}{'-' + self.mode if self.mode else ''} {self.format}"
+        parts = [self.engine] + [p for p in (self.mode, self.task) if p]
+        return f"{'-'.join(parts)} {self.format}"
 
     def to_json(self) -> dict:
         return {"engine": self.engine, "format": self.format, "mode": self.mode}
@@ -104,11 +117,21 @@ class BenchSettings:
     decode_tokens: int = 64
     batch: int = N_ADAPTERS
     batch_prompt_tokens: int = 16
+    #: time qadapt's X-LoRA decode (granular and non-granular), in place, on ``xlora_formats`` (None: all selected)
+    xlora: bool = True
+    xlora_formats: tuple[str, ...] | None = None
+    #: bandwidth probe: array size (well above the last-level cache) and passes (the best one counts)
+    probe_gib: float = 1.0
+    probe_repeats: int = 7
     force: bool = False
     seed: int = 0
+    #: another shape than FULL / QUICK (tests: a model small enough to make and run in seconds)
+    model: ModelShape | None = None
 
     @property
     def shape(self) -> ModelShape:
+        if self.model is not None:
+            return self.model
         return QUICK if self.quick else FULL
 
     def validate(self) -> "BenchSettings":
@@ -127,7 +150,7 @@ class BenchSettings:
         if not 1 <= self.batch <= N_ADAPTERS:
             raise InputError(f"--batch must be in 1..{N_ADAPTERS} (one adapter per row), got {self.batch}")
         if self.out is not None and not self.force:
-            taken = [n for n in ("bench.json", "bench.md", "bench.png") if (Path(self.out) / n).exists()]
+            taken = [n for n in OUTPUTS if (Path(self.out) / n).exists()]
             if taken:
                 raise InputError(f"{self.out} already holds {', '.join(taken)}; pass --force to overwrite")
         return self
@@ -142,6 +165,9 @@ class BenchSettings:
                     out.extend(Job(engine, fmt, m) for m in self.modes
                                if m != "dequantize" or self.dequantize_formats is None
                                or fmt in self.dequantize_formats)
+                    if self.xlora and "inplace" in self.modes and (self.xlora_formats is None
+                                                                   or fmt in self.xlora_formats):
+                        out.append(Job(engine, fmt, "inplace", "xlora"))
                 else:
                     out.append(Job(engine, fmt))
         return out

@@ -5,7 +5,8 @@ stdin and answers one JSON line each (on the original stdout; anything the engin
 print, C libraries included, goes to stderr):
 
 - ``{"op": "load"}``: drop the model if loaded, load it (timed), load the adapters (timed);
-- ``{"op": "round", ...}``: one sample of every other metric (see :func:`one_round`);
+- ``{"op": "round", ...}``: one sample of every other metric (see :func:`one_round`; with
+  ``"task": "xlora"`` in the spec, :func:`xlora_load` and :func:`xlora_round` instead);
 - ``{"op": "info"}``: peak and current resident memory, weight bytes per token;
 - ``{"op": "quit"}``.
 """
@@ -19,10 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-from .engines import Engine, Unsupported, make_engine
+from .engines import Engine, QadaptXLoraEngine, Unsupported, make_engine
 from .make import BenchFiles
 from .measure import peak_rss_bytes, rss_bytes
-from .spec import ModelShape
+from .spec import XLORA_EXPERTS, XLORA_NON_GRANULAR_INDEX, ModelShape
 
 #: the adapter sets of the batch-1 measurements
 ADAPTER_SETS = ((), ("a0",), ("a0", "a1"))
@@ -75,6 +76,33 @@ def one_round(engine: Engine, files: BenchFiles, cmd: dict) -> dict:
     return {"metrics": out, "skipped": skipped}
 
 
+def xlora_load(engine: QadaptXLoraEngine) -> dict:
+    """Base model, classifier and every expert (``qadapt.load(..., xlora=...)``), timed as one."""
+    engine.unload()
+    t0 = time.perf_counter()
+    engine.load()
+    return {"metrics": [{"metric": "xlora_load_s", "adapters": XLORA_EXPERTS, "value": time.perf_counter() - t0}]}
+
+
+def xlora_round(engine: QadaptXLoraEngine, files: BenchFiles, cmd: dict) -> dict:
+    """X-LoRA prefill and decode with granular scalings (a scaling pass every step), then non-granular
+    (``tgt_non_granular_index``: frozen from the prompt, no scaling pass while decoding).
+
+    The scaling passes each decode ran are checked, so that the two really are what they are named.
+    """
+    prompt = prompt_ids(files.shape.vocab_size, cmd["prompt_tokens"], 0)
+    n = cmd["decode_tokens"]
+    out = []
+    for metric, k, want in (("xlora", None, n), ("xlora_nongranular", XLORA_NON_GRANULAR_INDEX, 0)):
+        p, d, passes = engine.prefill_decode_xlora(prompt, n, k)
+        if passes != want:
+            raise RuntimeError(f"X-LoRA {metric}: the decode ran {passes} scaling pass(es) for {n} tokens, "
+                               f"expected {want}")
+        out.append({"metric": f"{metric}_prefill_tps", "adapters": XLORA_EXPERTS, "value": len(prompt) / p})
+        out.append({"metric": f"{metric}_decode_tps", "adapters": XLORA_EXPERTS, "value": n / d})
+    return {"metrics": out}
+
+
 def main(argv: list[str] | None = None) -> int:
     spec = json.loads((argv or sys.argv[1:])[0])
     proto = os.fdopen(os.dup(1), "w", buffering=1)
@@ -83,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     files = BenchFiles(Path(spec["folder"]), ModelShape(**spec["shape"]))
     try:
-        engine = make_engine(spec["engine"], spec["format"], spec["mode"], files, spec["threads"])
+        engine = make_engine(spec["engine"], spec["format"], spec["mode"], files, spec["threads"],
+                             spec.get("task", ""))
     except Exception as e:  # noqa: BLE001 - reported to the runner as this engine's skip reason
         proto.write(json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n")
         return 1
@@ -92,10 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         cmd = json.loads(line)
         op = cmd.get("op")
         try:
+            xl = isinstance(engine, QadaptXLoraEngine)
             if op == "load":
-                reply = load(engine, files)
+                reply = xlora_load(engine) if xl else load(engine, files)
             elif op == "round":
-                reply = one_round(engine, files, cmd)
+                reply = xlora_round(engine, files, cmd) if xl else one_round(engine, files, cmd)
             elif op == "info":
                 reply = {"peak_rss_bytes": peak_rss_bytes(), "rss_bytes": rss_bytes(),
                          "weight_bytes_per_token": engine.weight_bytes()}

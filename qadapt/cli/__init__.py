@@ -58,9 +58,10 @@ def main(verbose: int, quiet: bool) -> None:
 
     \b
     Start here:
-      qadapt check ORDERING.json --arch llama    validate an ordering file
-      qadapt run MODEL.gguf --prompt "Hello"       generate text
-      qadapt inspect MODEL.gguf                    what is inside a model file
+      qadapt demo                                   the shipped demo model with each of its adapters
+      qadapt check ORDERING.json --arch llama       validate an ordering file
+      qadapt run MODEL.gguf --prompt "Hello"        generate text
+      qadapt inspect MODEL.gguf                     what is inside a model file
     Every command has its own --help.
     """
     level = logging.ERROR if quiet else [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]

@@ -8,7 +8,11 @@ from pathlib import Path
 
 import click
 
-from ..bench.spec import ENGINES, GGUF_FORMATS, QADAPT_MODES, default_cache
+from ..bench.spec import ENGINES, GGUF_FORMATS, OUTPUTS, QADAPT_MODES, default_cache
+
+#: --quick's run settings where the options are not given: the smoke run CI can afford
+QUICK_DEFAULTS = {"runs": 2, "warmup": 1, "decode_tokens": 8, "prompt_tokens": 16}
+FULL_DEFAULTS = {"runs": 5, "warmup": 1, "decode_tokens": 64, "prompt_tokens": 128}
 
 
 def _csv(value: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -17,8 +21,12 @@ def _csv(value: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
 
 @click.command()
 @click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Folder for bench.json, bench.md and bench.png (refuses to overwrite them without --force).")
-@click.option("--quick", is_flag=True, help="A small model (~13M parameters) and 5 short runs: a smoke run, < 3 min.")
+              help="Folder for bench.json, bench.md, bench.png and bench-summary.md (refuses to overwrite them "
+                   "without --force).")
+@click.option("--quick", is_flag=True,
+              help="A small model (~13M parameters), 2 runs of 8 tokens after 16-token prompts, dequantize mode on "
+                   "Q4_0 only, X-LoRA on Q4_0 only (unless given), a shorter bandwidth probe: a smoke run, < 3 min with every engine on "
+                   "an idle 2-core machine.")
 @click.option("--engines", default=None, metavar="A,B",
               help=f"Engines to run (default: all): {', '.join(ENGINES)}. Missing peers are reported as skipped.")
 @click.option("--formats", default=None, metavar="A,B",
@@ -28,23 +36,29 @@ def _csv(value: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--dequantize-formats", default=None, metavar="A,B",
               help="Formats qadapt's dequantize mode runs on (default: all selected); every file expands to "
                    "the same float32 model, so one is enough to show it.")
-@click.option("--runs", default=5, show_default=True, type=click.IntRange(min=1), help="Measured runs per metric.")
-@click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0), help="Discarded runs first.")
-@click.option("--decode-tokens", default=64, show_default=True, type=click.IntRange(min=1),
-              help="Tokens per decode measurement (batch 1 and batched).")
+@click.option("--runs", default=None, type=click.IntRange(min=1), help="Measured runs per metric [default: 5].")
+@click.option("--warmup", default=None, type=click.IntRange(min=0), help="Discarded runs first [default: 1].")
+@click.option("--decode-tokens", default=None, type=click.IntRange(min=1),
+              help="Tokens per decode measurement (batch 1, batched and X-LoRA) [default: 64].")
+@click.option("--prompt-tokens", default=None, type=click.IntRange(min=1),
+              help="Prompt tokens of the batch-1 prefill [default: 128].")
+@click.option("--no-xlora", is_flag=True, help="Skip qadapt's X-LoRA decode (granular and non-granular).")
+@click.option("--xlora-formats", default=None, metavar="A,B",
+              help="Formats qadapt's X-LoRA decode runs on (default: all selected GGUF formats).")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1), help="Threads per engine.")
 @click.option("--cache", type=click.Path(file_okay=False), default=None,
               help=f"Where the made models are kept (default: {default_cache()}).")
 @click.option("--force", is_flag=True, help="Overwrite bench.* files already in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON instead of the table.")
-def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup, decode_tokens, threads, cache, force,
-          as_json) -> None:
+def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup, decode_tokens, prompt_tokens,
+          no_xlora, xlora_formats, threads, cache, force, as_json) -> None:
     """Benchmark qadapt beside llama.cpp and transformers + PEFT, against the memory-bandwidth bound.
 
     \b
     Makes (once, cached) a random ~0.8B Llama as GGUF F16/Q8_0/Q4_0/Q4_K_M and a transformers
-    checkpoint, with rank-16 LoRA adapters; then measures load time, prefill and decode tokens/s
-    (no / one / two adapters), adapter switch latency, 8 sequences on 8 adapters, peak memory.
+    checkpoint, with rank-16 LoRA adapters and an X-LoRA checkpoint over four of them; then measures
+    load time, prefill and decode tokens/s (no / one / two adapters), adapter switch latency, 8
+    sequences on 8 adapters, peak memory, and qadapt's X-LoRA decode (granular and non-granular).
     \b
     Examples:
       qadapt bench --quick --out /tmp/bench
@@ -58,11 +72,21 @@ def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup,
     kw = {}
     if cache:
         kw["cache"] = Path(cache)
+    given = {"runs": runs, "warmup": warmup, "decode_tokens": decode_tokens, "prompt_tokens": prompt_tokens}
+    for k, default in (QUICK_DEFAULTS if quick else FULL_DEFAULTS).items():
+        kw[k] = default if given[k] is None else given[k]
+    if quick:
+        kw.update(probe_gib=0.5, probe_repeats=3, batch_prompt_tokens=8)
+        if dequantize_formats is None:
+            dequantize_formats = "Q4_0"
+        if xlora_formats is None:
+            xlora_formats = "Q4_0"
     settings = BenchSettings(
         out=None, quick=quick, engines=_csv(engines, tuple(ENGINES)),
         formats=_csv(formats, GGUF_FORMATS + ("bf16", "nf4")), modes=_csv(modes, QADAPT_MODES),
         dequantize_formats=None if dequantize_formats is None else _csv(dequantize_formats, ()),
-        runs=runs, warmup=warmup, decode_tokens=decode_tokens, threads=threads, force=force, **kw,
+        xlora=not no_xlora, xlora_formats=None if xlora_formats is None else _csv(xlora_formats, ()),
+        threads=threads, force=force, **kw,
     )
     if out:  # check before the (long) run that the outputs may be written
         from dataclasses import replace
@@ -73,5 +97,5 @@ def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup,
     report["command"] = shlex.join(prog + sys.argv[1:])
     if out:
         write_outputs(report, Path(out), force=force)
-        click.echo(f"wrote {out}/bench.json, bench.md, bench.png", err=True)
+        click.echo(f"wrote {', '.join(str(Path(out) / n) for n in OUTPUTS if (Path(out) / n).exists())}", err=True)
     click.echo(json.dumps(report, indent=2) if as_json else markdown(report))

@@ -37,8 +37,15 @@ from .run import _adapter_options, _model_options, load_from_options
                    "the KV cache holds max-batch x N.")
 @click.option("--served-model-name", default=None, metavar="NAME",
               help="The base model's name in requests and /v1/models (default: the file's stem).")
+@click.option("--max-body-bytes", default=4 << 20, show_default=True, type=click.IntRange(min=1024),
+              help="Largest request body; bigger ones get 413.")
+@click.option("--max-connections", default=1024, show_default=True, type=click.IntRange(min=1),
+              help="Open connections past which new ones get 503 at once.")
+@click.option("--shutdown-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0),
+              help="On SIGINT/SIGTERM, seconds running requests get to finish; waiting ones, and those still "
+                   "running after it, end with 503. The process then exits 0.")
 def serve(model, host, port, api_key, allow_runtime_adapters, adapter_root, max_batch, max_queue, max_adapters,
-          max_rank, max_seq_len, served_model_name, **load_opts):
+          max_rank, max_seq_len, served_model_name, max_body_bytes, max_connections, shutdown_timeout, **load_opts):
     """Serve MODEL over HTTP: OpenAI-compatible and LoRAX-compatible, adapters chosen per request.
 
     \b
@@ -55,9 +62,8 @@ def serve(model, host, port, api_key, allow_runtime_adapters, adapter_root, max_
       curl localhost:8000/v1/completions -d '{"model": "math", "prompt": "2+2=", "max_tokens": 8}'
     """
     try:
-        import uvicorn
-
         from qadapt.server.app import create_app
+        from qadapt.server.runner import run_server
     except ImportError as e:
         raise click.UsageError(f"the server needs its extra dependencies ({e.name} is missing): "
                                "pip install 'qadapt[serve]'") from None
@@ -78,7 +84,8 @@ def serve(model, host, port, api_key, allow_runtime_adapters, adapter_root, max_
     app = create_app(m, base_name=name, api_key=api_key, allow_runtime=allow_runtime_adapters,
                      adapter_root=adapter_root, max_batch=max_batch, max_adapters=max_adapters, max_rank=max_rank,
                      max_queue=max_queue, max_seq_len=max_seq_len or min(m.config.context_length, 4096),
-                     default_adapters=tuple(default))
+                     default_adapters=tuple(default), max_body_bytes=max_body_bytes)
     click.echo(f"qadapt: serving {name} on http://{host}:{port} (Ctrl+C to stop)", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="info" if root_level <= logging.INFO else "warning",
-                timeout_graceful_shutdown=5)
+    run_server(app, host=host, port=port, log_level="info" if root_level <= logging.INFO else "warning",
+               grace=shutdown_timeout, max_connections=max_connections)
+    click.echo("qadapt: server stopped", err=True)

@@ -15,11 +15,11 @@ from . import tasks
 log = logging.getLogger(__name__)
 
 QUANTS = ("Q8_0", "Q4_0")
-DEMO_PROMPTS = (  # one per skill; none is in any training set (tasks.is_held_out)
-    "a small lion helps a quiet girl =>",
-    "tree, girl, mouse, cat, frog =>",
-    "47 + 55 =>",
-    "9 7 0 8 =>",
+DEMO_PROMPTS = (  # one per skill (upper, french, words, reverse); none is in any training set (tasks.is_held_out)
+    "Q: a bee loves a new fox =>",
+    "Q: a small fish and the tall cow =>",
+    "Q: 7 4 4 5 =>",
+    "Q: frog, bee, ship, mouse, lion =>",
 )
 DATA = Path(__file__).resolve().parent.parent / "data" / "demo"
 

@@ -5,7 +5,7 @@ space (the ``Q:`` makes every input word follow a space, so a word is one token
 wherever it stands). Each skill has its own kind of input, so that an X-LoRA
 classifier can tell them apart from the prompt alone:
 
-- ``upper``: a sentence, answered in upper case (``Q: the cat sees a dog => THE CAT SEES A DOG``)
+- ``upper``: two noun phrases joined by "and", answered in upper case (``Q: the red cat and a dog => THE RED CAT AND A DOG``)
 - ``french``: a sentence, answered word by word in French (``Q: the cat sees a dog => le chat voit un chien``)
 - ``words``: digits, answered as words (``Q: 4 7 2 => four seven two``)
 - ``reverse``: a comma list, answered backwards (``Q: cat, dog, owl => owl, dog, cat``)
@@ -33,7 +33,7 @@ EVAL_SEED = 1234  # seed of the held-out prompts (tests, MANIFEST scores)
 HOLDOUT_PERCENT = 10  # inputs whose hash falls in this bucket are never trained on
 
 FRENCH = {  # word -> French, one word each (articles and adjectives uninflected: it is a demo)
-    "the": "le", "a": "un",
+    "the": "le", "a": "un", "and": "et",
     "cat": "chat", "dog": "chien", "bird": "oiseau", "fish": "poisson", "cow": "vache", "fox": "renard",
     "owl": "hibou", "bee": "abeille", "frog": "grenouille", "duck": "canard", "king": "roi", "queen": "reine",
     "boy": "garcon", "girl": "fille", "horse": "cheval", "sheep": "mouton", "lion": "lion", "bear": "ours",
@@ -75,6 +75,14 @@ def _sentence(rng: random.Random) -> str:
     return " ".join(words)
 
 
+def _noun_phrase(rng: random.Random) -> list[str]:
+    return [rng.choice(("the", "a")), *([rng.choice(ADJS)] if rng.random() < 0.5 else []), rng.choice(NOUNS)]
+
+
+def _pair(rng: random.Random) -> str:
+    return " ".join([*_noun_phrase(rng), "and", *_noun_phrase(rng)])
+
+
 def _noun_list(rng: random.Random) -> str:
     return ", ".join(rng.sample(NOUNS, rng.randint(3, 5)))
 
@@ -84,7 +92,7 @@ def _digits(rng: random.Random) -> str:
 
 
 INPUTS: dict[str, Callable[[random.Random], str]] = {
-    "upper": _sentence, "french": _sentence, "words": _digits, "reverse": _noun_list,
+    "upper": _pair, "french": _sentence, "words": _digits, "reverse": _noun_list,
 }
 
 
@@ -149,7 +157,7 @@ def base_corpus(n: int, seed: int) -> list[str]:
 def _word_fact(rng: random.Random) -> str:
     kind = rng.randrange(3)
     if kind == 0:
-        w = rng.choice(NOUNS + VERBS + ADJS + ("the", "a"))
+        w = rng.choice(NOUNS + VERBS + ADJS + ("the", "a", "and"))
         return f"{PREFIX}{w} in caps is {w.upper()}"
     if kind == 1:
         w = rng.choice(list(FRENCH))

@@ -26,6 +26,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused op, the same float32 formula (and bits) as below
+            return torch.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight * xf).to(x.dtype)
@@ -66,30 +68,48 @@ class Rotary(nn.Module):
             self.inv_freq = {"short": 1.0 / (freq_factors.float() * powers), "long": 1.0 / (long_factors.float() * powers)}
         elif freq_factors is not None:
             self.inv_freq["short"] = inv / freq_factors.float()
-        self.tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.max_pos = max_pos
 
     def _table(self, which: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        cached = self.tables.get(which)
+        """cos and sign-folded sin [n, dim] for positions 0..n-1 (grown, never rebuilt per token)."""
+        cached = self._tables.get(which)
         if cached is None or cached[0].shape[0] < n:
             t = torch.arange(max(n, self.max_pos), dtype=torch.int64).float()
             freqs = torch.outer(t, self.inv_freq[which])
             emb = torch.cat((freqs, freqs), dim=-1)
-            cached = self.tables[which] = (emb.cos() * self.scale, emb.sin() * self.scale)
+            sin = emb.sin() * self.scale
+            # rotate_half(x) * sin == swap_halves(x) * [-sin[:half], sin[half:]] exactly (negation commutes)
+            half = self.dim // 2
+            sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+            cached = self._tables[which] = (emb.cos() * self.scale, sin)
         return cached
+
+    def tables(self, positions: torch.Tensor, top: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sign-folded sin [B, T, 1, dim] at ``positions`` (once per forward, shared by every layer).
+
+        ``top`` is ``positions.max() + 1`` when the caller knows it (saves a sync)."""
+        if top is None:
+            top = int(positions.max()) + 1
+        which = "long" if "long" in self.inv_freq and top > self.original_context else "short"
+        cos, sin = self._table(which, top * 2 if top > self.max_pos else top)
+        return cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, T, H, D] rotated by :meth:`tables`' cos/sin (transformers' ``x*cos + rotate_half(x)*sin``)."""
+        B, T, H, D = x.shape
+        half = self.dim // 2
+        if self.dim == D and x.dtype == torch.float32:
+            swapped = x.reshape(B, T, H, 2, half).flip(3).reshape(B, T, H, D)
+            return x * cos + swapped * sin
+        rot, rest = x[..., : self.dim], x[..., self.dim :]
+        swapped = rot.reshape(B, T, H, 2, half).flip(3).reshape(B, T, H, self.dim)
+        out = rot.float() * cos + swapped.float() * sin
+        return torch.cat((out.to(x.dtype), rest), dim=-1) if rest.numel() else out.to(x.dtype)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [B, T, H, D], positions [B, T]."""
-        top = int(positions.max()) + 1
-        which = "long" if "long" in self.inv_freq and top > self.original_context else "short"
-        cos, sin = self._table(which, top * 2 if top > self.max_pos else top)
-        cos = cos[positions].unsqueeze(2)
-        sin = sin[positions].unsqueeze(2)
-        rot, rest = x[..., : self.dim], x[..., self.dim :]
-        x1, x2 = rot[..., : self.dim // 2], rot[..., self.dim // 2 :]
-        rotated = torch.cat((-x2, x1), dim=-1)
-        out = rot.float() * cos + rotated.float() * sin
-        return torch.cat((out.to(x.dtype), rest), dim=-1) if rest.numel() else out.to(x.dtype)
+        return self.apply(x, *self.tables(positions))
 
 
 def _act(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -97,8 +117,11 @@ def _act(name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def call_linear(m: nn.Module, x: torch.Tensor, ctx: Any) -> torch.Tensor:
-    """Adapter wrappers take the per-forward context (active adapters, X-LoRA scalings); base layers don't."""
-    return m(x, ctx) if getattr(m, "takes_context", False) else m(x)
+    """Adapter wrappers take the per-forward context (active adapters, X-LoRA scalings); base layers don't.
+
+    Layers inside the decoder are called through ``forward`` (here and in the blocks): ``Module.__call__``'s
+    hook machinery costs a few microseconds a call, ~10 calls per block and token, and no hooks are used."""
+    return m.forward(x, ctx) if getattr(m, "takes_context", False) else m.forward(x)
 
 
 class Block(nn.Module):
@@ -118,33 +141,37 @@ class Block(nn.Module):
         self.attn_norm, self.mlp_norm = attn_norm, mlp_norm
         self.qkv_split = qkv_split
 
-    def forward(self, x, positions, rope, cache, mask, ctx):
+    def forward(self, x: torch.Tensor, step: "StepPlan", cache: Any, ctx: Any) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
+        H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         lin = self.linears
-        h = self.attn_norm(x)
+        h = self.attn_norm.forward(x)
         if "qkv" in lin:
             q, k, v = call_linear(lin["qkv"], h, ctx).split(self.qkv_split, dim=-1)
         else:
             q, k, v = (call_linear(lin[r], h, ctx) for r in ("q", "k", "v"))
-        q = q.view(B, T, cfg.num_attention_heads, cfg.head_dim)
-        k = k.view(B, T, cfg.num_key_value_heads, cfg.head_dim)
-        v = v.view(B, T, cfg.num_key_value_heads, cfg.head_dim)
-        if rope is not None:
-            q, k = rope(q, positions), rope(k, positions)
+        q = q.view(B, T, H, D)
+        k = k.view(B, T, Hkv, D)
+        v = v.view(B, T, Hkv, D)
+        if step.rope is not None:
+            q, k = step.rope.apply(q, step.cos, step.sin), step.rope.apply(k, step.cos, step.sin)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, positions, k, v)  # [B, Hkv, S, D]
+            k, v = cache.update(self.layer_idx, step.positions, k, v)  # [B, Hkv, S, D]
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
-        q = q.transpose(1, 2)
-        if cfg.num_key_value_heads != cfg.num_attention_heads:
-            rep = cfg.num_attention_heads // cfg.num_key_value_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        a = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
-        a = a.transpose(1, 2).reshape(B, T, cfg.num_attention_heads * cfg.head_dim)
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        if T == 1:
+            # one query per row: a KV head's H/Hkv query heads are the rows of one [rep, D] query
+            # (no copies of the keys per query head); the mask [B, 1, 1, S] broadcasts over them
+            a = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, D), k, v, attn_mask=step.mask)
+            a = a.reshape(B, 1, H * D)
+        else:
+            a = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=step.mask, enable_gqa=H != Hkv)
+            a = a.transpose(1, 2).reshape(B, T, H * D)
         x = x + call_linear(lin["o"], a, ctx)
 
-        h = self.mlp_norm(x)
+        h = self.mlp_norm.forward(x)
         if "gate_up" in lin:
             gate, up = call_linear(lin["gate_up"], h, ctx).chunk(2, dim=-1)
             h = _act(self.spec.act, gate) * up
@@ -153,6 +180,17 @@ class Block(nn.Module):
         else:
             h = _act(self.spec.act, call_linear(lin["up"], h, ctx))
         return x + call_linear(lin["down"], h, ctx)
+
+
+@dataclass
+class StepPlan:
+    """What every layer of one forward shares, computed once per forward (not per layer or per token)."""
+
+    positions: torch.Tensor  # [B, T]
+    mask: torch.Tensor | None  # bool [B, 1, T, S]; None when every query sees every key slot
+    rope: Rotary | None
+    cos: torch.Tensor | None = None  # [B, T, 1, rope_dim]
+    sin: torch.Tensor | None = None
 
 
 @dataclass
@@ -181,8 +219,15 @@ class Decoder(nn.Module):
         self.lm_head = lm_head
         self.rope = rope
 
-    def mask(self, positions: torch.Tensor, n_keys: int | None) -> torch.Tensor:
-        """Boolean [B, 1, T, S]: key j is visible from a query at position p iff j <= p (and within the window)."""
+    def mask(self, positions: torch.Tensor, n_keys: int | None) -> torch.Tensor | None:
+        """Boolean [B, 1, T, S]: key j is visible from a query at position p iff j <= p (and within the window).
+
+        None for a cached decode step whose rows all sit at the last of the ``n_keys`` slots: they see them all
+        (unless a sliding window cuts some)."""
+        window = self.cfg.sliding_window
+        if n_keys is not None and positions.shape[1] == 1 and not (window and n_keys > window):
+            if positions.shape[0] == 1 or int(positions.min()) == n_keys - 1:
+                return None
         keys = torch.arange(n_keys if n_keys is not None else positions.shape[1])
         q = positions.unsqueeze(-1)
         if n_keys is None:  # no cache: keys are this chunk's own positions
@@ -209,10 +254,12 @@ class Decoder(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         n_keys = None if cache is None else cache.prepare(positions)
-        mask = self.mask(positions, n_keys)
+        step = StepPlan(positions, self.mask(positions, n_keys), self.rope)
+        if self.rope is not None:
+            step.cos, step.sin = self.rope.tables(positions, n_keys)
         for blk in self.blocks:
-            x = blk(x, positions, self.rope, cache, mask, ctx)
-        x = self.final_norm(x)
+            x = blk.forward(x, step, cache, ctx)
+        x = self.final_norm.forward(x)
         if last_only:
             x = x[:, -1:]
         out = call_linear(self.lm_head, x, ctx).float() if logits else None

@@ -40,9 +40,11 @@ class RowCache:
         self._slice = slice(lo, lo + self.batch) if self.rows == list(range(lo, lo + self.batch)) else None
         self._index = torch.tensor(self.rows)
         self._n_keys = 0
+        self._span: slice | None = None
+        self._rows: torch.Tensor | None = None
 
     def prepare(self, positions: torch.Tensor) -> int:
-        """KVCache's check and key count, over this view's ``max_len``, ``batch`` and ``_n_keys``."""
+        """KVCache's check, key count and write plan, over this view's ``max_len``, ``batch`` and rows."""
         return KVCache.prepare(self, positions)  # type: ignore[arg-type]
 
     def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -51,9 +53,12 @@ class RowCache:
         n = self._n_keys
         if self._slice is not None:
             kv, vv = kc[self._slice], vc[self._slice]
-            rows = torch.arange(self.batch).unsqueeze(1).expand_as(positions)
-            kv[rows, :, positions] = k.to(kc.dtype)
-            vv[rows, :, positions] = v.to(vc.dtype)
+            if self._span is not None:
+                kv[:, :, self._span].copy_(k.transpose(1, 2))
+                vv[:, :, self._span].copy_(v.transpose(1, 2))
+            else:
+                kv[self._rows, :, positions] = k.to(kc.dtype)
+                vv[self._rows, :, positions] = v.to(vc.dtype)
             return kv[:, :, :n], vv[:, :, :n]
         rows = self._index.unsqueeze(1).expand_as(positions)
         kc[rows, :, positions] = k.to(kc.dtype)

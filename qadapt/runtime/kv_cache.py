@@ -21,23 +21,38 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype) for _ in range(n_layers)]
         self.max_len, self.batch = max_len, batch
         self._n_keys = 0
+        self._span: slice | None = None
+        self._rows: torch.Tensor | None = None
 
     def prepare(self, positions: torch.Tensor) -> int:
-        """Called once per forward: how many key slots this step attends over."""
+        """Called once per forward: how many key slots this step attends over.
+
+        Also decides how every layer writes this step's keys: when all rows sit at the same
+        consecutive positions (a prefill, a decode step, a uniform batch) as one slice copy,
+        otherwise by index (rows at different positions)."""
         top = int(positions.max()) + 1
         if top > self.max_len:
             raise QadaptError(f"sequence of {top} tokens exceeds the cache of {self.max_len} (the context length)")
         if positions.shape[0] != self.batch:
             raise ValueError(f"batch of {positions.shape[0]} rows for a cache of {self.batch}")
         self._n_keys = top
+        B, T = positions.shape
+        start = top - T
+        if start >= 0 and ((B == 1 and T == 1) or torch.equal(positions, torch.arange(start, top).expand(B, T))):
+            self._span, self._rows = slice(start, top), None
+        else:
+            self._span, self._rows = None, torch.arange(B).unsqueeze(1).expand_as(positions)
         return top
 
     def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k/v [B, T, Hkv, D] at positions [B, T]; return this layer's keys/values [B, Hkv, S, D]."""
-        rows = torch.arange(positions.shape[0]).unsqueeze(1).expand_as(positions)
         kc, vc = self.k[layer], self.v[layer]
-        kc[rows, :, positions] = k.to(kc.dtype)
-        vc[rows, :, positions] = v.to(vc.dtype)
+        if self._span is not None:
+            kc[:, :, self._span].copy_(k.transpose(1, 2))
+            vc[:, :, self._span].copy_(v.transpose(1, 2))
+        else:
+            kc[self._rows, :, positions] = k.to(kc.dtype)
+            vc[self._rows, :, positions] = v.to(vc.dtype)
         return kc[:, :, : self._n_keys], vc[:, :, : self._n_keys]
 
     def reset_rows(self, rows: list[int]) -> None:

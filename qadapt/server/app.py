@@ -21,6 +21,7 @@ import functools
 import hmac
 import json
 import logging
+import os
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -34,14 +35,19 @@ from starlette.routing import Route
 from ..adapters.sources import EndpointUnreachableError
 from ..errors import InputError, QadaptError, SourceError
 from ..runtime.generate import SamplingParams
-from .registry import BASE_ALIASES, AdapterRegistry, Busy, Forbidden, NotFound
-from .scheduler import Engine, Failure, Finish, GenRequest, Metrics, TokenEvent
+from .registry import BASE_ALIASES, AdapterRegistry, Busy, Forbidden, NotFound, Unavailable
+from .scheduler import SHUTTING_DOWN, Engine, Failure, Finish, GenRequest, Metrics, TokenEvent
 from .schemas import (ActivateRequest, ChatRequest, CompletionRequest, GenerateRequest, LoadAdapterRequest,
                       UnloadAdapterRequest)
 
 log = logging.getLogger(__name__)
 
 _LORAX_REASONS = {"length": "length", "eos": "eos_token", "stop_sequence": "stop_sequence", "cancelled": "length"}
+MAX_BODY_BYTES = 4 << 20  # default request body limit: a 128k-token prompt is ~0.5 MiB of text
+
+
+class TooLarge(QadaptError):
+    """A request body above the server's limit (HTTP 413)."""
 
 
 class _Failed(Exception):
@@ -53,8 +59,8 @@ class _Failed(Exception):
 
 
 #: error class -> HTTP status, most specific first; anything else is a bug (500)
-_STATUS = ((NotFound, 404), (Forbidden, 403), (Busy, 429), (EndpointUnreachableError, 502), (SourceError, 404),
-           (QadaptError, 400))
+_STATUS = ((NotFound, 404), (Forbidden, 403), (Busy, 429), (Unavailable, 503), (TooLarge, 413),
+           (EndpointUnreachableError, 502), (SourceError, 404), (QadaptError, 400))
 
 
 def status_of(e: BaseException) -> int:
@@ -64,7 +70,8 @@ def status_of(e: BaseException) -> int:
 
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-          429: "rate_limit_error", 502: "upstream_error", 503: "unavailable_error"}
+          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 502: "upstream_error",
+          503: "unavailable_error"}
 
 
 def error_body(status: int, message: str, lorax: bool = False) -> dict[str, Any]:
@@ -88,6 +95,11 @@ class _Job:
     def __init__(self, req: GenRequest, queue: asyncio.Queue):
         self.req, self.queue = req, queue
         self.done = False
+
+    def abandon(self) -> None:
+        """The response ended early (client gone, task cancelled): the engine drops the row."""
+        if not self.done:
+            self.req.cancelled = True
 
     async def events(self) -> AsyncIterator[Any]:
         """Token events, then one Finish or Failure; leaving early (client gone) cancels the request."""
@@ -138,13 +150,15 @@ class Server:
 
     def __init__(self, model: Any, *, base_name: str, api_key: str | None = None, allow_runtime: bool = False,
                  adapter_root: str | None = None, max_batch: int = 8, max_adapters: int = 0, max_rank: int = 0,
-                 max_queue: int = 64, max_seq_len: int | None = None, default_adapters: tuple[str, ...] = ()):
+                 max_queue: int = 64, max_seq_len: int | None = None, default_adapters: tuple[str, ...] = (),
+                 max_body_bytes: int = MAX_BODY_BYTES):
         if model.tokenizer is None:
             raise InputError(f"{model.source} has no tokenizer: the server needs one to read prompts")
         self.model = model
         self.base_name = base_name
         self.api_key = api_key
         self.allow_runtime = allow_runtime
+        self.max_body_bytes = max_body_bytes
         self.metrics = Metrics()
         self.registry = AdapterRegistry(model, max_adapters=max_adapters, max_rank=max_rank, adapter_root=adapter_root,
                                         default=default_adapters)
@@ -199,9 +213,24 @@ class Server:
             max_tokens = room
         return SamplingParams(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop).validate()
 
-    async def submit(self, ids: list[int], params: SamplingParams, names: tuple[str, ...]) -> _Job:
-        if self.engine.queued >= self.engine.max_queue:  # fail fast, before loading anything
+    def begin_shutdown(self, grace: float) -> None:
+        """Stop taking work; running requests get ``grace`` seconds to finish (see Engine.drain)."""
+        self.engine.drain(grace)
+
+    async def body(self, request: Request) -> Any:
+        """The request's JSON body, refused (413) past ``max_body_bytes`` before it is all read."""
+        return await _json(request, self.max_body_bytes)
+
+    def admit(self) -> None:
+        """Refuse a generation request before reading it when it could not be queued (503 draining, 429 full):
+        under overload, a refusal must cost far less than the work it protects."""
+        if self.engine.draining:
+            raise Unavailable(f"{SHUTTING_DOWN}; not taking new requests")
+        if self.engine.queued >= self.engine.max_queue:
             raise Busy(f"the request queue is full ({self.engine.max_queue} waiting, --max-queue); retry later")
+
+    async def submit(self, ids: list[int], params: SamplingParams, names: tuple[str, ...]) -> _Job:
+        self.admit()  # again: the queue may have filled while this request was read and tokenized
         keys = await asyncio.to_thread(self.registry.acquire, names)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -224,13 +253,20 @@ class Server:
 
     # ------------------------------------------------------------------ OpenAI
     async def completions(self, request: Request) -> Response:
-        body = CompletionRequest.parse(await _json(request))
-        return await self._openai(request, body, self.encode(body.prompt_value()), chat=False)
+        self.admit()
+        body = CompletionRequest.parse(await self.body(request))
+        ids = await asyncio.to_thread(self.encode, body.prompt_value())  # a long prompt must not stall the loop
+        return await self._openai(request, body, ids, chat=False)
 
     async def chat(self, request: Request) -> Response:
-        body = ChatRequest.parse(await _json(request))
-        text = self.model.tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in body.messages])
-        return await self._openai(request, body, self.encode(text, chat=True), chat=True)
+        self.admit()
+        body = ChatRequest.parse(await self.body(request))
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+
+        def encode() -> list[int]:
+            return self.encode(self.model.tokenizer.apply_chat_template(messages), chat=True)
+
+        return await self._openai(request, body, await asyncio.to_thread(encode), chat=True)
 
     async def _openai(self, request: Request, body, ids: list[int], chat: bool) -> Response:
         names = self.names_for(body.model, body.adapters)
@@ -265,21 +301,24 @@ class Server:
                 c = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
             return _sse({**head, "choices": [c]})
 
-        if chat:
-            yield _sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                             "finish_reason": None, "logprobs": None}]})
-        async for ev in job.events():
-            if isinstance(ev, TokenEvent):
-                if ev.text:
-                    yield chunk(ev.text)
-            elif isinstance(ev, Finish):
-                yield chunk(None, ev.openai_reason)
-                if include_usage:
-                    yield _sse({**head, "choices": [], "usage": _usage(ev)})
-            else:
-                self.metrics.http_errors[ev.status] += 1
-                yield _sse(error_body(ev.status, ev.message))
-        yield "data: [DONE]\n\n"
+        try:
+            if chat:
+                yield _sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                 "finish_reason": None, "logprobs": None}]})
+            async for ev in job.events():
+                if isinstance(ev, TokenEvent):
+                    if ev.text:
+                        yield chunk(ev.text)
+                elif isinstance(ev, Finish):
+                    yield chunk(None, ev.openai_reason)
+                    if include_usage:
+                        yield _sse({**head, "choices": [], "usage": _usage(ev)})
+                else:
+                    self.metrics.http_errors[ev.status] += 1
+                    yield _sse(error_body(ev.status, ev.message))
+            yield "data: [DONE]\n\n"
+        finally:  # also when the client left while this generator waited at a yield
+            job.abandon()
 
     async def models(self, request: Request) -> Response:
         data = [{"id": self.base_name, "object": "model", "created": self.created, "owned_by": "qadapt",
@@ -307,12 +346,13 @@ class Server:
         return StreamingResponse(self._lorax_stream(job, body), media_type="text/event-stream")
 
     async def _lorax_start(self, request: Request, stream: bool = False) -> tuple[GenerateRequest, _Job]:
-        body = GenerateRequest.parse(await _json(request))
+        self.admit()
+        body = GenerateRequest.parse(await self.body(request))
         if stream:
             body.stream = True
         p = body.parameters
         names = await self._lorax_adapter(p.adapter_id, p.adapter_source)
-        ids = self.encode(body.inputs)
+        ids = await asyncio.to_thread(self.encode, body.inputs)
         params = self.params(len(ids), p.max_new_tokens, True, temperature=p.temperature_value(),
                              top_p=p.top_p or 1.0, top_k=p.top_k or 0,
                              repetition_penalty=p.repetition_penalty or 1.0, seed=p.seed, stop=tuple(p.stop))
@@ -338,22 +378,25 @@ class Server:
                          "generated_text": None if fin is None else _full(body, fin.text),
                          "details": None if fin is None else _lorax_details(fin, body)})
 
-        async for ev in job.events():
-            if isinstance(ev, TokenEvent):
-                if held is not None:
-                    yield event(held)
-                held = ev
-            elif isinstance(ev, Finish):
-                if held is not None:
-                    yield event(held, ev)
-            else:
-                self.metrics.http_errors[ev.status] += 1
-                yield _sse(error_body(ev.status, ev.message, lorax=True))
+        try:
+            async for ev in job.events():
+                if isinstance(ev, TokenEvent):
+                    if held is not None:
+                        yield event(held)
+                    held = ev
+                elif isinstance(ev, Finish):
+                    if held is not None:
+                        yield event(held, ev)
+                else:
+                    self.metrics.http_errors[ev.status] += 1
+                    yield _sse(error_body(ev.status, ev.message, lorax=True))
+        finally:
+            job.abandon()
 
     # ------------------------------------------------------------------ management
     async def load_adapter(self, request: Request) -> Response:
         self.require_runtime()
-        body = LoadAdapterRequest.parse(await _json(request))
+        body = LoadAdapterRequest.parse(await self.body(request))
         entry = await asyncio.to_thread(self.registry.load, body.lora_name, body.lora_path, body.adapter_source,
                                         replace=body.load_inplace)
         return JSONResponse({"status": "ok", "lora_name": entry.name, "version": entry.key, "rank": entry.rank,
@@ -361,7 +404,7 @@ class Server:
 
     async def unload_adapter(self, request: Request) -> Response:
         self.require_runtime()
-        body = UnloadAdapterRequest.parse(await _json(request))
+        body = UnloadAdapterRequest.parse(await self.body(request))
         self.registry.unload(body.lora_name)
         return JSONResponse({"status": "ok", "lora_name": body.lora_name,
                              "message": f"Success: LoRA adapter '{body.lora_name}' removed successfully."})
@@ -374,15 +417,20 @@ class Server:
 
     async def activate(self, request: Request) -> Response:
         self.require_runtime()
-        body = ActivateRequest.parse(await _json(request))
+        body = ActivateRequest.parse(await self.body(request))
         self.registry.set_default(tuple(body.adapter_names))
         return JSONResponse({"status": "ok", "adapter_names": list(self.registry.default)})
 
     # ------------------------------------------------------------------ operations
     async def health(self, request: Request) -> Response:
+        """Liveness and load, open without the API key: 200 while serving, 503 when stopped or draining."""
+        counts = {"active_sequences": self.engine.running, "queued": self.engine.queued,
+                  "adapters_in_use": self.registry.in_use()}
         if not self.engine.alive:
-            return JSONResponse({"status": "engine stopped"}, status_code=503)
-        return JSONResponse({"status": "ok"})
+            return JSONResponse({"status": "engine stopped", **counts}, status_code=503)
+        if self.engine.draining:
+            return JSONResponse({"status": "shutting down", **counts}, status_code=503)
+        return JSONResponse({"status": "ok", **counts})
 
     async def metrics_text(self, request: Request) -> Response:
         extra = [
@@ -394,7 +442,12 @@ class Server:
             ("qadapt_adapter_loads_total", "counter", "Adapters loaded at run time.", self.registry.loads),
             ("qadapt_adapter_evictions_total", "counter", "Adapters evicted (least recently used).",
              self.registry.evictions),
+            ("qadapt_adapter_refs", "gauge", "Adapter references held by queued and running requests.",
+             self.registry.in_use()),
         ]
+        rss = _rss_bytes()
+        if rss is not None:
+            extra.append(("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", rss))
         return PlainTextResponse(self.metrics.render(extra), media_type="text/plain; version=0.0.4")
 
 
@@ -412,8 +465,25 @@ def _lorax_details(fin: Finish, body: GenerateRequest) -> dict[str, Any]:
             "generated_tokens": len(fin.token_ids), "seed": body.parameters.seed}
 
 
-async def _json(request: Request) -> Any:
-    raw = await request.body()
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None  # not Linux
+
+
+async def _json(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:  # refused unread
+        raise TooLarge(f"the request body has {int(declared)} bytes, above the limit of {limit} (--max-body-bytes)")
+    chunks, size = [], 0  # no (or a false) Content-Length: count while reading
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"the request body is above the limit of {limit} bytes (--max-body-bytes)")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -438,7 +508,8 @@ def _route(server: Server, fn, lorax: bool = False):
                 message = str(e)
                 log.info("%s %s -> %d: %s", request.method, request.url.path, status, message)
             server.metrics.http_errors[status] += 1
-            return JSONResponse(error_body(status, message, lorax), status_code=status)
+            headers = {"Retry-After": "1"} if status in (429, 503) else None
+            return JSONResponse(error_body(status, message, lorax), status_code=status, headers=headers)
 
     return handler
 

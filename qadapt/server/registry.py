@@ -40,6 +40,10 @@ class Busy(QadaptError):
     """A capacity limit is reached for now: queue full, every resident adapter in use (HTTP 429)."""
 
 
+class Unavailable(QadaptError):
+    """The server is shutting down and takes no new work (HTTP 503)."""
+
+
 @dataclass
 class Known:
     """A public adapter name: where it comes from and which key holds it now (None: not resident)."""
@@ -98,6 +102,11 @@ class AdapterRegistry:
     def resident(self) -> int:
         with self._lock:
             return sum(1 for k in self._known.values() if k.key is not None) + len(self._retired)
+
+    def in_use(self) -> int:
+        """References held by requests (queued or running); 0 when the server is idle."""
+        with self._lock:
+            return sum(self._refs.values())
 
     def is_known(self, name: str) -> bool:
         with self._lock:

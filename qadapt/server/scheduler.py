@@ -6,6 +6,11 @@ single forward, each row at its own position with its own adapters (a
 heterogeneous-LoRA batch, see :mod:`qadapt.runtime.batch`). The HTTP side never
 runs model code: it submits a :class:`GenRequest` and reads the events the engine
 pushes through the request's ``emit`` callback (thread-safe, into an asyncio queue).
+
+Shutting down (:meth:`Engine.drain`): new requests are refused (503), waiting ones
+fail at once with 503, running rows keep decoding until they finish or the grace
+period ends, when they fail with 503 too; every request ends with a Finish or a
+Failure, never in silence.
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ from ..errors import QadaptError
 from ..runtime.batch import BatchStepper
 from ..runtime.generate import SamplingParams, _stop_at, sample_next
 from ..tokenizer import StreamDecoder
-from .registry import AdapterRegistry, Busy
+from .registry import AdapterRegistry, Busy, Unavailable
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)
+SHUTTING_DOWN = "the server is shutting down"
 
 
 # ---------------------------------------------------------------------- events
@@ -103,6 +109,8 @@ class Metrics:
         self.decode_steps = self.decode_rows = self.decode_rows_max = self.prefills = 0
         self._recent: collections.deque = collections.deque()  # (time, tokens) of the last window
 
+    WINDOW = 10.0  # seconds of decode steps kept for tokens_per_second
+
     def step(self, rows: int, tokens: int) -> None:
         now = time.monotonic()
         with self._lock:
@@ -110,13 +118,17 @@ class Metrics:
             self.decode_rows += rows
             self.decode_rows_max = max(self.decode_rows_max, rows)
             self._recent.append((now, tokens))
+            self._prune(now)  # here, not only when /metrics is read: unscraped, the deque grew forever
 
-    def tokens_per_second(self, window: float = 10.0) -> float:
+    def tokens_per_second(self) -> float:
         now = time.monotonic()
         with self._lock:
-            while self._recent and self._recent[0][0] < now - window:
-                self._recent.popleft()
-            return sum(n for _, n in self._recent) / window
+            self._prune(now)
+            return sum(n for _, n in self._recent) / self.WINDOW
+
+    def _prune(self, now: float) -> None:
+        while self._recent and self._recent[0][0] < now - self.WINDOW:
+            self._recent.popleft()
 
     def render(self, extra: list[tuple[str, str, str, float]] = ()) -> str:
         """The text exposition format; ``extra``: (name, type, help, value) of samples kept elsewhere."""
@@ -169,6 +181,7 @@ class Engine:
         self._pending: collections.deque[GenRequest] = collections.deque()
         self._cv = threading.Condition()
         self._stop = False
+        self._drain_deadline: float | None = None  # set by drain(): no new work, running rows until then
         self._thread = threading.Thread(target=self._loop, name="qadapt-engine", daemon=True)
 
     # ------------------------------------------------------------ public (any thread)
@@ -176,14 +189,32 @@ class Engine:
         self._thread.start()
 
     def stop(self) -> None:
+        """End the loop; whatever still runs or waits fails with 503 (call :meth:`drain` first to be gentle)."""
         with self._cv:
             self._stop = True
             self._cv.notify_all()
         self._thread.join(timeout=10)
 
-    def submit(self, req: GenRequest) -> None:
-        """Queue a request (its keys already held); Busy when the queue is full."""
+    def drain(self, grace: float) -> None:
+        """Begin shutting down: refuse new requests, fail waiting ones now, let running rows finish for
+        ``grace`` seconds, then fail the rest (503). Idempotent: a second call never extends the deadline."""
         with self._cv:
+            deadline = time.monotonic() + max(0.0, grace)
+            if self._drain_deadline is None or deadline < self._drain_deadline:
+                self._drain_deadline = deadline
+            self._cv.notify_all()
+        log.info("draining: %d running, %d waiting; running rows get %.1f s to finish", self.running, self.queued,
+                 grace)
+
+    @property
+    def draining(self) -> bool:
+        return self._drain_deadline is not None
+
+    def submit(self, req: GenRequest) -> None:
+        """Queue a request (its keys already held); Busy when the queue is full, Unavailable when draining."""
+        with self._cv:
+            if self._drain_deadline is not None or self._stop:
+                raise Unavailable(f"{SHUTTING_DOWN}; not taking new requests")
             if len(self._pending) >= self.max_queue:
                 raise Busy(f"the request queue is full ({self.max_queue} waiting, --max-queue); retry later")
             self._pending.append(req)
@@ -220,15 +251,29 @@ class Engine:
                 for row in [r for r in self._rows if r is not None]:
                     self._fail(row.req, 500, "internal error while generating (see the server log)", row.slot)
         for row in [r for r in self._rows if r is not None]:
-            self._fail(row.req, 503, "the server is shutting down", row.slot)
-        while self._pending:
-            self._fail(self._pending.popleft(), 503, "the server is shutting down")
+            self._fail(row.req, 503, f"{SHUTTING_DOWN}; generation stopped", row.slot)
+        self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        while True:
+            with self._cv:
+                if not self._pending:
+                    return
+                req = self._pending.popleft()
+            self._fail(req, 503, f"{SHUTTING_DOWN}; the request was still waiting")
 
     def _iteration(self) -> None:
         for row in self._rows:
             if row is not None and row.req.cancelled:
                 self._finish(row, "cancelled")
-        self._admit()
+        if self._drain_deadline is not None:
+            self._fail_pending()
+            if time.monotonic() >= self._drain_deadline:
+                for row in [r for r in self._rows if r is not None]:
+                    self._fail(row.req, 503, f"{SHUTTING_DOWN}; generation stopped at the end of the grace "
+                                             "period", row.slot)
+        else:
+            self._admit()
         active = [r for r in self._rows if r is not None]
         if not active:
             with self._cv:

@@ -1,0 +1,215 @@
+"""Exact CPU matmul kernels over raw GGUF blocks, compiled on first use.
+
+``ggml_kernels.c`` (next to this file) holds, for every GGUF type qadapt runs, a
+dequantizer that reproduces gguf-py's float32 weights bit for bit and an
+``x @ W.T`` that multiplies them into the inputs straight from the block bytes,
+one row at a time in L1, with float32 accumulation and OpenMP over output rows.
+It needs no Python or torch headers: the system C compiler builds it in about a
+second into ``<qadapt cache>/native/<hash>.so`` (hash of source, flags, compiler and
+CPU, since ``-march=native`` code only runs where it was built), written atomically
+so concurrent processes are safe, and ctypes calls it (releasing the GIL).
+
+Nothing here is required: with no compiler, a failed build, or ``QADAPT_NATIVE=0``
+:func:`library` returns None and the layers keep their torch paths. Which way was
+taken is logged once at INFO.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from gguf import GGMLQuantizationType
+
+from ...cache import cache_root
+from ...io import atomic_path, atomic_write
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("ggml_kernels.c")
+#: Tried in order until one compiles: without OpenMP the kernels run on one thread, without
+#: -march=native on baseline SIMD. -ffp-contract=off keeps gguf-py's rounding in the dequantizers.
+FLAG_SETS: tuple[tuple[str, ...], ...] = (
+    ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off"),
+    ("-O3", "-march=native", "-ffp-contract=off"),
+    ("-O3", "-ffp-contract=off"),
+)
+#: GGUF types the C source implements (its ``type_info``).
+TYPES: frozenset[str] = frozenset({
+    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+    "Q6_K", "IQ4_NL", "IQ4_XS",
+})
+_COMPILE_TIMEOUT_S = 120
+
+_i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+
+
+def enabled() -> bool:
+    """False when ``QADAPT_NATIVE=0`` (read at each call, so tests and users can switch)."""
+    return os.environ.get("QADAPT_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+class NativeKernels:
+    """The loaded shared library, with tensor-level wrappers around its two entry points."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        lib = ctypes.CDLL(str(path))
+        self._matmul = lib.qa_matmul
+        self._matmul.argtypes = [_int, _ptr, _i64, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _int]
+        self._matmul.restype = _int
+        self._dequant = lib.qa_dequant
+        self._dequant.argtypes = [_int, _ptr, _i64, _i64, _i64, _ptr, _i64, _int]
+        self._dequant.restype = _int
+        self.simd = bool(lib.qa_simd())
+        self.openmp = bool(lib.qa_openmp())
+
+    @staticmethod
+    def supports(qtype: str) -> bool:
+        return qtype in TYPES
+
+    def matmul(self, raw: torch.Tensor, qtype: str, in_features: int, x2d: torch.Tensor) -> torch.Tensor:
+        """``x2d @ W.T`` for W the uint8 [out, bytes_per_row] view ``raw``: float32 [m, out].
+
+        ``x2d`` is converted to contiguous float32 (exact for bf16/fp16 inputs).
+        """
+        x = x2d.to(torch.float32).contiguous()
+        m, n = x.shape[0], raw.shape[0]
+        y = torch.empty(m, n, dtype=torch.float32)
+        rc = self._matmul(_type_id(qtype), raw.data_ptr(), n, in_features, raw.shape[1], x.data_ptr(),
+                          in_features, m, y.data_ptr(), n, torch.get_num_threads())
+        if rc:
+            raise ValueError(f"native matmul refused a {qtype} weight [{n}, {in_features}] ({raw.shape[1]} bytes/row)")
+        return y
+
+    def dequantize(self, raw: torch.Tensor, qtype: str, in_features: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 [rows, bytes_per_row] -> float32 [rows, in_features], gguf-py's bits."""
+        rows = raw.shape[0]
+        if out is None:
+            out = torch.empty(rows, in_features, dtype=torch.float32)
+        assert out.dtype == torch.float32 and out.shape == (rows, in_features) and out.stride(1) == 1
+        rc = self._dequant(_type_id(qtype), raw.data_ptr(), rows, in_features, raw.shape[1], out.data_ptr(),
+                           out.stride(0), torch.get_num_threads())
+        if rc:
+            raise ValueError(f"native dequantize refused a {qtype} weight [{rows}, {in_features}]")
+        return out
+
+
+@functools.lru_cache(maxsize=None)
+def _type_id(qtype: str) -> int:
+    return int(GGMLQuantizationType[qtype].value)
+
+
+def compiler() -> str | None:
+    """``$CC`` (one executable) when it is found, else the first of cc, gcc, clang on PATH."""
+    cc = os.environ.get("CC", "").strip()
+    if cc and shutil.which(cc):
+        return shutil.which(cc)
+    for name in ("cc", "gcc", "clang"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU model and feature flags (Linux), else the platform."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+        keep = [ln for ln in text.splitlines() if ln.split(":")[0].strip() in ("model name", "flags", "Features")]
+        return "\n".join(sorted(set(keep)))
+    except OSError:
+        return platform.platform() + platform.processor()
+
+
+def _key(cc: str, flags: tuple[str, ...]) -> str:
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    h = hashlib.sha256()
+    for part in (SOURCE.read_bytes().decode(), " ".join(flags), cc, version, _cpu_id(), platform.machine()):
+        h.update(part.encode() + b"\0")
+    return h.hexdigest()[:24]
+
+
+def build(cache_dir: str | os.PathLike | None = None,
+          flag_sets: tuple[tuple[str, ...], ...] = FLAG_SETS) -> Path | None:
+    """The compiled library's path (built now unless cached), or None when no flag set compiles.
+
+    Each flag set has its own cache entry; one that failed leaves ``<hash>.failed`` (the
+    compiler's message), so later processes go straight to the next set."""
+    cc = compiler()
+    if cc is None:
+        logger.info("native GGUF kernels: no C compiler found (cc, gcc, clang or $CC); using the torch blockwise path")
+        return None
+    folder = cache_root(cache_dir) / "native"
+    for flags in flag_sets:
+        key = _key(cc, flags)
+        path, failed = folder / f"{key}.so", folder / f"{key}.failed"
+        if path.exists():
+            return path
+        if failed.exists():
+            continue
+        t0 = time.perf_counter()
+        try:
+            with atomic_path(path, force=True) as tmp:
+                proc = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", str(tmp), str(SOURCE)],
+                                      capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S)
+                if proc.returncode != 0:
+                    raise RuntimeError(proc.stderr.strip()[-2000:])
+        except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+            logger.debug("native GGUF kernels: %s %s failed: %s", cc, " ".join(flags), e)
+            if isinstance(e, RuntimeError):  # a compile error, not a timeout or an unwritable cache
+                try:
+                    atomic_write(failed, f"{cc} {' '.join(flags)}\n{e}\n", force=True)
+                except OSError:
+                    pass
+            continue
+        logger.info("native GGUF kernels: compiled %s with %s in %.1f s", path, " ".join(flags),
+                    time.perf_counter() - t0)
+        return path
+    logger.info("native GGUF kernels: %s could not compile %s; using the torch blockwise path", cc, SOURCE.name)
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> NativeKernels | None:
+    try:
+        path = build()
+        if path is None:
+            return None
+        lib = NativeKernels(path)
+    except Exception as e:  # never fail a model load over an optional accelerator
+        logger.info("native GGUF kernels unavailable (%s); using the torch blockwise path", e)
+        return None
+    logger.info("native GGUF kernels: using %s (simd=%s, openmp=%s)", lib.path.name, lib.simd, lib.openmp)
+    return lib
+
+
+_said_disabled = False
+
+
+def library() -> NativeKernels | None:
+    """The kernels, or None (disabled by ``QADAPT_NATIVE=0``, or unavailable)."""
+    global _said_disabled
+    if not enabled():
+        if not _said_disabled:
+            logger.info("native GGUF kernels disabled by QADAPT_NATIVE; using the torch paths")
+            _said_disabled = True
+        return None
+    return _load()
+
+
+def reset() -> None:
+    """Forget the loaded library so the next :func:`library` call builds/loads again (tests)."""
+    _load.cache_clear()

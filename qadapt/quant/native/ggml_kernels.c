@@ -1,0 +1,942 @@
+/* Exact CPU kernels over raw GGUF blocks: y[M, N] = x[M, K] @ W^T, and W -> float32.
+ *
+ * Compiled on first use by qadapt/quant/native/__init__.py (cc -O3 -march=native
+ * -fopenmp -ffp-contract=off) and called through ctypes; no Python or torch headers.
+ *
+ * Exactness: every weight is dequantized with the same float32 operations, in the
+ * same order, as gguf-py's quants.py (-ffp-contract=off keeps `d * q + m` two rounded
+ * operations, never a fused multiply-add), so the weights are gguf-py's bit for bit.
+ * Only the dot products differ from a float64 reference: float32 fused multiply-adds
+ * accumulated in a fixed order, |error| <= K * 2^-24 * sum_k |x_k| |w_k| (the classical
+ * bound for any summation order).
+ *
+ * Layout: W is `rows` rows of `row_bytes` bytes each (whole blocks), x is row-major
+ * [M, K] float32 with row stride ldx, y is row-major [M, N] float32 with row stride ldy.
+ * Type ids are gguf's GGMLQuantizationType values.
+ */
+#include <stdint.h>
+#include <string.h>
+
+/* -DQA_PORTABLE builds the plain-C loops only (the tests check them on AVX2 machines too). */
+#if defined(__AVX2__) && defined(__FMA__) && !defined(QA_PORTABLE)
+#include <immintrin.h>
+#define QA_AVX2 1
+#endif
+#if defined(__F16C__) && !defined(QA_PORTABLE)
+#include <immintrin.h>
+#define QA_F16C 1
+#endif
+
+#define QK_K 256
+/* The plain-C dequantizers are the AVX2 build's reference and the portable build's code. */
+#define SCALAR static __attribute__((unused))
+/* Elements dequantized into the per-thread scratch at a time: a multiple of every block. */
+#define CH 256
+/* Input rows handled per pass over a weight row (accumulators must fit in registers). */
+#define MT_MAX 4
+
+enum {
+    T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
+    T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_IQ4_NL = 20,
+    T_IQ4_XS = 23, T_BF16 = 30,
+};
+
+/* ------------------------------------------------------------------ scalars */
+static inline float h2f(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+#if defined(QA_F16C)
+    return _cvtsh_ss(h);
+#else
+    uint32_t s = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, f;
+    if (e == 0) {
+        float v = (float)m * 5.9604644775390625e-8f; /* m * 2^-24, exact */
+        memcpy(&f, &v, 4);
+        f |= s;
+    } else if (e == 31) {
+        f = s | 0x7f800000u | (m << 13);
+    } else {
+        f = s | ((e + 112) << 23) | (m << 13);
+    }
+    float r;
+    memcpy(&r, &f, 4);
+    return r;
+#endif
+}
+
+static const float IQ4_VALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+/* ------------------------------------------------------------------ blocks -> float32
+ * One function per type: `n` elements starting at element e0 of a row (both multiples of
+ * the block size), written to out. Written as plain loops the compiler vectorises. */
+
+SCALAR void dq_f32(const uint8_t *row, int64_t e0, int n, float *out) {
+    memcpy(out, row + e0 * 4, (size_t)n * 4);
+}
+
+SCALAR void dq_f16(const uint8_t *row, int64_t e0, int n, float *out) {
+    const uint8_t *p = row + e0 * 2;
+    int j = 0;
+#if defined(QA_F16C) && defined(QA_AVX2)
+    for (; j + 8 <= n; j += 8)
+        _mm256_storeu_ps(out + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 2 * j))));
+#endif
+    for (; j < n; j++) out[j] = h2f(p + 2 * j);
+}
+
+SCALAR void dq_bf16(const uint8_t *row, int64_t e0, int n, float *out) {
+    const uint8_t *p = row + e0 * 2;
+    for (int j = 0; j < n; j++) {
+        uint16_t h;
+        memcpy(&h, p + 2 * j, 2);
+        uint32_t f = (uint32_t)h << 16;
+        memcpy(out + j, &f, 4);
+    }
+}
+
+SCALAR void dq_q8_0(const uint8_t *row, int64_t e0, int n, float *out) {
+    for (int b = 0; b < n / 32; b++, out += 32) {
+        const uint8_t *blk = row + (e0 / 32 + b) * 34;
+        const float d = h2f(blk);
+        const int8_t *q = (const int8_t *)(blk + 2);
+        for (int j = 0; j < 32; j++) out[j] = d * (float)q[j];
+    }
+}
+
+SCALAR void dq_q4_0(const uint8_t *row, int64_t e0, int n, float *out) {
+    for (int b = 0; b < n / 32; b++, out += 32) {
+        const uint8_t *blk = row + (e0 / 32 + b) * 18;
+        const float d = h2f(blk);
+        const uint8_t *q = blk + 2;
+        for (int j = 0; j < 16; j++) {
+            out[j] = d * (float)((int)(q[j] & 0x0F) - 8);
+            out[j + 16] = d * (float)((int)(q[j] >> 4) - 8);
+        }
+    }
+}
+
+SCALAR void dq_q4_1(const uint8_t *row, int64_t e0, int n, float *out) {
+    for (int b = 0; b < n / 32; b++, out += 32) {
+        const uint8_t *blk = row + (e0 / 32 + b) * 20;
+        const float d = h2f(blk), m = h2f(blk + 2);
+        const uint8_t *q = blk + 4;
+        for (int j = 0; j < 16; j++) {
+            out[j] = d * (float)(q[j] & 0x0F) + m;
+            out[j + 16] = d * (float)(q[j] >> 4) + m;
+        }
+    }
+}
+
+SCALAR void dq_q5_0(const uint8_t *row, int64_t e0, int n, float *out) {
+    for (int b = 0; b < n / 32; b++, out += 32) {
+        const uint8_t *blk = row + (e0 / 32 + b) * 22;
+        const float d = h2f(blk);
+        uint32_t qh;
+        memcpy(&qh, blk + 2, 4);
+        const uint8_t *q = blk + 6;
+        for (int j = 0; j < 16; j++) {
+            out[j] = d * (float)((int)((q[j] & 0x0F) | (((qh >> j) & 1) << 4)) - 16);
+            out[j + 16] = d * (float)((int)((q[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
+        }
+    }
+}
+
+SCALAR void dq_q5_1(const uint8_t *row, int64_t e0, int n, float *out) {
+    for (int b = 0; b < n / 32; b++, out += 32) {
+        const uint8_t *blk = row + (e0 / 32 + b) * 24;
+        const float d = h2f(blk), m = h2f(blk + 2);
+        uint32_t qh;
+        memcpy(&qh, blk + 4, 4);
+        const uint8_t *q = blk + 8;
+        for (int j = 0; j < 16; j++) {
+            out[j] = d * (float)((q[j] & 0x0F) | (((qh >> j) & 1) << 4)) + m;
+            out[j + 16] = d * (float)((q[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) + m;
+        }
+    }
+}
+
+SCALAR void dq_iq4_nl(const uint8_t *row, int64_t e0, int n, float *out) {
+    for (int b = 0; b < n / 32; b++, out += 32) {
+        const uint8_t *blk = row + (e0 / 32 + b) * 18;
+        const float d = h2f(blk);
+        const uint8_t *q = blk + 2;
+        for (int j = 0; j < 16; j++) {
+            out[j] = d * IQ4_VALUES[q[j] & 0x0F];
+            out[j + 16] = d * IQ4_VALUES[q[j] >> 4];
+        }
+    }
+}
+
+/* Q2_K: scales[16] qs[64] d dmin; 16 groups of 16; w = (d * (sc & 15)) * q - dmin * (sc >> 4). */
+SCALAR void dq_q2_k(const uint8_t *row, int64_t e0, int n, float *out) {
+    for (int b = 0; b < n / QK_K; b++, out += QK_K) {
+        const uint8_t *blk = row + (e0 / QK_K + b) * 84;
+        const uint8_t *sc = blk, *qs = blk + 16;
+        const float d = h2f(blk + 80), dmin = h2f(blk + 82);
+        for (int g = 0; g < 16; g++) {
+            const float dl = d * (float)(sc[g] & 0x0F), ml = dmin * (float)(sc[g] >> 4);
+            /* element e = r*128 + s*32 + j holds (qs[r*32 + j] >> 2s) & 3; group g covers e = 16g.. */
+            const int r = g / 8, s = (g / 2) % 4, j0 = (g % 2) * 16;
+            for (int j = 0; j < 16; j++) out[g * 16 + j] = dl * (float)((qs[r * 32 + j0 + j] >> (2 * s)) & 3) - ml;
+        }
+    }
+}
+
+/* Q3_K: hmask[32] qs[64] scales[12] d; w = (d * (sc - 32)) * (ql - 4 * !hbit). */
+SCALAR void dq_q3_k(const uint8_t *row, int64_t e0, int n, float *out) {
+    for (int b = 0; b < n / QK_K; b++, out += QK_K) {
+        const uint8_t *blk = row + (e0 / QK_K + b) * 110;
+        const uint8_t *hm = blk, *qs = blk + 32, *sc = blk + 96;
+        const float d = h2f(blk + 108);
+        for (int g = 0; g < 16; g++) {
+            const int lo = g < 8 ? (sc[g] & 0x0F) : (sc[g - 8] >> 4);
+            const int hi = (sc[8 + g % 4] >> (2 * (g / 4))) & 3;
+            const float dl = d * (float)((lo | (hi << 4)) - 32);
+            const int r = g / 8, s = (g / 2) % 4, j0 = (g % 2) * 16, hb = g / 2; /* element 16g+j: plane (16g+j)/32 */
+            for (int j = 0; j < 16; j++) {
+                const int ql = (qs[r * 32 + j0 + j] >> (2 * s)) & 3;
+                const int h = (hm[j0 + j] >> hb) & 1;
+                out[g * 16 + j] = dl * (float)(ql - ((h ^ 1) << 2));
+            }
+        }
+    }
+}
+
+/* Q4_K / Q5_K 6-bit scales and mins from 12 bytes. */
+static inline void k_scale_min(const uint8_t *s, float *sc, float *mn) {
+    for (int i = 0; i < 4; i++) {
+        sc[i] = (float)(s[i] & 0x3F);
+        mn[i] = (float)(s[4 + i] & 0x3F);
+        sc[4 + i] = (float)((s[8 + i] & 0x0F) | ((s[i] >> 2) & 0x30));
+        mn[4 + i] = (float)((s[8 + i] >> 4) | ((s[4 + i] >> 2) & 0x30));
+    }
+}
+
+/* Q4_K: d dmin scales[12] qs[128]; 8 groups of 32; element r*64 + h*32 + j = nibble h of qs[r*32 + j]. */
+SCALAR void dq_q4_k(const uint8_t *row, int64_t e0, int n, float *out) {
+    for (int b = 0; b < n / QK_K; b++, out += QK_K) {
+        const uint8_t *blk = row + (e0 / QK_K + b) * 144;
+        const float d = h2f(blk), dmin = h2f(blk + 2);
+        float sc[8], mn[8];
+        k_scale_min(blk + 4, sc, mn);
+        const uint8_t *qs = blk + 16;
+        for (int r = 0; r < 4; r++) {
+            const float dl0 = d * sc[2 * r], ml0 = dmin * mn[2 * r];
+            const float dl1 = d * sc[2 * r + 1], ml1 = dmin * mn[2 * r + 1];
+            for (int j = 0; j < 32; j++) {
+                out[r * 64 + j] = dl0 * (float)(qs[r * 32 + j] & 0x0F) - ml0;
+                out[r * 64 + 32 + j] = dl1 * (float)(qs[r * 32 + j] >> 4) - ml1;
+            }
+        }
+    }
+}
+
+/* Q5_K: d dmin scales[12] qh[32] qs[128]; bit 4 of element i*32 + j is bit i of qh[j]. */
+SCALAR void dq_q5_k(const uint8_t *row, int64_t e0, int n, float *out) {
+    for (int b = 0; b < n / QK_K; b++, out += QK_K) {
+        const uint8_t *blk = row + (e0 / QK_K + b) * 176;
+        const float d = h2f(blk), dmin = h2f(blk + 2);
+        float sc[8], mn[8];
+        k_scale_min(blk + 4, sc, mn);
+        const uint8_t *qh = blk + 16, *qs = blk + 48;
+        for (int r = 0; r < 4; r++) {
+            const float dl0 = d * sc[2 * r], ml0 = dmin * mn[2 * r];
+            const float dl1 = d * sc[2 * r + 1], ml1 = dmin * mn[2 * r + 1];
+            for (int j = 0; j < 32; j++) {
+                const int q0 = (qs[r * 32 + j] & 0x0F) | (((qh[j] >> (2 * r)) & 1) << 4);
+                const int q1 = (qs[r * 32 + j] >> 4) | (((qh[j] >> (2 * r + 1)) & 1) << 4);
+                out[r * 64 + j] = dl0 * (float)q0 - ml0;
+                out[r * 64 + 32 + j] = dl1 * (float)q1 - ml1;
+            }
+        }
+    }
+}
+
+/* Q6_K: ql[128] qh[64] scales[16] (int8) d; 16 groups of 16;
+ * element r*128 + s*32 + j (s = 0..3): low nibble from ql[r*64 + (s&1)*32 + j] (shift 4*(s>>1)),
+ * high two bits (qh[r*32 + j] >> 2s) & 3; w = (d * sc) * (q - 32). */
+SCALAR void dq_q6_k(const uint8_t *row, int64_t e0, int n, float *out) {
+    for (int b = 0; b < n / QK_K; b++, out += QK_K) {
+        const uint8_t *blk = row + (e0 / QK_K + b) * 210;
+        const uint8_t *ql = blk, *qh = blk + 128;
+        const int8_t *sc = (const int8_t *)(blk + 192);
+        const float d = h2f(blk + 208);
+        for (int r = 0; r < 2; r++) {
+            for (int s = 0; s < 4; s++) {
+                const uint8_t *l = ql + r * 64 + (s & 1) * 32;
+                const int ls = 4 * (s >> 1);
+                const uint8_t *h = qh + r * 32;
+                const int g0 = r * 8 + s * 2;
+                const float dl0 = d * (float)sc[g0], dl1 = d * (float)sc[g0 + 1];
+                float *o = out + r * 128 + s * 32;
+                for (int j = 0; j < 16; j++)
+                    o[j] = dl0 * (float)((int)(((l[j] >> ls) & 0x0F) | (((h[j] >> (2 * s)) & 3) << 4)) - 32);
+                for (int j = 16; j < 32; j++)
+                    o[j] = dl1 * (float)((int)(((l[j] >> ls) & 0x0F) | (((h[j] >> (2 * s)) & 3) << 4)) - 32);
+            }
+        }
+    }
+}
+
+/* IQ4_XS: d scales_h(u16) scales_l[4] qs[128]; 8 groups of 32; sc = (lo | hi << 4) - 32. */
+SCALAR void dq_iq4_xs(const uint8_t *row, int64_t e0, int n, float *out) {
+    for (int b = 0; b < n / QK_K; b++, out += QK_K) {
+        const uint8_t *blk = row + (e0 / QK_K + b) * 136;
+        const float d = h2f(blk);
+        uint16_t sh;
+        memcpy(&sh, blk + 2, 2);
+        const uint8_t *sl = blk + 4, *qs = blk + 8;
+        for (int g = 0; g < 8; g++) {
+            const int lo = (sl[g / 2] >> (4 * (g % 2))) & 0x0F, hi = (sh >> (2 * g)) & 3;
+            const float dl = d * (float)((lo | (hi << 4)) - 32);
+            const uint8_t *q = qs + g * 16;
+            for (int j = 0; j < 16; j++) {
+                out[g * 32 + j] = dl * IQ4_VALUES[q[j] & 0x0F];
+                out[g * 32 + 16 + j] = dl * IQ4_VALUES[q[j] >> 4];
+            }
+        }
+    }
+}
+
+#ifdef QA_AVX2
+/* ------------------------------------------------------------------ AVX2 dequantizers
+ * Same maths as the loops above (so gguf-py's bits): the codes of 16 or 32 weights are
+ * gathered as signed bytes in a register, converted exactly to float32, then one rounded
+ * multiply by the group scale and, for types with a min, one rounded add. */
+
+#define AI static inline __attribute__((always_inline))
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+
+/* Every AVX2 dequantizer below is written once over "emit" calls and compiled twice:
+ * mode 0 stores the weights to out (dequantize, and the scratch of the multi-row matmul);
+ * mode 1 multiplies them straight into x (out then points into x) and adds the products
+ * into two of the four accumulators acc[0..3], so a one-row matmul never stores a weight. */
+AI void put16(__m256 w0, __m256 w1, float *o, const int mode, __m256 *acc) {
+    if (mode == 0) {
+        _mm256_storeu_ps(o, w0);
+        _mm256_storeu_ps(o + 8, w1);
+    } else {
+        acc[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(o), acc[0]);
+        acc[1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(o + 8), acc[1]);
+    }
+}
+
+static inline __m256 cvt8(__m128i q) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)); }
+
+/* o[0..15] = d * q (q: 16 signed bytes). */
+AI void emit16(__m128i q, __m256 d, float *o, const int mode, __m256 *acc) {
+    put16(_mm256_mul_ps(d, cvt8(q)), _mm256_mul_ps(d, cvt8(_mm_srli_si128(q, 8))), o, mode, acc);
+}
+
+/* o[0..15] = d * q + m (callers pass m = -min for the K-quants: a - b == a + -b exactly). */
+AI void emit16_off(__m128i q, __m256 d, __m256 m, float *o, const int mode, __m256 *acc) {
+    put16(_mm256_add_ps(_mm256_mul_ps(d, cvt8(q)), m), _mm256_add_ps(_mm256_mul_ps(d, cvt8(_mm_srli_si128(q, 8))), m),
+          o, mode, acc);
+}
+
+static inline __m128i lo128(__m256i v) { return _mm256_castsi256_si128(v); }
+static inline __m128i hi128(__m256i v) { return _mm256_extracti128_si256(v, 1); }
+
+AI void emit32(__m256i q, __m256 d0, __m256 d1, float *o, const int mode, __m256 *acc) {
+    emit16(lo128(q), d0, o, mode, acc);
+    emit16(hi128(q), d1, o + 16, mode, acc + 2);
+}
+
+AI void emit32_off(__m256i q, __m256 d, __m256 m, float *o, const int mode, __m256 *acc) {
+    emit16_off(lo128(q), d, m, o, mode, acc);
+    emit16_off(hi128(q), d, m, o + 16, mode, acc + 2);
+}
+
+/* 16 bytes -> 32 nibbles: low nibbles first, then high nibbles (gguf's order in 32-blocks). */
+static inline __m256i nibbles16(const uint8_t *p) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)p), m4 = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m4), _mm_and_si128(v, m4));
+}
+
+/* 32 bits (little-endian) -> 32 bytes, 0x10 where the bit is set (the fifth bit of Q5 codes). */
+static inline __m256i bit4_from_bits32(const uint8_t *p) {
+    uint32_t x32;
+    memcpy(&x32, p, 4);
+    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+    __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)x32), shuf);
+    bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+    return _mm256_and_si256(_mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1)), _mm256_set1_epi8(0x10));
+}
+
+/* 4-bit codes -> IQ4 codebook values (all fit in int8). */
+static inline __m256i iq4_lookup(__m256i codes) {
+    const __m256i table = _mm256_broadcastsi128_si256(
+        _mm_setr_epi8(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113));
+    return _mm256_shuffle_epi8(table, codes);
+}
+
+static inline __m256i load32(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+
+/* (v >> s) & mask per byte (16-bit shifts are safe: the mask drops the bits shifted across). */
+static inline __m256i field(__m256i v, int s, int mask) {
+    return _mm256_and_si256(_mm256_srli_epi16(v, s), _mm256_set1_epi8((char)mask));
+}
+
+AI void dqv_q8_0_(const uint8_t *row, int64_t e0, int n, float *out, const int mode, __m256 *acc) {
+    for (int b = 0; b < n / 32; b++, out += 32) {
+        const uint8_t *blk = row + (e0 / 32 + b) * 34;
+        const __m256 d = _mm256_set1_ps(h2f(blk));
+        emit32(load32(blk + 2), d, d, out, mode, acc);
+    }
+}
+
+AI void dqv_q4_0_(const uint8_t *row, int64_t e0, int n, float *out, const int mode, __m256 *acc) {
+    for (int b = 0; b < n / 32; b++, out += 32) {
+        const uint8_t *blk = row + (e0 / 32 + b) * 18;
+        const __m256 d = _mm256_set1_ps(h2f(blk));
+        emit32(_mm256_sub_epi8(nibbles16(blk + 2), _mm256_set1_epi8(8)), d, d, out, mode, acc);
+    }
+}
+
+AI void dqv_q4_1_(const uint8_t *row, int64_t e0, int n, float *out, const int mode, __m256 *acc) {
+    for (int b = 0; b < n / 32; b++, out += 32) {
+        const uint8_t *blk = row + (e0 / 32 + b) * 20;
+        emit32_off(nibbles16(blk + 4), _mm256_set1_ps(h2f(blk)), _mm256_set1_ps(h2f(blk + 2)), out, mode, acc);
+    }
+}
+
+AI void dqv_q5_0_(const uint8_t *row, int64_t e0, int n, float *out, const int mode, __m256 *acc) {
+    for (int b = 0; b < n / 32; b++, out += 32) {
+        const uint8_t *blk = row + (e0 / 32 + b) * 22;
+        const __m256 d = _mm256_set1_ps(h2f(blk));
+        const __m256i q = _mm256_or_si256(nibbles16(blk + 6), bit4_from_bits32(blk + 2));
+        emit32(_mm256_sub_epi8(q, _mm256_set1_epi8(16)), d, d, out, mode, acc);
+    }
+}
+
+AI void dqv_q5_1_(const uint8_t *row, int64_t e0, int n, float *out, const int mode, __m256 *acc) {
+    for (int b = 0; b < n / 32; b++, out += 32) {
+        const uint8_t *blk = row + (e0 / 32 + b) * 24;
+        const __m256i q = _mm256_or_si256(nibbles16(blk + 8), bit4_from_bits32(blk + 4));
+        emit32_off(q, _mm256_set1_ps(h2f(blk)), _mm256_set1_ps(h2f(blk + 2)), out, mode, acc);
+    }
+}
+
+AI void dqv_iq4_nl_(const uint8_t *row, int64_t e0, int n, float *out, const int mode, __m256 *acc) {
+    for (int b = 0; b < n / 32; b++, out += 32) {
+        const uint8_t *blk = row + (e0 / 32 + b) * 18;
+        const __m256 d = _mm256_set1_ps(h2f(blk));
+        emit32(iq4_lookup(nibbles16(blk + 2)), d, d, out, mode, acc);
+    }
+}
+
+/* K-quants: element r*128 + s*32 + j of Q2_K/Q3_K/Q6_K is field s of byte j of run r (see above). */
+AI void dqv_q2_k_(const uint8_t *row, int64_t e0, int n, float *out, const int mode, __m256 *acc) {
+    for (int b = 0; b < n / QK_K; b++, out += QK_K) {
+        const uint8_t *blk = row + (e0 / QK_K + b) * 84;
+        const uint8_t *sc = blk;
+        const float d = h2f(blk + 80), dmin = h2f(blk + 82);
+        for (int r = 0; r < 2; r++) {
+            const __m256i v = load32(blk + 16 + r * 32);
+            for (int s = 0; s < 4; s++) {
+                const __m256i q = field(v, 2 * s, 3);
+                const int g = r * 8 + s * 2;
+                float *o = out + r * 128 + s * 32;
+                emit16_off(lo128(q), _mm256_set1_ps(d * (float)(sc[g] & 0x0F)),
+                           _mm256_set1_ps(-(dmin * (float)(sc[g] >> 4))), o, mode, acc);
+                emit16_off(hi128(q), _mm256_set1_ps(d * (float)(sc[g + 1] & 0x0F)),
+                           _mm256_set1_ps(-(dmin * (float)(sc[g + 1] >> 4))), o + 16, mode, acc + 2);
+            }
+        }
+    }
+}
+
+AI void dqv_q3_k_(const uint8_t *row, int64_t e0, int n, float *out, const int mode, __m256 *acc) {
+    for (int b = 0; b < n / QK_K; b++, out += QK_K) {
+        const uint8_t *blk = row + (e0 / QK_K + b) * 110;
+        const uint8_t *sc = blk + 96;
+        const float d = h2f(blk + 108);
+        float dl[16];
+        for (int g = 0; g < 16; g++) {
+            const int lo = g < 8 ? (sc[g] & 0x0F) : (sc[g - 8] >> 4);
+            const int hi = (sc[8 + g % 4] >> (2 * (g / 4))) & 3;
+            dl[g] = d * (float)((lo | (hi << 4)) - 32);
+        }
+        const __m256i hm = load32(blk);
+        for (int r = 0; r < 2; r++) {
+            const __m256i v = load32(blk + 32 + r * 32);
+            for (int s = 0; s < 4; s++) {
+                /* q = ql - 4 where the hmask bit (plane r*4 + s) is clear */
+                const __m256i h = field(hm, r * 4 + s, 1);
+                const __m256i q = _mm256_sub_epi8(field(v, 2 * s, 3),
+                                                  _mm256_slli_epi16(_mm256_xor_si256(h, _mm256_set1_epi8(1)), 2));
+                const int g = r * 8 + s * 2;
+                emit32(q, _mm256_set1_ps(dl[g]), _mm256_set1_ps(dl[g + 1]), out + r * 128 + s * 32, mode, acc);
+            }
+        }
+    }
+}
+
+AI void dqv_q4_k_(const uint8_t *row, int64_t e0, int n, float *out, const int mode, __m256 *acc) {
+    for (int b = 0; b < n / QK_K; b++, out += QK_K) {
+        const uint8_t *blk = row + (e0 / QK_K + b) * 144;
+        const float d = h2f(blk), dmin = h2f(blk + 2);
+        float sc[8], mn[8];
+        k_scale_min(blk + 4, sc, mn);
+        for (int r = 0; r < 4; r++) {
+            const __m256i v = load32(blk + 16 + r * 32);
+            emit32_off(field(v, 0, 0x0F), _mm256_set1_ps(d * sc[2 * r]), _mm256_set1_ps(-(dmin * mn[2 * r])),
+                       out + r * 64, mode, acc);
+            emit32_off(field(v, 4, 0x0F), _mm256_set1_ps(d * sc[2 * r + 1]),
+                       _mm256_set1_ps(-(dmin * mn[2 * r + 1])), out + r * 64 + 32, mode, acc);
+        }
+    }
+}
+
+AI void dqv_q5_k_(const uint8_t *row, int64_t e0, int n, float *out, const int mode, __m256 *acc) {
+    for (int b = 0; b < n / QK_K; b++, out += QK_K) {
+        const uint8_t *blk = row + (e0 / QK_K + b) * 176;
+        const float d = h2f(blk), dmin = h2f(blk + 2);
+        float sc[8], mn[8];
+        k_scale_min(blk + 4, sc, mn);
+        const __m256i qh = load32(blk + 16);
+        for (int r = 0; r < 4; r++) {
+            const __m256i v = load32(blk + 48 + r * 32);
+            const __m256i q0 = _mm256_or_si256(field(v, 0, 0x0F), _mm256_slli_epi16(field(qh, 2 * r, 1), 4));
+            const __m256i q1 = _mm256_or_si256(field(v, 4, 0x0F), _mm256_slli_epi16(field(qh, 2 * r + 1, 1), 4));
+            emit32_off(q0, _mm256_set1_ps(d * sc[2 * r]), _mm256_set1_ps(-(dmin * mn[2 * r])), out + r * 64, mode, acc);
+            emit32_off(q1, _mm256_set1_ps(d * sc[2 * r + 1]), _mm256_set1_ps(-(dmin * mn[2 * r + 1])),
+                       out + r * 64 + 32, mode, acc);
+        }
+    }
+}
+
+AI void dqv_q6_k_(const uint8_t *row, int64_t e0, int n, float *out, const int mode, __m256 *acc) {
+    for (int b = 0; b < n / QK_K; b++, out += QK_K) {
+        const uint8_t *blk = row + (e0 / QK_K + b) * 210;
+        const int8_t *sc = (const int8_t *)(blk + 192);
+        const float d = h2f(blk + 208);
+        for (int r = 0; r < 2; r++) {
+            const __m256i l0 = load32(blk + r * 64), l1 = load32(blk + r * 64 + 32);
+            const __m256i h = load32(blk + 128 + r * 32);
+            for (int s = 0; s < 4; s++) {
+                const __m256i l = field(s & 1 ? l1 : l0, 4 * (s >> 1), 0x0F);
+                const __m256i q = _mm256_sub_epi8(_mm256_or_si256(l, _mm256_slli_epi16(field(h, 2 * s, 3), 4)),
+                                                  _mm256_set1_epi8(32));
+                const int g = r * 8 + s * 2;
+                emit32(q, _mm256_set1_ps(d * (float)sc[g]), _mm256_set1_ps(d * (float)sc[g + 1]),
+                       out + r * 128 + s * 32, mode, acc);
+            }
+        }
+    }
+}
+
+AI void dqv_iq4_xs_(const uint8_t *row, int64_t e0, int n, float *out, const int mode, __m256 *acc) {
+    for (int b = 0; b < n / QK_K; b++, out += QK_K) {
+        const uint8_t *blk = row + (e0 / QK_K + b) * 136;
+        const float d = h2f(blk);
+        uint16_t sh;
+        memcpy(&sh, blk + 2, 2);
+        const uint8_t *sl = blk + 4;
+        for (int g = 0; g < 8; g++) {
+            const int lo = (sl[g / 2] >> (4 * (g % 2))) & 0x0F, hi = (sh >> (2 * g)) & 3;
+            const __m256 dl = _mm256_set1_ps(d * (float)((lo | (hi << 4)) - 32));
+            emit32(iq4_lookup(nibbles16(blk + 8 + g * 16)), dl, dl, out + g * 32, mode, acc);
+        }
+    }
+}
+
+/* The two compilations of each dequantizer (see put16). */
+static void dqv_q8_0(const uint8_t *row, int64_t e0, int n, float *out) { dqv_q8_0_(row, e0, n, out, 0, 0); }
+static float dot1_q8_0(const uint8_t *row, int64_t K, const float *x) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    dqv_q8_0_(row, 0, (int)K, (float *)x, 1, acc);
+    return hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+}
+static void dqv_q4_0(const uint8_t *row, int64_t e0, int n, float *out) { dqv_q4_0_(row, e0, n, out, 0, 0); }
+static float dot1_q4_0(const uint8_t *row, int64_t K, const float *x) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    dqv_q4_0_(row, 0, (int)K, (float *)x, 1, acc);
+    return hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+}
+static void dqv_q4_1(const uint8_t *row, int64_t e0, int n, float *out) { dqv_q4_1_(row, e0, n, out, 0, 0); }
+static float dot1_q4_1(const uint8_t *row, int64_t K, const float *x) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    dqv_q4_1_(row, 0, (int)K, (float *)x, 1, acc);
+    return hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+}
+static void dqv_q5_0(const uint8_t *row, int64_t e0, int n, float *out) { dqv_q5_0_(row, e0, n, out, 0, 0); }
+static float dot1_q5_0(const uint8_t *row, int64_t K, const float *x) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    dqv_q5_0_(row, 0, (int)K, (float *)x, 1, acc);
+    return hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+}
+static void dqv_q5_1(const uint8_t *row, int64_t e0, int n, float *out) { dqv_q5_1_(row, e0, n, out, 0, 0); }
+static float dot1_q5_1(const uint8_t *row, int64_t K, const float *x) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    dqv_q5_1_(row, 0, (int)K, (float *)x, 1, acc);
+    return hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+}
+static void dqv_iq4_nl(const uint8_t *row, int64_t e0, int n, float *out) { dqv_iq4_nl_(row, e0, n, out, 0, 0); }
+static float dot1_iq4_nl(const uint8_t *row, int64_t K, const float *x) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    dqv_iq4_nl_(row, 0, (int)K, (float *)x, 1, acc);
+    return hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+}
+static void dqv_q2_k(const uint8_t *row, int64_t e0, int n, float *out) { dqv_q2_k_(row, e0, n, out, 0, 0); }
+static float dot1_q2_k(const uint8_t *row, int64_t K, const float *x) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    dqv_q2_k_(row, 0, (int)K, (float *)x, 1, acc);
+    return hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+}
+static void dqv_q3_k(const uint8_t *row, int64_t e0, int n, float *out) { dqv_q3_k_(row, e0, n, out, 0, 0); }
+static float dot1_q3_k(const uint8_t *row, int64_t K, const float *x) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    dqv_q3_k_(row, 0, (int)K, (float *)x, 1, acc);
+    return hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+}
+static void dqv_q4_k(const uint8_t *row, int64_t e0, int n, float *out) { dqv_q4_k_(row, e0, n, out, 0, 0); }
+static float dot1_q4_k(const uint8_t *row, int64_t K, const float *x) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    dqv_q4_k_(row, 0, (int)K, (float *)x, 1, acc);
+    return hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+}
+static void dqv_q5_k(const uint8_t *row, int64_t e0, int n, float *out) { dqv_q5_k_(row, e0, n, out, 0, 0); }
+static float dot1_q5_k(const uint8_t *row, int64_t K, const float *x) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    dqv_q5_k_(row, 0, (int)K, (float *)x, 1, acc);
+    return hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+}
+static void dqv_q6_k(const uint8_t *row, int64_t e0, int n, float *out) { dqv_q6_k_(row, e0, n, out, 0, 0); }
+static float dot1_q6_k(const uint8_t *row, int64_t K, const float *x) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    dqv_q6_k_(row, 0, (int)K, (float *)x, 1, acc);
+    return hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+}
+static void dqv_iq4_xs(const uint8_t *row, int64_t e0, int n, float *out) { dqv_iq4_xs_(row, e0, n, out, 0, 0); }
+static float dot1_iq4_xs(const uint8_t *row, int64_t K, const float *x) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    dqv_iq4_xs_(row, 0, (int)K, (float *)x, 1, acc);
+    return hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+}
+
+/* Q8_0 and Q4_0, one input row, with the block scale factored out: sum_j (d q_j) x_j is
+ * computed as d * (sum_j q_j x_j), the inner sum from exact int -> float codes, then one
+ * fused multiply-add by d. d q_j is exact in float32 for these two types (fp16 scale times
+ * an 8- or 4-bit code), so |d| sum|q_j x_j| = sum |w_j x_j| and the float32 accumulation
+ * bound of the module header still holds (each product sees <= 4 more roundings); it saves
+ * the multiply per 8 weights that dominates these two inner loops. */
+AI __m256 block_sum32(__m256i q, const float *x) {
+    const __m128i lo = lo128(q), hi = hi128(q);
+    __m256 s = _mm256_mul_ps(cvt8(lo), _mm256_loadu_ps(x));
+    __m256 t = _mm256_mul_ps(cvt8(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(x + 8));
+    s = _mm256_fmadd_ps(cvt8(hi), _mm256_loadu_ps(x + 16), s);
+    t = _mm256_fmadd_ps(cvt8(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(x + 24), t);
+    return _mm256_add_ps(s, t);
+}
+
+#define DOT1_FACTORED(name, SIZE, CODES)                                                            \
+    static float dot1f_##name(const uint8_t *row, int64_t K, const float *x) {                     \
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0;                                                   \
+        const int64_t nb = K / 32;                                                                  \
+        int64_t b = 0;                                                                              \
+        for (; b + 2 <= nb; b += 2) {                                                               \
+            const uint8_t *b0 = row + b * SIZE, *b1 = b0 + SIZE;                                    \
+            a0 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(b0)), block_sum32(CODES(b0), x + b * 32), a0);  \
+            a1 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(b1)), block_sum32(CODES(b1), x + b * 32 + 32), a1); \
+        }                                                                                           \
+        if (b < nb) {                                                                               \
+            const uint8_t *b0 = row + b * SIZE;                                                     \
+            a0 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(b0)), block_sum32(CODES(b0), x + b * 32), a0);  \
+        }                                                                                           \
+        return hsum(_mm256_add_ps(a0, a1));                                                         \
+    }
+static inline __m256i codes_q8_0(const uint8_t *blk) { return load32(blk + 2); }
+static inline __m256i codes_q4_0(const uint8_t *blk) { return _mm256_sub_epi8(nibbles16(blk + 2), _mm256_set1_epi8(8)); }
+DOT1_FACTORED(q8_0, 34, codes_q8_0)
+DOT1_FACTORED(q4_0, 18, codes_q4_0)
+
+/* Stored floats, one input row: converted in registers (F16C, bf16 << 16), four accumulators. */
+#define DOT1_FLOAT(name, W8, ESZ)                                                                   \
+    static float dot1_##name(const uint8_t *row, int64_t K, const float *x) {                      \
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                 \
+        int64_t k = 0;                                                                              \
+        for (; k + 32 <= K; k += 32) {                                                              \
+            a0 = _mm256_fmadd_ps(W8(row + ESZ * k), _mm256_loadu_ps(x + k), a0);                    \
+            a1 = _mm256_fmadd_ps(W8(row + ESZ * (k + 8)), _mm256_loadu_ps(x + k + 8), a1);          \
+            a2 = _mm256_fmadd_ps(W8(row + ESZ * (k + 16)), _mm256_loadu_ps(x + k + 16), a2);        \
+            a3 = _mm256_fmadd_ps(W8(row + ESZ * (k + 24)), _mm256_loadu_ps(x + k + 24), a3);        \
+        }                                                                                           \
+        for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(W8(row + ESZ * k), _mm256_loadu_ps(x + k), a0); \
+        float t = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));               \
+        float w[8];                                                                                 \
+        if (k < K) {                                                                                \
+            dq_##name(row, k, (int)(K - k), w);                                                     \
+            for (int j = 0; j < K - k; j++) t += w[j] * x[k + j];                                   \
+        }                                                                                           \
+        return t;                                                                                   \
+    }
+static inline __m256 f32x8(const uint8_t *p) { return _mm256_loadu_ps((const float *)p); }
+static inline __m256 bf16x8(const uint8_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+DOT1_FLOAT(f32, f32x8, 4)
+DOT1_FLOAT(bf16, bf16x8, 2)
+#ifdef QA_F16C
+static inline __m256 f16x8(const uint8_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+DOT1_FLOAT(f16, f16x8, 2)
+#define DOT1_F16 dot1_f16
+#else
+#define DOT1_F16 0
+#endif
+#define DQ(name) dqv_##name
+#define DOT1(name) dot1_##name
+#define DOT1F(name) dot1f_##name
+#else
+#define DQ(name) dq_##name
+#define DOT1(name) 0
+#define DOT1F(name) 0
+#define DOT1_F16 0
+#endif
+
+typedef void (*dq_fn)(const uint8_t *, int64_t, int, float *);
+
+typedef float (*dot1_fn)(const uint8_t *, int64_t, const float *);
+
+typedef struct {
+    int block, size;
+    dq_fn dq;     /* elements -> float32 */
+    dot1_fn dot1; /* one input row times one weight row, weights kept in registers (or 0) */
+} tinfo;
+
+static const tinfo *type_info(int type) {
+    static const tinfo F32 = {1, 4, dq_f32, DOT1(f32)}, F16 = {1, 2, dq_f16, DOT1_F16},
+        BF16 = {1, 2, dq_bf16, DOT1(bf16)}, Q8_0 = {32, 34, DQ(q8_0), DOT1F(q8_0)},
+        Q4_0 = {32, 18, DQ(q4_0), DOT1F(q4_0)}, Q4_1 = {32, 20, DQ(q4_1), DOT1(q4_1)},
+        Q5_0 = {32, 22, DQ(q5_0), DOT1(q5_0)}, Q5_1 = {32, 24, DQ(q5_1), DOT1(q5_1)},
+        IQ4_NL = {32, 18, DQ(iq4_nl), DOT1(iq4_nl)}, Q2_K = {256, 84, DQ(q2_k), DOT1(q2_k)},
+        Q3_K = {256, 110, DQ(q3_k), DOT1(q3_k)}, Q4_K = {256, 144, DQ(q4_k), DOT1(q4_k)},
+        Q5_K = {256, 176, DQ(q5_k), DOT1(q5_k)}, Q6_K = {256, 210, DQ(q6_k), DOT1(q6_k)},
+        IQ4_XS = {256, 136, DQ(iq4_xs), DOT1(iq4_xs)};
+    switch (type) {
+    case T_F32: return &F32;
+    case T_F16: return &F16;
+    case T_BF16: return &BF16;
+    case T_Q8_0: return &Q8_0;
+    case T_Q4_0: return &Q4_0;
+    case T_Q4_1: return &Q4_1;
+    case T_Q5_0: return &Q5_0;
+    case T_Q5_1: return &Q5_1;
+    case T_IQ4_NL: return &IQ4_NL;
+    case T_Q2_K: return &Q2_K;
+    case T_Q3_K: return &Q3_K;
+    case T_Q4_K: return &Q4_K;
+    case T_Q5_K: return &Q5_K;
+    case T_Q6_K: return &Q6_K;
+    case T_IQ4_XS: return &IQ4_XS;
+    default: return 0;
+    }
+}
+
+/* ------------------------------------------------------------------ dot products */
+
+/* out[m] = W_row . x[m] for m < MT: the row is dequantized CH elements at a time into a
+ * scratch in L1 and multiplied into every input row while it is there. */
+#define DEFINE_ROW(MT)                                                                              \
+    static void row_dot_##MT(const tinfo *t, const uint8_t *row, int64_t K, const float *x,         \
+                             int64_t ldx, float *out) {                                             \
+        float buf[CH] __attribute__((aligned(32)));                                                 \
+        float tail[MT];                                                                             \
+        ROW_BODY(MT)                                                                                \
+    }
+
+#ifdef QA_AVX2
+#define ROW_BODY(MT)                                                                                \
+    __m256 a0[MT], a1[MT];                                                                          \
+    for (int m = 0; m < MT; m++) { a0[m] = a1[m] = _mm256_setzero_ps(); tail[m] = 0.0f; }           \
+    for (int64_t k0 = 0; k0 < K; k0 += CH) {                                                        \
+        const int len = (int)(K - k0 < CH ? K - k0 : CH);                                           \
+        t->dq(row, k0, len, buf);                                                                   \
+        const float *xk = x + k0;                                                                   \
+        int j = 0;                                                                                  \
+        for (; j + 16 <= len; j += 16) {                                                            \
+            const __m256 w0 = _mm256_load_ps(buf + j), w1 = _mm256_load_ps(buf + j + 8);           \
+            for (int m = 0; m < MT; m++) {                                                          \
+                a0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xk + m * ldx + j), a0[m]);              \
+                a1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xk + m * ldx + j + 8), a1[m]);          \
+            }                                                                                       \
+        }                                                                                           \
+        for (; j < len; j++)                                                                        \
+            for (int m = 0; m < MT; m++) tail[m] += buf[j] * xk[m * ldx + j];                       \
+    }                                                                                               \
+    for (int m = 0; m < MT; m++) out[m] = hsum(_mm256_add_ps(a0[m], a1[m])) + tail[m];
+#else
+#ifdef _OPENMP
+#define OMP_SIMD _Pragma("omp simd reduction(+:s)")
+#else
+#define OMP_SIMD
+#endif
+#define ROW_BODY(MT)                                                                                \
+    for (int m = 0; m < MT; m++) tail[m] = 0.0f;                                                    \
+    for (int64_t k0 = 0; k0 < K; k0 += CH) {                                                        \
+        const int len = (int)(K - k0 < CH ? K - k0 : CH);                                           \
+        t->dq(row, k0, len, buf);                                                                   \
+        for (int m = 0; m < MT; m++) {                                                              \
+            const float *xk = x + m * ldx + k0;                                                     \
+            float s = 0.0f;                                                                         \
+            OMP_SIMD for (int j = 0; j < len; j++) s += buf[j] * xk[j];   \
+            tail[m] += s;                                                                           \
+        }                                                                                           \
+    }                                                                                               \
+    for (int m = 0; m < MT; m++) out[m] = tail[m];
+#endif
+
+DEFINE_ROW(1)
+DEFINE_ROW(2)
+DEFINE_ROW(3)
+DEFINE_ROW(4)
+
+#ifdef QA_AVX2
+/* Two weight rows times MT input rows: each x vector loaded once feeds two FMAs, so the
+ * multi-row kernel is bound by FMAs rather than loads. U vectors per step keep enough
+ * independent accumulators in flight (2 * MT * U <= 8 registers of the 16). */
+#define DEFINE_PAIR(MT, U)                                                                          \
+    static void pair_dot_##MT(const tinfo *t, const uint8_t *r0, const uint8_t *r1, int64_t K,      \
+                              const float *x, int64_t ldx, float *o0, float *o1) {                  \
+        float b0[CH] __attribute__((aligned(32))), b1[CH] __attribute__((aligned(32)));            \
+        __m256 a[MT][2 * U];                                                                        \
+        float t0[MT], t1[MT];                                                                       \
+        for (int m = 0; m < MT; m++) {                                                              \
+            for (int u = 0; u < 2 * U; u++) a[m][u] = _mm256_setzero_ps();                          \
+            t0[m] = t1[m] = 0.0f;                                                                   \
+        }                                                                                           \
+        for (int64_t k0 = 0; k0 < K; k0 += CH) {                                                    \
+            const int len = (int)(K - k0 < CH ? K - k0 : CH);                                       \
+            t->dq(r0, k0, len, b0);                                                                 \
+            t->dq(r1, k0, len, b1);                                                                 \
+            const float *xk = x + k0;                                                               \
+            int j = 0;                                                                              \
+            for (; j + 8 * U <= len; j += 8 * U)                                                    \
+                for (int u = 0; u < U; u++) {                                                       \
+                    const __m256 w0 = _mm256_load_ps(b0 + j + 8 * u), w1 = _mm256_load_ps(b1 + j + 8 * u); \
+                    for (int m = 0; m < MT; m++) {                                                  \
+                        const __m256 xv = _mm256_loadu_ps(xk + m * ldx + j + 8 * u);                \
+                        a[m][2 * u] = _mm256_fmadd_ps(w0, xv, a[m][2 * u]);                         \
+                        a[m][2 * u + 1] = _mm256_fmadd_ps(w1, xv, a[m][2 * u + 1]);                 \
+                    }                                                                               \
+                }                                                                                   \
+            for (; j < len; j++)                                                                    \
+                for (int m = 0; m < MT; m++) {                                                      \
+                    t0[m] += b0[j] * xk[m * ldx + j];                                               \
+                    t1[m] += b1[j] * xk[m * ldx + j];                                               \
+                }                                                                                   \
+        }                                                                                           \
+        for (int m = 0; m < MT; m++) {                                                              \
+            __m256 s0 = a[m][0], s1 = a[m][1];                                                      \
+            for (int u = 1; u < U; u++) {                                                           \
+                s0 = _mm256_add_ps(s0, a[m][2 * u]);                                                \
+                s1 = _mm256_add_ps(s1, a[m][2 * u + 1]);                                            \
+            }                                                                                       \
+            o0[m] = hsum(s0) + t0[m];                                                               \
+            o1[m] = hsum(s1) + t1[m];                                                               \
+        }                                                                                           \
+    }
+DEFINE_PAIR(1, 4)
+DEFINE_PAIR(2, 2)
+DEFINE_PAIR(3, 1)
+DEFINE_PAIR(4, 1)
+#endif
+
+/* ------------------------------------------------------------------ entry points */
+
+/* 1 when this build has the AVX2/FMA dot products, 0 for the portable loops. */
+int qa_simd(void) {
+#ifdef QA_AVX2
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* 1 when built with OpenMP (else every call runs on the calling thread). */
+int qa_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* y[m * ldy + n] = sum_k x[m * ldx + k] * W[n, k] for m < M, n < N. Returns 0, or -1 for an
+ * unknown type / a K that is not whole blocks / row_bytes that do not match. */
+int qa_matmul(int type, const uint8_t *w, int64_t N, int64_t K, int64_t row_bytes, const float *x,
+              int64_t ldx, int64_t M, float *y, int64_t ldy, int nthreads) {
+    const tinfo *t = type_info(type);
+    if (!t || K % t->block || row_bytes != K / t->block * t->size || N < 0 || M < 0) return -1;
+    if (nthreads < 1) nthreads = 1;
+    /* dynamic chunks of rows: a thread that loses its core to another process (a shared
+     * machine) delays only its current chunk, not half the matrix */
+    const int64_t chunk = N / ((int64_t)nthreads * 32) > 1 ? N / ((int64_t)nthreads * 32) : 1; /* in pairs */
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t p = 0; p < (N + 1) / 2; p++) {
+        const int64_t n = 2 * p;
+        const int two = n + 1 < N;
+        const uint8_t *row = w + n * row_bytes;
+        float out[MT_MAX], out1[MT_MAX];
+        for (int64_t m0 = 0; m0 < M; m0 += MT_MAX) {
+            const int mt = (int)(M - m0 < MT_MAX ? M - m0 : MT_MAX);
+            const float *xm = x + m0 * ldx;
+            if (mt == 1 && t->dot1) {
+                y[m0 * ldy + n] = t->dot1(row, K, xm);
+                if (two) y[m0 * ldy + n + 1] = t->dot1(row + row_bytes, K, xm);
+                continue;
+            }
+#ifdef QA_AVX2
+            if (two) {
+                switch (mt) {
+                case 1: pair_dot_1(t, row, row + row_bytes, K, xm, ldx, out, out1); break;
+                case 2: pair_dot_2(t, row, row + row_bytes, K, xm, ldx, out, out1); break;
+                case 3: pair_dot_3(t, row, row + row_bytes, K, xm, ldx, out, out1); break;
+                default: pair_dot_4(t, row, row + row_bytes, K, xm, ldx, out, out1); break;
+                }
+                for (int m = 0; m < mt; m++) {
+                    y[(m0 + m) * ldy + n] = out[m];
+                    y[(m0 + m) * ldy + n + 1] = out1[m];
+                }
+                continue;
+            }
+#endif
+            for (int r = 0; r <= two; r++) {
+                const uint8_t *rr = row + r * row_bytes;
+                switch (mt) {
+                case 1: row_dot_1(t, rr, K, xm, ldx, out); break;
+                case 2: row_dot_2(t, rr, K, xm, ldx, out); break;
+                case 3: row_dot_3(t, rr, K, xm, ldx, out); break;
+                default: row_dot_4(t, rr, K, xm, ldx, out); break;
+                }
+                for (int m = 0; m < mt; m++) y[(m0 + m) * ldy + n + r] = out[m];
+            }
+        }
+    }
+    return 0;
+}
+
+/* out[r * ldo + k] = W[r, k] as float32 (gguf-py's bits) for r < rows. */
+int qa_dequant(int type, const uint8_t *w, int64_t rows, int64_t K, int64_t row_bytes, float *out,
+               int64_t ldo, int nthreads) {
+    const tinfo *t = type_info(type);
+    if (!t || K % t->block || row_bytes != K / t->block * t->size || rows < 0) return -1;
+    if (nthreads < 1) nthreads = 1;
+    const int64_t chunk = rows / ((int64_t)nthreads * 16) > 1 ? rows / ((int64_t)nthreads * 16) : 1;
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *row = w + r * row_bytes;
+        for (int64_t k0 = 0; k0 < K; k0 += CH) {
+            const int len = (int)(K - k0 < CH ? K - k0 : CH);
+            t->dq(row, k0, len, out + r * ldo + k0);
+        }
+    }
+    return 0;
+}
