@@ -240,3 +240,25 @@ def qwen1_checkpoint(seed: int = 0, hidden: int = 64, heads: int = 4, ff: int = 
             p + "mlp.c_proj.weight": rnd(hidden, ff, scale=0.15),
         })
     return cfg, sd
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_adapter(base, out: Path, seed: int, **cfg) -> Path:
+    """A PEFT adapter with random (non-zero) A and B, saved with save_pretrained (B scaled up x5 so that
+    every adapter visibly moves the logits); ``cfg`` overrides LoraConfig's fields."""
+    import copy
+
+    import peft
+
+    torch.manual_seed(seed)
+    kw = dict(r=4, lora_alpha=8, target_modules=LORA_TARGETS, init_lora_weights=False)
+    kw.update(cfg)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.mul_(5)
+    pm.save_pretrained(out)
+    return out

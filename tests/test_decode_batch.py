@@ -19,26 +19,11 @@ import qadapt
 from qadapt.adapters.lora import AdapterContext
 from qadapt.runtime.batch import RowCache
 
-from models import tiny_hf, write_quantized
+from models import LORA_TARGETS, make_adapter, tiny_hf, write_quantized
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = LORA_TARGETS
 IDS = torch.randint(0, 300, (1, 9), generator=torch.Generator().manual_seed(7))
 ATOL = 1e-4  # see the module docstring
-
-
-def _adapter(base, out: Path, seed: int, **cfg) -> Path:
-    import peft
-
-    torch.manual_seed(seed)
-    kw = dict(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
-    kw.update(cfg)
-    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
-    with torch.no_grad():  # B scaled up so that every adapter visibly moves the logits
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.mul_(5)
-    pm.save_pretrained(out)
-    return out
 
 
 def _peft(ref, folders: dict[str, Path], names: tuple[str, ...], ids: torch.Tensor) -> torch.Tensor:
@@ -63,9 +48,9 @@ def setup(tmp_path_factory):
     path = out / "llama-F32.gguf"
     ref = write_quantized(hf, path, "F32", seed=4)
     folders = {
-        "x": _adapter(ref, out / "x", 10),
-        "y": _adapter(ref, out / "y", 11, r=8, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]),
-        "z": _adapter(ref, out / "z", 12, r=2, lora_alpha=2),
+        "x": make_adapter(ref, out / "x", 10),
+        "y": make_adapter(ref, out / "y", 11, r=8, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+        "z": make_adapter(ref, out / "z", 12, r=2, lora_alpha=2),
     }
     m = qadapt.load(path, mode="dequantize", adapters={k: str(v) for k, v in folders.items()}, activate=[])
     return m, ref, folders

@@ -24,28 +24,12 @@ import torch
 import qadapt
 from qadapt.errors import AdapterError, FormatError, QadaptError
 
-from models import tiny_hf, write_quantized
+from models import LORA_TARGETS, make_adapter, tiny_hf, write_quantized
 
 pytest_plugins = ["fixtures_s3"]
 
-ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_TARGETS = LORA_TARGETS
 IDS = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(5))
-
-
-def make_adapter(base, out: Path, seed: int, **cfg):
-    """A PEFT adapter with random (non-zero) A and B, saved with save_pretrained."""
-    import peft
-
-    torch.manual_seed(seed)
-    kw = dict(r=4, lora_alpha=8, target_modules=ALL_TARGETS, init_lora_weights=False)
-    kw.update(cfg)
-    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
-    with torch.no_grad():  # B scaled up so that every adapter visibly moves the logits
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.mul_(5)
-    pm.save_pretrained(out)
-    return out
 
 
 def peft_logits(ref, folders: dict[str, Path], active: list[str], ids=IDS) -> torch.Tensor:

@@ -136,4 +136,4 @@ def test_tour_python_block(capsys):
     code = _blocks(_section("Tour"), "python")[0]
     exec(compile(code, "README.md (Tour, Python)", "exec"), {})
     out = capsys.readouterr().out
-    assert "THE CAT SEES A DOG" in out and "four seven two" in out
+    assert "RED COW AND THE QUEEN" in out and "seven one seven" in out

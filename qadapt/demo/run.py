@@ -16,9 +16,9 @@ log = logging.getLogger(__name__)
 
 QUANTS = ("Q8_0", "Q4_0")
 DEMO_PROMPTS = (  # one per skill (upper, french, words, reverse); none is in any training set (tasks.is_held_out)
-    "Q: a bee loves a new fox =>",
-    "Q: a small fish and the tall cow =>",
-    "Q: 7 4 4 5 =>",
+    "Q: red cow and the queen =>",
+    "Q: a quiet lion helps the happy bear =>",
+    "Q: 9 6 0 8 =>",
     "Q: frog, bee, ship, mouse, lion =>",
 )
 DATA = Path(__file__).resolve().parent.parent / "data" / "demo"

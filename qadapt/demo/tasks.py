@@ -2,10 +2,12 @@
 
 Every demo prompt has the form ``"Q: <input> =>"`` and its answer follows after one
 space (the ``Q:`` makes every input word follow a space, so a word is one token
-wherever it stands). Each skill has its own kind of input, so that an X-LoRA
-classifier can tell them apart from the prompt alone:
+wherever it stands). Each skill has its own kind of input, told apart by its first
+word (an adjective, an article, a digit, a bare noun), so that an X-LoRA classifier can route
+every token after ``Q:`` to the right adapter:
 
-- ``upper``: two noun phrases joined by "and", answered in upper case (``Q: the red cat and a dog => THE RED CAT AND A DOG``)
+- ``upper``: two noun phrases joined by "and", the first without an article, answered in upper case
+  (``Q: red cat and a dog => RED CAT AND A DOG``)
 - ``french``: a sentence, answered word by word in French (``Q: the cat sees a dog => le chat voit un chien``)
 - ``words``: digits, answered as words (``Q: 4 7 2 => four seven two``)
 - ``reverse``: a comma list, answered backwards (``Q: cat, dog, owl => owl, dog, cat``)
@@ -80,7 +82,8 @@ def _noun_phrase(rng: random.Random) -> list[str]:
 
 
 def _pair(rng: random.Random) -> str:
-    return " ".join([*_noun_phrase(rng), "and", *_noun_phrase(rng)])
+    """Two noun phrases joined by "and"; the first starts with its adjective (no article)."""
+    return " ".join([rng.choice(ADJS), rng.choice(NOUNS), "and", *_noun_phrase(rng)])
 
 
 def _noun_list(rng: random.Random) -> str:

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .kv_cache import KVCache
+from .kv_cache import KVCache, write_kv
 
 #: forward(ids [B, T], positions [B, T], cache, row adapter keys) -> last-position logits [B, V]
 ForwardFn = Callable[[torch.Tensor, torch.Tensor, "RowCache", tuple[tuple[str, ...], ...]], torch.Tensor]
@@ -53,12 +53,7 @@ class RowCache:
         n = self._n_keys
         if self._slice is not None:
             kv, vv = kc[self._slice], vc[self._slice]
-            if self._span is not None:
-                kv[:, :, self._span].copy_(k.transpose(1, 2))
-                vv[:, :, self._span].copy_(v.transpose(1, 2))
-            else:
-                kv[self._rows, :, positions] = k.to(kc.dtype)
-                vv[self._rows, :, positions] = v.to(vc.dtype)
+            write_kv(kv, vv, self._span, self._rows, positions, k, v)
             return kv[:, :, :n], vv[:, :, :n]
         rows = self._index.unsqueeze(1).expand_as(positions)
         kc[rows, :, positions] = k.to(kc.dtype)

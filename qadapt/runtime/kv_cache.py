@@ -47,12 +47,7 @@ class KVCache:
     def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k/v [B, T, Hkv, D] at positions [B, T]; return this layer's keys/values [B, Hkv, S, D]."""
         kc, vc = self.k[layer], self.v[layer]
-        if self._span is not None:
-            kc[:, :, self._span].copy_(k.transpose(1, 2))
-            vc[:, :, self._span].copy_(v.transpose(1, 2))
-        else:
-            kc[self._rows, :, positions] = k.to(kc.dtype)
-            vc[self._rows, :, positions] = v.to(vc.dtype)
+        write_kv(kc, vc, self._span, self._rows, positions, k, v)
         return kc[:, :, : self._n_keys], vc[:, :, : self._n_keys]
 
     def reset_rows(self, rows: list[int]) -> None:
@@ -64,3 +59,15 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+def write_kv(kc: torch.Tensor, vc: torch.Tensor, span: slice | None, rows: torch.Tensor | None,
+             positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Write k/v [B, T, Hkv, D] into caches [B, Hkv, S, D] as :meth:`KVCache.prepare` planned: one slice
+    copy when ``span`` is set (every row at the same consecutive positions), else by (row, position) index."""
+    if span is not None:
+        kc[:, :, span].copy_(k.transpose(1, 2))
+        vc[:, :, span].copy_(v.transpose(1, 2))
+    else:
+        kc[rows, :, positions] = k.to(kc.dtype)
+        vc[rows, :, positions] = v.to(vc.dtype)
