@@ -42,7 +42,27 @@ def _adapter_config(folder: Path) -> None:
         cfg.scale(p)
 
 
-TARGETS = {"gguf": _gguf, "safetensors": _safetensors, "ordering": _ordering, "adapter_config": _adapter_config}
+def _xlora_config(folder: Path) -> None:
+    from qadapt.adapters.xlora import read_xlora
+
+    read_xlora(folder)
+
+
+def _gptq_config(folder: Path) -> None:
+    import json
+
+    from qadapt.formats.gptq import read_gptq_config
+
+    cfg_json = folder / "config.json"
+    cfg = read_gptq_config(folder, json.loads(cfg_json.read_text()) if cfg_json.is_file() else {})
+    if cfg is not None:
+        for p in ("model.layers.0.self_attn.q_proj", "lm_head"):
+            cfg.for_module(p)
+        cfg.describe()
+
+
+TARGETS = {"gguf": _gguf, "safetensors": _safetensors, "ordering": _ordering, "adapter_config": _adapter_config,
+           "xlora_config": _xlora_config, "gptq_config": _gptq_config}
 
 
 def seed_gguf(path: Path) -> Path:

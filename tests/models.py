@@ -262,3 +262,24 @@ def make_adapter(base, out: Path, seed: int, **cfg) -> Path:
                 p.mul_(5)
     pm.save_pretrained(out)
     return out
+
+
+def peft_logits(ref, folders: dict, active, ids: torch.Tensor) -> torch.Tensor:
+    """PEFT's logits on ``ref`` with exactly the adapters ``active`` loaded and active (none: the base).
+
+    Only those are loaded: PEFT keeps an inactive lm_head adapter's effect (FIELD-NOTES)."""
+    import copy
+
+    from peft import PeftModel
+
+    names = list(active)
+    if not names:
+        with torch.no_grad():
+            return ref(ids).logits
+    pm = PeftModel.from_pretrained(copy.deepcopy(ref), str(folders[names[0]]), adapter_name=names[0])
+    for n in names[1:]:
+        pm.load_adapter(str(folders[n]), adapter_name=n)
+    pm.base_model.set_adapter(names)
+    pm.eval()
+    with torch.no_grad():
+        return pm(ids).logits

@@ -19,26 +19,11 @@ import qadapt
 from qadapt.adapters.lora import AdapterContext
 from qadapt.runtime.batch import RowCache
 
-from models import LORA_TARGETS, make_adapter, tiny_hf, write_quantized
+from models import LORA_TARGETS, make_adapter, peft_logits, tiny_hf, write_quantized
 
 TARGETS = LORA_TARGETS
 IDS = torch.randint(0, 300, (1, 9), generator=torch.Generator().manual_seed(7))
 ATOL = 1e-4  # see the module docstring
-
-
-def _peft(ref, folders: dict[str, Path], names: tuple[str, ...], ids: torch.Tensor) -> torch.Tensor:
-    from peft import PeftModel
-
-    if not names:
-        with torch.no_grad():
-            return ref(ids).logits
-    pm = PeftModel.from_pretrained(copy.deepcopy(ref), str(folders[names[0]]), adapter_name=names[0])
-    for n in names[1:]:
-        pm.load_adapter(str(folders[n]), adapter_name=n)
-    pm.base_model.set_adapter(list(names))
-    pm.eval()
-    with torch.no_grad():
-        return pm(ids).logits
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +52,13 @@ ROW_SETS = [
 
 
 @pytest.mark.parametrize("rows", ROW_SETS)
-def test_rows_on_different_adapters_match_peft(setup, rows):
+def test_rows_on_different_adapters_matchpeft_logits(setup, rows):
     """One forward over a batch whose rows use different adapter sets (prefill shape, no cache)."""
     m, ref, folders = setup
     ids = IDS.expand(len(rows), -1)
     got = m.decoder(ids, ctx=AdapterContext(rows=rows)).logits
     for i, names in enumerate(rows):
-        torch.testing.assert_close(got[i], _peft(ref, folders, names, IDS)[0], atol=ATOL, rtol=0)
+        torch.testing.assert_close(got[i], peft_logits(ref, folders, names, IDS)[0], atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("rows", ROW_SETS)
@@ -89,12 +74,12 @@ def test_cached_decode_rows_at_different_positions(setup, rows):
     pos = torch.tensor([[n] for n in lengths])
     got = m.decoder(tok, pos, cache, ctx=AdapterContext(rows=rows), last_only=True).logits[:, -1]
     for i, (names, n) in enumerate(zip(rows, lengths)):
-        want = _peft(ref, folders, names, IDS[:, : n + 1])[0, -1]
+        want = peft_logits(ref, folders, names, IDS[:, : n + 1])[0, -1]
         torch.testing.assert_close(got[i], want, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("active", [("x",), ("x", "y", "z")])
-def test_greedy_generation_with_adapters_matches_peft(setup, active):
+def test_greedy_generation_with_adapters_matchespeft_logits(setup, active):
     """Model.generate (one cached decode step per token: no mask, slice cache writes, grouped attention,
     one adapter's own factors or a stack of three) against PEFT's greedy generate."""
     from peft import PeftModel
@@ -137,8 +122,8 @@ def test_nan_adapter_stays_in_its_rows(tmp_path, setup):
         rows = (("x",), ("bad",), ("y",))
         got = m.decoder(IDS.expand(3, -1), ctx=AdapterContext(rows=rows)).logits
         assert got[1].isnan().any()
-        torch.testing.assert_close(got[0], _peft(ref, folders, ("x",), IDS)[0], atol=ATOL, rtol=0)
-        torch.testing.assert_close(got[2], _peft(ref, folders, ("y",), IDS)[0], atol=ATOL, rtol=0)
+        torch.testing.assert_close(got[0], peft_logits(ref, folders, ("x",), IDS)[0], atol=ATOL, rtol=0)
+        torch.testing.assert_close(got[2], peft_logits(ref, folders, ("y",), IDS)[0], atol=ATOL, rtol=0)
     finally:
         m.unload_adapter("bad")
 
@@ -153,7 +138,7 @@ def test_adapter_sets_restack_after_unload(setup):
         m.unload_adapter("z")
         m.load_adapter("z", folders["y"])  # another adapter under the same name
         m.activate_adapters(["x", "z"])
-        torch.testing.assert_close(m.logits(IDS), _peft(ref, {"x": folders["x"], "z": folders["y"]}, ("x", "z"), IDS),
+        torch.testing.assert_close(m.logits(IDS), peft_logits(ref, {"x": folders["x"], "z": folders["y"]}, ("x", "z"), IDS),
                                    atol=ATOL, rtol=0)
         assert not torch.equal(first, m.logits(IDS))
     finally:

@@ -108,6 +108,56 @@ def test_adapter_config_json(tmp_path, doc):
     assert run_one("adapter_config", d) is None
 
 
+XLORA_KEYS = ["hidden_size", "adapters", "enable_softmax", "enable_softmax_topk", "softmax_temperature",
+              "layerwise_scalings", "top_k_lora", "xlora_depth", "xlora_size", "xlora_dropout_p",
+              "scaling_pass_value", "global_scaling_weight", "use_bias", "base_model_id"]
+GPTQ_KEYS = ["bits", "group_size", "desc_act", "sym", "checkpoint_format", "pack_dtype", "quant_method",
+             "dynamic", "lm_head", "is_marlin_format", "format"]
+
+
+@pytest.fixture(scope="module")
+def xlora_weights(tmp_path_factory) -> bytes:
+    """A valid reference-layout classifier (depth 2, hidden 8, 2 adapters) for the fuzzed configs to describe."""
+    import torch
+    from safetensors.torch import save
+
+    return save({"inner.0.weight": torch.zeros(4, 8), "inner.0.bias": torch.zeros(4),
+                 "last.weight": torch.zeros(2, 4), "last.bias": torch.zeros(2)})
+
+
+@FAST
+@given(doc=_keyed(XLORA_KEYS) | json_values)
+def test_xlora_config_json(tmp_path, xlora_weights, doc):
+    d = tmp_path / "xlora"
+    d.mkdir(exist_ok=True)
+    (d / "xlora_config.json").write_text(json.dumps(doc))
+    (d / "xlora_classifier.safetensors").write_bytes(xlora_weights)
+    assert run_one("xlora_config", d) is None
+
+
+_override = st.sampled_from([2, 3, 4, 8, -1, 0, 128, True, None, "4", 4.5]) | json_values
+GPTQ_DOCS = st.fixed_dictionaries({}, optional={
+    "bits": _override, "group_size": _override, "desc_act": _override, "sym": _override,
+    "dynamic": st.dictionaries(st.sampled_from([".*", "-:.*q_proj", "+:lm_head", "(", "x"]),
+                               st.dictionaries(st.sampled_from(["bits", "group_size", "desc_act", "sym", "x"]),
+                                               _override, max_size=3) | json_values, max_size=3)})
+
+
+@FAST
+@given(doc=GPTQ_DOCS | _keyed(GPTQ_KEYS) | json_values, where=st.sampled_from(["quantize_config", "config"]))
+def test_gptq_config_json(tmp_path, doc, where):
+    d = tmp_path / "gptq"
+    d.mkdir(exist_ok=True)
+    for f in d.iterdir():
+        f.unlink()
+    if where == "quantize_config":
+        (d / "quantize_config.json").write_text(json.dumps(doc))
+    else:
+        qc = dict(doc, quant_method="gptq") if isinstance(doc, dict) else doc
+        (d / "config.json").write_text(json.dumps({"quantization_config": qc}))
+    assert run_one("gptq_config", d) is None
+
+
 def test_huge_element_count_refused_before_allocation(tmp_path):
     """A safetensors header claiming 10^12 elements is refused from the header alone."""
     header = json.dumps({"w": {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 4 * 10**12]}}).encode()

@@ -414,7 +414,7 @@ def test_refusals(tmp_path, folders):
     with pytest.raises(UnsupportedError, match="calibration"):
         qadapt.load(plain, quant="gptq-4bit")
     for key, value, match in (("checkpoint_format", "marlin", "marlin"), ("pack_dtype", "int16", "int16"),
-                              ("bits", 5, "bits=5")):
+                              ("bits", 5, "`bits` must be 2, 3, 4 or 8, got 5")):
         bad = tmp_path / f"bad-{key}"
         bad.mkdir()
         for f in path.iterdir():

@@ -11,7 +11,6 @@ error (bf16 for the int4 kernel types, see test_gguf_runtime); the adapter delta
 
 from __future__ import annotations
 
-import copy
 import json
 import pickle
 import subprocess
@@ -24,6 +23,7 @@ import torch
 import qadapt
 from qadapt.errors import AdapterError, FormatError, QadaptError
 
+import models
 from models import LORA_TARGETS, make_adapter, tiny_hf, write_quantized
 
 pytest_plugins = ["fixtures_s3"]
@@ -33,17 +33,7 @@ IDS = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(5))
 
 
 def peft_logits(ref, folders: dict[str, Path], active: list[str], ids=IDS) -> torch.Tensor:
-    """PEFT's logits with exactly ``active`` adapters loaded and active."""
-    from peft import PeftModel
-
-    names = list(active)
-    pm = PeftModel.from_pretrained(copy.deepcopy(ref), str(folders[names[0]]), adapter_name=names[0])
-    for n in names[1:]:
-        pm.load_adapter(str(folders[n]), adapter_name=n)
-    pm.base_model.set_adapter(names)
-    pm.eval()
-    with torch.no_grad():
-        return pm(ids).logits
+    return models.peft_logits(ref, folders, active, ids)
 
 
 @pytest.fixture(scope="module")

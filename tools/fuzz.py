@@ -3,7 +3,8 @@
     python tools/fuzz.py --examples 10000
 
 Runs tests/test_fuzz.py with hypothesis at that many inputs per parser (GGUF reader, safetensors
-header, ordering JSON and raw bytes, adapter_config.json) and prints hypothesis' statistics.
+header, ordering JSON and raw bytes, adapter_config.json, X-LoRA xlora_config.json, GPTQ
+quantize_config.json / quantization_config) and prints hypothesis' statistics.
 """
 
 from __future__ import annotations

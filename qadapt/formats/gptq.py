@@ -92,6 +92,19 @@ def _quant_dict(folder: Path, config_json: dict[str, Any]) -> tuple[dict[str, An
     return None
 
 
+def _check_settings(where: str, what: str, values: dict[str, Any]) -> None:
+    """``bits`` 2/3/4/8, ``group_size`` -1 or positive (integers, not booleans), ``desc_act``/``sym`` booleans."""
+    for k, v in values.items():
+        if k in ("bits", "group_size"):
+            ok = isinstance(v, int) and not isinstance(v, bool) and (
+                v in (2, 3, 4, 8) if k == "bits" else (v == -1 or v > 0))
+            want = "2, 3, 4 or 8" if k == "bits" else "-1 (one group per column) or a positive integer"
+        else:
+            ok, want = isinstance(v, bool), "true or false"
+        if not ok:
+            raise FormatError(f"{where}: {what}GPTQ `{k}` must be {want}, got {v!r}")
+
+
 def read_gptq_config(folder: str | Path, config_json: dict[str, Any]) -> GPTQConfig | None:
     """The GPTQ settings of a transformers folder, or None when it is not a GPTQ checkpoint."""
     folder = Path(folder)
@@ -111,10 +124,10 @@ def read_gptq_config(folder: str | Path, config_json: dict[str, Any]) -> GPTQCon
     pack = str(d.get("pack_dtype", "int32")).lower().removeprefix("torch.")
     if pack != "int32":
         raise UnsupportedError(f"{where}: GPTQ pack_dtype {pack!r} is not supported; qadapt reads int32")
-    try:
-        bits, group = int(d["bits"]), int(d.get("group_size", 128))
-    except (KeyError, TypeError, ValueError):
-        raise FormatError(f"{where}: GPTQ config needs integer `bits` (and `group_size`)") from None
+    if "bits" not in d:
+        raise FormatError(f"{where}: GPTQ config needs integer `bits` (2, 3, 4 or 8)")
+    _check_settings(where, "", {k: d[k] for k in _OVERRIDABLE if k in d})
+    bits, group = d["bits"], d.get("group_size", 128)
     dynamic = []
     raw_dynamic = d.get("dynamic") or {}
     if not isinstance(raw_dynamic, dict):
@@ -129,6 +142,7 @@ def read_gptq_config(folder: str | Path, config_json: dict[str, Any]) -> GPTQCon
         if not isinstance(overrides, dict):
             raise FormatError(f"{where}: dynamic pattern {key!r} must map to an object of overrides")
         kept = tuple((k, v) for k, v in overrides.items() if k in _OVERRIDABLE)
+        _check_settings(where, f"dynamic pattern {key!r}: ", dict(kept))
         dynamic.append((pattern, negative, kept))
     return GPTQConfig(bits=bits, group_size=group, desc_act=bool(d.get("desc_act", False)),
                       sym=bool(d.get("sym", True)), checkpoint_format=fmt, lm_head=bool(d.get("lm_head", False)),
