@@ -245,9 +245,9 @@ def qwen1_checkpoint(seed: int = 0, hidden: int = 64, heads: int = 4, ff: int = 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def make_adapter(base, out: Path, seed: int, **cfg) -> Path:
-    """A PEFT adapter with random (non-zero) A and B, saved with save_pretrained (B scaled up x5 so that
-    every adapter visibly moves the logits); ``cfg`` overrides LoraConfig's fields."""
+def make_adapter(base, out: Path, seed: int, b_scale: float = 5, **cfg) -> Path:
+    """A PEFT adapter with random (non-zero) A and B, saved with save_pretrained (B scaled up by ``b_scale`` so
+    that every adapter visibly moves the logits); ``cfg`` overrides LoraConfig's fields."""
     import copy
 
     import peft
@@ -259,7 +259,7 @@ def make_adapter(base, out: Path, seed: int, **cfg) -> Path:
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_B" in n:
-                p.mul_(5)
+                p.mul_(b_scale)
     pm.save_pretrained(out)
     return out
 

@@ -25,7 +25,7 @@ import torch
 import qadapt
 from qadapt.errors import AdapterError, FormatError, QadaptError, UnsupportedError
 
-from models import tiny_hf, write_quantized
+from models import make_adapter, tiny_hf, write_quantized
 
 pytest_plugins = ["fixtures_s3"]
 
@@ -48,17 +48,7 @@ CONFIGS = {
 
 
 def make_lora(base, out: Path, seed: int, targets) -> Path:
-    import peft
-
-    torch.manual_seed(seed)
-    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
-                                                                   init_lora_weights=False))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.mul_(4)
-    pm.save_pretrained(out)
-    return out
+    return make_adapter(base, out, seed, b_scale=4, target_modules=targets)
 
 
 def peft_xlora(ref, loras: list[Path], seed: int, **cfg):
