@@ -226,6 +226,11 @@ def _task_seqs(tok: DemoTokenizer, examples: Sequence[tasks.Example]) -> list[tu
     return out
 
 
+def _shared_prefix(tok: DemoTokenizer) -> int:
+    """Tokens every demo prompt starts with (``<s>``, ``Q``, ``:``): no classifier can tell the skills apart there."""
+    return len(tok.encode(tasks.PREFIX.strip()))
+
+
 def train_lora(cfg: DemoConfig, base, tok: DemoTokenizer, skill: str, out: Path,
                anchor: Path | None = None) -> list[float]:
     """One PEFT LoRA adapter for ``skill`` on the float base, saved with ``save_pretrained``.
@@ -258,7 +263,7 @@ def train_lora(cfg: DemoConfig, base, tok: DemoTokenizer, skill: str, out: Path,
             p.requires_grad_(".default." in n and "lora_" in n)
     seqs = _task_seqs(tok, tasks.task_examples(skill, cfg.lora_examples, cfg.seed))
     rng = random.Random(f"lora/{skill}/{cfg.seed}")
-    prefix = len(tok.encode(tasks.PREFIX.strip()))
+    prefix = _shared_prefix(tok)
     params = [p for p in pm.parameters() if p.requires_grad]
 
     def loss_at(step):
@@ -292,8 +297,7 @@ def train_xlora(cfg: DemoConfig, base, tok: DemoTokenizer, folders: dict[str, Pa
 
     The tokens every prompt shares (``<s>Q:``, where no classifier can know the skill) go to the first
     adapter, the anchor the others were trained to accept there (:func:`train_lora`). The classifier
-    is written in the X-LoRA reference layout next
-    to the adapter folders. Returns (loss curve, the PEFT model, the prefix adapter's name).
+    is written in the X-LoRA reference layout next to the adapter folders. Returns (loss curve, the PEFT model).
     """
     import copy
 
@@ -308,9 +312,9 @@ def train_xlora(cfg: DemoConfig, base, tok: DemoTokenizer, folders: dict[str, Pa
                             adapters={str(i): str(folders[n]) for i, n in enumerate(names)})
     xm = peft.get_peft_model(model, xcfg)
     clf = xm.base_model.internal_xlora_classifier
-    prefix = len(tok.encode(tasks.PREFIX.strip()))  # <s>, "Q", ":": the same in every prompt
+    prefix = _shared_prefix(tok)
 
-    prefix_to = names[0]
+    anchor = 0  # names[0], the first skill: see train_lora
 
     feats, labels, weights = [], [], []
     with torch.no_grad():
@@ -322,7 +326,7 @@ def train_xlora(cfg: DemoConfig, base, tok: DemoTokenizer, folders: dict[str, Pa
                 for k, (s, n) in enumerate(chunk):
                     feats.append(h[k, : len(s)])
                     y = torch.full((len(s),), i)
-                    y[:prefix] = names.index(prefix_to)
+                    y[:prefix] = anchor
                     labels.append(y)
                     w = torch.ones(len(s))
                     w[n - 1] = len(s) - n  # "=>"
@@ -337,7 +341,7 @@ def train_xlora(cfg: DemoConfig, base, tok: DemoTokenizer, folders: dict[str, Pa
 
     curve = _train(clf, list(clf.parameters()), loss_at, cfg.xlora_steps, cfg.xlora_lr, "x-lora classifier")
     write_xlora(out, clf, xcfg, names)
-    return curve, xm, prefix_to
+    return curve, xm
 
 
 def write_xlora(folder: Path, classifier, xcfg, names: Sequence[str]) -> None:
@@ -417,7 +421,7 @@ def make_demo(out: str | Path, cfg: DemoConfig = DemoConfig()) -> dict[str, Any]
         anchor = folders[tasks.SKILLS[0]] if skill != tasks.SKILLS[0] else None
         lora_curves[skill] = train_lora(cfg, base, tok, skill, folders[skill], anchor)
     t = lap("lora", t)
-    xlora_curve, xm, prefix_to = train_xlora(cfg, base, tok, folders, out / "adapters")
+    xlora_curve, xm = train_xlora(cfg, base, tok, folders, out / "adapters")
     t = lap("xlora", t)
 
     for kind, names in (("lora", tasks.SKILLS), ("xlora", tasks.SKILLS)):
@@ -444,7 +448,7 @@ def make_demo(out: str | Path, cfg: DemoConfig = DemoConfig()) -> dict[str, Any]
         "files": {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*"))
                   if p.is_file() and p.name != "MANIFEST.json"},
         "losses": {"base": base_curve, "lora": lora_curves, "xlora": xlora_curve},
-        "xlora_prefix_adapter": prefix_to,
+        "xlora_prefix_adapter": tasks.SKILLS[0],
         "eval": {
             "measure": f"exact-match rate of greedy decoding with qadapt on {cfg.eval_prompts} held-out prompts "
                        "per skill (inputs never trained on), in place",
