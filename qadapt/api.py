@@ -308,6 +308,7 @@ def load(
     tgt_non_granular_index: int | None = None,
     quant: str | None = None,
     double_quant: bool = False,
+    kernels: str = "exact",
     **kwargs: Any,
 ) -> Model:
     """Load a base model: a GGUF file (local, or ``org/repo`` + ``gguf_file`` on the Hub).
@@ -329,6 +330,11 @@ def load(
     ``quant="nf4"`` / ``"fp4"`` / ``"int8"`` through bitsandbytes (``double_quant=True``: nested
     absmax quantization; ``dtype``: the 4-bit compute dtype). GPTQ and bitsandbytes folders load
     as saved.
+
+    ``kernels="q8"`` (in place, GGUF types Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/IQ4_NL/Q4_K/Q5_K/Q6_K, CPUs with
+    AVX2) computes as llama.cpp does: activations quantized to 8 bits per block of 32, integer dot
+    products; several times faster, with an activation-rounding error (bounded, see
+    ``qadapt/quant/native/ggml_kernels.c``) that ``kernels="exact"`` (the default) does not have.
     """
     from .models.loader import load_base
 
@@ -336,8 +342,11 @@ def load(
         raise InputError(f"unknown argument(s) to qadapt.load: {', '.join(sorted(kwargs))}")
     if mode not in MODES:
         raise InputError(f"mode must be one of {MODES}, got {mode!r}")
+    from .quant.kernels import check_kernels
+
+    check_kernels(kernels)
     path = _resolve_model_path(path_or_id, gguf_file, revision)
-    base = load_base(path, mode=mode, dtype=_dtype(dtype), quant=quant, double_quant=double_quant)
+    base = load_base(path, mode=mode, dtype=_dtype(dtype), quant=quant, double_quant=double_quant, kernels=kernels)
     model = Model(base.decoder, base.tokenizer, base.layer_map, str(path), mode, base.base_format, base.info)
     if xlora is not None:
         _attach_xlora(model, xlora, ordering, adapter_model_id, tgt_non_granular_index, adapters, activate, merge)

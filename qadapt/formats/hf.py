@@ -117,8 +117,8 @@ class HFSource:
     fmt = "hf"
 
     def __init__(self, ckpt: HFCheckpoint, mode: str, dtype: torch.dtype, quant: str | None = None,
-                 reader=None):
-        self.ckpt, self.mode, self.dtype, self.quant = ckpt, mode, dtype, quant
+                 reader=None, kernels: str = "exact"):
+        self.ckpt, self.mode, self.dtype, self.quant, self.kernels = ckpt, mode, dtype, quant, kernels
         self.reader = reader  # GPTQ / bitsandbytes linears (qadapt.formats.quantized), asked first
         self.quantized: dict[str, tuple[int, int]] = {}  # type -> (layers, bytes)
 
@@ -154,7 +154,7 @@ class HFSource:
         raw, qtype = quantize_weight(w, self.quant, name)
         n, b = self.quantized.get(qtype, (0, 0))
         self.quantized[qtype] = (n + 1, b + raw.nbytes)
-        return make_linear(raw, qtype, shape, bias=bias, mode=self.mode, dtype=self.dtype)
+        return make_linear(raw, qtype, shape, bias=bias, mode=self.mode, dtype=self.dtype, kernels=self.kernels)
 
     def vector(self, name):
         return self.ckpt.tensor(name).float().reshape(-1)

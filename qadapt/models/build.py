@@ -52,8 +52,8 @@ class GGUFSource:
 
     fmt = "gguf"
 
-    def __init__(self, gf, mode: str, dtype: torch.dtype):
-        self.gf, self.mode, self.dtype = gf, mode, dtype
+    def __init__(self, gf, mode: str, dtype: torch.dtype, kernels: str = "exact"):
+        self.gf, self.mode, self.dtype, self.kernels = gf, mode, dtype, kernels
 
     def has(self, name: str) -> bool:
         return name in self.gf.tensors
@@ -83,7 +83,7 @@ class GGUFSource:
         bias = self._bias(name, shape[0])
         if bias is not None and row_perm is not None:
             bias = bias[row_perm]
-        return make_linear(data, t.qtype, shape, bias=bias, mode=self.mode, dtype=self.dtype)
+        return make_linear(data, t.qtype, shape, bias=bias, mode=self.mode, dtype=self.dtype, kernels=self.kernels)
 
     def vector(self, name):
         from ..quant.ggml import dequantize_array

@@ -30,7 +30,7 @@ class LoadedBase:
 
 
 def load_base(path: Path, *, mode: str, dtype: torch.dtype, quant: str | None = None,
-              double_quant: bool = False) -> LoadedBase:
+              double_quant: bool = False, kernels: str = "exact") -> LoadedBase:
     """A GGUF file (detected by its magic bytes) or a transformers folder (``config.json`` + safetensors).
 
     ``quant`` (a GGUF type such as ``Q4_0``) quantizes a full-precision checkpoint's linears on load.
@@ -40,14 +40,14 @@ def load_base(path: Path, *, mode: str, dtype: torch.dtype, quant: str | None = 
     if path.is_dir():
         if not is_hf_folder(path):
             raise InputError(f"{path} is a folder without config.json; pass a .gguf file or a transformers folder")
-        return _load_hf(path, mode, dtype, quant, double_quant)
+        return _load_hf(path, mode, dtype, quant, double_quant, kernels)
     if quant is not None:
         raise InputError(f"quant={quant!r} applies to full-precision transformers checkpoints; {path} is a "
                          "GGUF file and keeps its own types")
-    return _load_gguf(path, mode, dtype)
+    return _load_gguf(path, mode, dtype, kernels)
 
 
-def _load_gguf(path: Path, mode: str, dtype: torch.dtype) -> LoadedBase:
+def _load_gguf(path: Path, mode: str, dtype: torch.dtype, kernels: str = "exact") -> LoadedBase:
     from ..formats.gguf import GGUFFile
     from .build import GGUFSource, build_decoder
     from .config import config_from_gguf
@@ -59,7 +59,7 @@ def _load_gguf(path: Path, mode: str, dtype: torch.dtype) -> LoadedBase:
     tok = _gguf_tokenizer(gf)
     if tok is not None:
         cfg = replace(cfg, bos_token_id=tok.bos_id, eos_token_ids=tok.eos_ids or cfg.eos_token_ids)
-    decoder = build_decoder(cfg, lm, FAMILIES[lm.architecture], GGUFSource(gf, mode, dtype),
+    decoder = build_decoder(cfg, lm, FAMILIES[lm.architecture], GGUFSource(gf, mode, dtype, kernels),
                             desc=f"loading {path.name}")
     decoder.eval()
     info = {"file_size": gf.file_size, "types": gf.type_counts(), "path": str(path)}
@@ -90,7 +90,8 @@ def hf_layer_map(raw: dict[str, Any], where: Path) -> LayerMap:
     return get_layer_map(model_type)
 
 
-def _load_hf(path: Path, mode: str, dtype: torch.dtype, quant: str | None, double_quant: bool = False) -> LoadedBase:
+def _load_hf(path: Path, mode: str, dtype: torch.dtype, quant: str | None, double_quant: bool = False,
+             kernels: str = "exact") -> LoadedBase:
     from ..formats.hf import HFCheckpoint, HFSource
     from ..layer_maps import base_format_of
     from .build import build_decoder
@@ -120,7 +121,7 @@ def _load_hf(path: Path, mode: str, dtype: torch.dtype, quant: str | None, doubl
     tok = None
     if any((path / f).is_file() for f in _TOKENIZER_FILES):
         tok = Tokenizer.from_folder(path, cfg.bos_token_id, cfg.eos_token_ids)
-    src = HFSource(ckpt, mode, dtype, qtype, reader=reader)
+    src = HFSource(ckpt, mode, dtype, qtype, reader=reader, kernels=kernels)
     desc = f"quantizing {path.name} to {qtype}" if qtype else f"loading {path.name}"
     decoder = build_decoder(cfg, lm, spec, src, desc=desc)
     decoder.eval()

@@ -23,8 +23,8 @@ from torch import nn
 
 from ..errors import FormatError, UnsupportedError
 from .base import BaseLinear, DenseLinear
-from . import kernels, native
-from .kernels import Int4Packed, blockwise_matmul, int4pack_fits, kernel_path
+from . import kernels as _kernels, native
+from .kernels import KERNELS, check_kernels, Int4Packed, blockwise_matmul, int4pack_fits, kernel_path
 from .types import block_geometry
 
 QK_K = 256
@@ -347,85 +347,120 @@ class GGMLLinear(BaseLinear):
     ``raw`` stays a view of the memory-mapped file (file-backed pages, counted in no
     budget); the int4pack path adds its repacked weight (~0.625 byte/weight), the
     blockwise path dequantizes at most ``kernels.SCRATCH_BYTES`` at a time.
-    ``dequantize()`` always reads ``raw``: it is the exact gguf-py reference.
+    ``dequantize()`` always returns the exact gguf-py weights.
 
-    ``compute_dtype`` (float32, exact up to accumulation order; or bfloat16) applies to
-    the blockwise and dense paths; int4pack always computes in bf16. Small inputs go
-    through the native kernels when they are available (see :mod:`.kernels`): float32
-    whatever ``compute_dtype`` says, since that is both exact and fastest there.
+    ``kernels="exact"``: ``compute_dtype`` (float32, exact up to accumulation order; or
+    bfloat16) applies to the blockwise and dense paths; int4pack always computes in bf16.
+    Small inputs go through the native kernels when they are available (see :mod:`.kernels`):
+    float32 whatever ``compute_dtype`` says, since that is both exact and fastest there.
+
+    ``kernels="q8"``: llama.cpp's arithmetic for every input size on the types the native
+    library runs that way (:data:`Q8_TYPES`): inputs quantized to 8 bits per block of 32,
+    integer dot products per weight block (error bound in ``ggml_kernels.c``). Q4_0 and Q8_0
+    are repacked once into the 8-row layout (same bytes as the file; the file's pages are
+    released), the others run on the file's bytes. Other types keep the exact paths.
     """
 
     def __init__(
         self, data: np.ndarray | torch.Tensor, qtype: str, shape: tuple[int, int],
-        bias: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.float32,
+        bias: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.float32, kernels: str = "exact",
     ):
         super().__init__()
         if compute_dtype not in (torch.float32, torch.bfloat16):
             raise UnsupportedError(f"compute_dtype must be float32 or bfloat16, got {compute_dtype}")
+        check_kernels(kernels)
         self.out_features, self.in_features = shape
         self.qtype = qtype
         self.compute_dtype = compute_dtype
-        self.raw = raw_bytes(data, qtype, shape)
+        self._raw: torch.Tensor | None = raw_bytes(data, qtype, shape)
+        self._row_bytes = self._raw.shape[1]
         self.bias = None if bias is None else bias.detach().to(torch.float32)
         self._int4: Int4Packed | None = None
         self._dense: torch.Tensor | None = None
+        self._x8: torch.Tensor | None = None
         bt = block_type(qtype)
+        lib = native.library()
         path = kernel_path(qtype, compute_dtype)
+        if kernels == "q8" and lib is not None and lib.supports_q8(qtype):
+            path = "q8"
         if path == "int4pack" and not int4pack_fits(self.out_features, self.in_features, bt.int4_group or 0):
             path = "blockwise"
-        if path == "int4pack" and not kernels.INT4PACK_WITH_NATIVE and native.library() is not None:
+        if path == "int4pack" and not _kernels.INT4PACK_WITH_NATIVE and lib is not None:
             path = "blockwise"  # the native kernels run it exactly, without a repacked copy
         self.path = path
         self._native_type = native.NativeKernels.supports(qtype)
-        if path == "int4pack":
+        if path == "q8" and lib.x8_bytes(qtype, self.out_features, self.in_features):
+            self._x8 = lib.repack_x8(self._raw, qtype, self.in_features)
+            native.release_pages(data)  # the file's pages: the forward never reads them again
+            self._raw = None  # dequantize() unpacks the 8-row layout (exact inverse)
+        elif path == "int4pack":
             self._int4 = Int4Packed.from_codes(self._int4_rows, self.out_features, bt.int4_group)
         elif path == "dense":
-            self._dense = self.raw.view(compute_dtype)
+            self._dense = self._raw.view(compute_dtype)
+
+    @property
+    def raw(self) -> torch.Tensor:
+        """The weight in the file's layout, uint8 [out, bytes_per_row] (unpacked again when repacked)."""
+        if self._raw is not None:
+            return self._raw
+        return native.library().unrepack_x8(self._x8, self.qtype, self.out_features, self.in_features,
+                                            self._row_bytes)
 
     def _int4_rows(self, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         bt = block_type(self.qtype)
-        codes, scale, zero = bt.int4_blocks(self.raw[r0:r1].reshape(-1, bt.type_size))
+        codes, scale, zero = bt.int4_blocks(self._raw[r0:r1].reshape(-1, bt.type_size))
         n = r1 - r0
         return codes.reshape(n, -1), scale.reshape(n, -1), zero.reshape(n, -1)
 
     @property
     def native_max_batch(self) -> int:
-        """Input rows up to which forward uses the native kernel (when it loads); 0: never.
+        """Input rows up to which forward uses the exact native kernel (when it loads); 0: never.
 
         F32 in float32 is torch's own GEMV on the mapped array (already memory-bound); BF16 in
         bf16 goes native (5632x2048, one row: 0.8 ms vs 1.4 ms in torch's bf16, and float32)."""
         if not self._native_type or (self.path == "dense" and self.qtype == "F32"):
             return 0
-        return kernels.NATIVE_INT4_MAX_BATCH if self.path == "int4pack" else kernels.NATIVE_MAX_BATCH
+        return _kernels.NATIVE_INT4_MAX_BATCH if self.path == "int4pack" else _kernels.NATIVE_MAX_BATCH
 
     def _dequant_rows(self, r0: int, r1: int) -> torch.Tensor:
         """Rows r0:r1 as float32 for the blockwise path (natively into the thread's scratch:
         the result is valid until the next call)."""
         lib = native.library() if self._native_type else None
         if lib is not None:
-            return lib.dequantize(self.raw[r0:r1], self.qtype, self.in_features, kernels.scratch(r1 - r0, self.in_features))
-        return dequantize_rows(self.raw[r0:r1], self.qtype)
+            return lib.dequantize(self._raw[r0:r1], self.qtype, self.in_features,
+                                  _kernels.scratch(r1 - r0, self.in_features))
+        return dequantize_rows(self._raw[r0:r1], self.qtype)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_rows(self.raw, self.qtype).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)
+        if self.path == "q8":
+            lib = native.library()
+            if self._x8 is not None:
+                y = lib.matmul_x8(self._x8, self.qtype, self.out_features, self.in_features, x2d)
+            else:
+                y = lib.matmul_q8(self._raw, self.qtype, self.in_features, x2d)
+            return _kernels.finish(y, x, self.bias, self.out_features)
         lib = native.library() if x2d.shape[0] <= self.native_max_batch else None
         if lib is not None:
-            y = lib.matmul(self.raw, self.qtype, self.in_features, x2d)
-        elif self._int4 is not None and x2d.shape[0] <= kernels.INT4PACK_MAX_BATCH:
+            y = lib.matmul(self._raw, self.qtype, self.in_features, x2d)
+        elif self._int4 is not None and x2d.shape[0] <= _kernels.INT4PACK_MAX_BATCH:
             y = self._int4.matmul(x2d)
         elif self._dense is not None:
             y = x2d.to(self._dense.dtype) @ self._dense.t()
         else:
             dtype = torch.bfloat16 if self._int4 is not None else self.compute_dtype
             y = blockwise_matmul(x2d, self._dequant_rows, self.out_features, self.in_features, dtype)
-        return kernels.finish(y, x, self.bias, self.out_features)
+        return _kernels.finish(y, x, self.bias, self.out_features)
 
     @property
     def nbytes(self) -> int:
-        w = self._int4.nbytes if self._int4 is not None else self.raw.numel()
+        if self._x8 is not None:
+            w = self._x8.numel()
+        else:
+            w = self._int4.nbytes if self._int4 is not None else self._raw.numel()
         return w + (0 if self.bias is None else self.bias.numel() * 4)
 
     @property
@@ -453,11 +488,11 @@ class GGMLEmbedding(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_rows(self.raw, self.qtype).to(dtype)
 
-    def as_linear(self, compute_dtype: torch.dtype = torch.float32) -> GGMLLinear:
-        """The same table as a tied output head over the same bytes (the int4pack path
-        adds its packed copy; the other paths add nothing)."""
+    def as_linear(self, compute_dtype: torch.dtype = torch.float32, kernels: str = "exact") -> GGMLLinear:
+        """The same table as a tied output head over the same bytes (the int4pack path, and the
+        q8 kernels' 8-row layout, add their packed copy; the other paths add nothing)."""
         return GGMLLinear(self.raw, self.qtype, (self.num_embeddings, self.embedding_dim),
-                          compute_dtype=compute_dtype)
+                          compute_dtype=compute_dtype, kernels=kernels)
 
     @property
     def nbytes(self) -> int:
@@ -500,14 +535,15 @@ def _check_mode(mode: str) -> None:
 
 def make_linear(
     data: np.ndarray | torch.Tensor, qtype: str, shape: tuple[int, int], bias: torch.Tensor | None = None,
-    mode: str = "inplace", dtype: torch.dtype = torch.float32,
+    mode: str = "inplace", dtype: torch.dtype = torch.float32, kernels: str = "exact",
 ) -> BaseLinear:
     """A base linear over raw GGUF data: in place (:class:`GGMLLinear`, ``dtype`` is its
-    compute dtype) or dequantized once into a :class:`DenseLinear` of ``dtype``."""
+    compute dtype, ``kernels`` its arithmetic) or dequantized once into a :class:`DenseLinear`
+    of ``dtype``."""
     _check_mode(mode)
     if mode == "dequantize":
         return DenseLinear(dequantize_array(data, qtype, shape).to(dtype), bias, qtype=qtype)
-    return GGMLLinear(data, qtype, shape, bias, compute_dtype=dtype)
+    return GGMLLinear(data, qtype, shape, bias, compute_dtype=dtype, kernels=kernels)
 
 
 def make_embedding(

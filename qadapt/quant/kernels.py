@@ -75,6 +75,19 @@ _PACK_CHUNK_ROWS = 1024
 SCRATCH_BYTES = 8 << 20
 
 
+#: ``kernels=`` choices of the in-place GGUF layers: ``exact`` (float32 activations, gguf-py's
+#: weights: the table above) or ``q8`` (llama.cpp's arithmetic: activations quantized to 8
+#: bits per block of 32, integer dot products; see ``native/ggml_kernels.c`` for its bound).
+KERNELS: tuple[str, ...] = ("exact", "q8")
+
+
+def check_kernels(kernels: str) -> None:
+    if kernels not in KERNELS:
+        from ..errors import InputError
+
+        raise InputError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+
+
 def kernel_path(qtype: str, compute_dtype: torch.dtype = torch.float32) -> str:
     """``dense``, ``int4pack`` or ``blockwise`` (before the int4pack shape check)."""
     if STORED_DTYPES.get(qtype) == compute_dtype:

@@ -70,6 +70,22 @@ class NativeKernels:
         self._dequant = lib.qa_dequant
         self._dequant.argtypes = [_int, _ptr, _i64, _i64, _i64, _ptr, _i64, _int]
         self._dequant.restype = _int
+        self._matmul_q8 = lib.qa_matmul_q8
+        self._matmul_q8.argtypes = self._matmul.argtypes
+        self._matmul_q8.restype = _int
+        self._quantize_q8 = lib.qa_quantize_q8
+        self._quantize_q8.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _ptr]
+        self._quantize_q8.restype = _int
+        self._x8_bytes = lib.qa_x8_bytes
+        self._x8_bytes.argtypes = [_int, _i64, _i64]
+        self._x8_bytes.restype = _i64
+        self._x8_convert = lib.qa_x8_convert
+        self._x8_convert.argtypes = [_int, _ptr, _i64, _i64, _i64, _ptr, _int, _int]
+        self._x8_convert.restype = _int
+        self._matmul_x8 = lib.qa_matmul_x8
+        self._matmul_x8.argtypes = [_int, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _int]
+        self._matmul_x8.restype = _int
+        self._q8_types = frozenset(q for q in TYPES if lib.qa_q8_supported(_type_id(q)))
         self.simd = bool(lib.qa_simd())
         self.openmp = bool(lib.qa_openmp())
 
@@ -91,6 +107,68 @@ class NativeKernels:
             raise ValueError(f"native matmul refused a {qtype} weight [{n}, {in_features}] ({raw.shape[1]} bytes/row)")
         return y
 
+    def supports_q8(self, qtype: str) -> bool:
+        """True when :meth:`matmul_q8` runs ``qtype`` (AVX2 builds: the 32- and 256-blocks with 4-8 bit codes)."""
+        return qtype in self._q8_types
+
+    def matmul_q8(self, raw: torch.Tensor, qtype: str, in_features: int, x2d: torch.Tensor) -> torch.Tensor:
+        """``x2d @ W.T`` as llama.cpp computes it: ``x2d`` quantized to 8 bits per block of 32
+        (see ``ggml_kernels.c``), integer dot products per weight block. Float32 [m, out]."""
+        x = x2d.to(torch.float32).contiguous()
+        m, n = x.shape[0], raw.shape[0]
+        y = torch.empty(m, n, dtype=torch.float32)
+        rc = self._matmul_q8(_type_id(qtype), raw.data_ptr(), n, in_features, raw.shape[1], x.data_ptr(),
+                             in_features, m, y.data_ptr(), n, torch.get_num_threads())
+        if rc:
+            raise ValueError(f"native 8-bit matmul refused a {qtype} weight [{n}, {in_features}] (code {rc})")
+        return y
+
+    def x8_bytes(self, qtype: str, out_features: int, in_features: int) -> int:
+        """Bytes of the 8-row interleaved layout of this weight, 0 when it has none (type, shape or CPU)."""
+        return int(self._x8_bytes(_type_id(qtype), out_features, in_features))
+
+    def repack_x8(self, raw: torch.Tensor, qtype: str, in_features: int) -> torch.Tensor:
+        """The uint8 [out, bytes_per_row] file-layout weight in the 8-row layout (same bytes, see ``ggml_kernels.c``)."""
+        n = raw.shape[0]
+        out = torch.empty(self.x8_bytes(qtype, n, in_features), dtype=torch.uint8)
+        rc = self._x8_convert(_type_id(qtype), raw.data_ptr(), n, in_features, raw.shape[1], out.data_ptr(), 0,
+                              torch.get_num_threads())
+        if rc:
+            raise ValueError(f"native repack refused a {qtype} weight [{n}, {in_features}] (code {rc})")
+        return out
+
+    def unrepack_x8(self, packed: torch.Tensor, qtype: str, out_features: int, in_features: int,
+                    row_bytes: int) -> torch.Tensor:
+        """The inverse of :meth:`repack_x8`: the file layout, uint8 [out, row_bytes]."""
+        raw = torch.empty(out_features, row_bytes, dtype=torch.uint8)
+        rc = self._x8_convert(_type_id(qtype), raw.data_ptr(), out_features, in_features, row_bytes,
+                              packed.data_ptr(), 1, torch.get_num_threads())
+        if rc:
+            raise ValueError(f"native unpack refused a {qtype} weight [{out_features}, {in_features}] (code {rc})")
+        return raw
+
+    def matmul_x8(self, packed: torch.Tensor, qtype: str, out_features: int, in_features: int,
+                  x2d: torch.Tensor) -> torch.Tensor:
+        """:meth:`matmul_q8` on the 8-row layout of :meth:`repack_x8` (the same numbers, one instruction per 8 rows)."""
+        x = x2d.to(torch.float32).contiguous()
+        m = x.shape[0]
+        y = torch.empty(m, out_features, dtype=torch.float32)
+        rc = self._matmul_x8(_type_id(qtype), packed.data_ptr(), out_features, in_features, x.data_ptr(),
+                             in_features, m, y.data_ptr(), out_features, torch.get_num_threads())
+        if rc:
+            raise ValueError(f"native 8-bit matmul refused a {qtype} weight [{out_features}, {in_features}] (code {rc})")
+        return y
+
+    def quantize_q8(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The activation quantization of :meth:`matmul_q8` alone: (scales [m, k/32], codes int8 [m, k])."""
+        x = x2d.to(torch.float32).contiguous()
+        m, k = x.shape
+        d, q = torch.empty(m, k // 32, dtype=torch.float32), torch.empty(m, k, dtype=torch.int8)
+        rc = self._quantize_q8(x.data_ptr(), k, m, k, d.data_ptr(), q.data_ptr())
+        if rc:
+            raise ValueError(f"native 8-bit quantization refused [{m}, {k}] (code {rc})")
+        return d, q
+
     def dequantize(self, raw: torch.Tensor, qtype: str, in_features: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """uint8 [rows, bytes_per_row] -> float32 [rows, in_features], gguf-py's bits."""
         rows = raw.shape[0]
@@ -102,6 +180,35 @@ class NativeKernels:
         if rc:
             raise ValueError(f"native dequantize refused a {qtype} weight [{rows}, {in_features}]")
         return out
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_MADV_DONTNEED = 4
+
+
+def release_pages(data) -> bool:
+    """Drop this process's mapping of the whole pages under ``data`` when it is a view of a
+    memory-mapped file (``numpy.memmap``), so they stop counting in its resident set; a later
+    read faults them in again from the page cache, so this never loses data. Anything else
+    (private copies, tensors) is left alone: madvise would zero anonymous memory. Linux only."""
+    import numpy as np
+
+    base, is_map = data, False
+    while base is not None:
+        if isinstance(base, np.memmap):
+            is_map = True
+            break
+        base = getattr(base, "base", None)
+    if not is_map or not hasattr(ctypes, "CDLL") or platform.system() != "Linux":
+        return False
+    arr = np.asarray(data)
+    start = arr.__array_interface__["data"][0]
+    lo = -(-start // _PAGE) * _PAGE
+    hi = (start + arr.nbytes) // _PAGE * _PAGE
+    if hi <= lo:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED) == 0
 
 
 @functools.lru_cache(maxsize=None)

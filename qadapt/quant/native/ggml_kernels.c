@@ -16,6 +16,7 @@
  */
 #include <stdint.h>
 #include <string.h>
+#include <stdlib.h>
 
 /* -DQA_PORTABLE builds the plain-C loops only (the tests check them on AVX2 machines too). */
 #if defined(__AVX2__) && defined(__FMA__) && !defined(QA_PORTABLE)
@@ -848,6 +849,503 @@ DEFINE_PAIR(2, 2)
 DEFINE_PAIR(3, 1)
 DEFINE_PAIR(4, 1)
 #endif
+
+/* ------------------------------------------------------------------ 8-bit activations
+ * llama.cpp's arithmetic, opt-in (kernels="q8"): each input row is quantized in blocks of 32,
+ * q = round_half_even(x * (127 / amax)) in [-127, 127], d = amax / 127, and each weight block
+ * of 32 is written as w = a * u + c (a, c per block or per half-block of 16; u: signed codes
+ * for the types whose offset is a fixed multiple of a, else unsigned codes <= 63), so a
+ * block's dot product is a * d * sum(u q) + c * d * sum(q), the integer sum exact (VNNI
+ * vpdpbusd, or AVX2 maddubs + madd, on |u| and sign(q, u) for signed codes). The only error
+ * against the float32 weights is the activation rounding, |y - y_exact| <= sum_blocks d / 2 *
+ * sum |w|, plus float32 rounding of the per-block products and their sum. */
+typedef struct {
+    float d;        /* amax / 127 (0 for an all-zero block) */
+    int32_t s;      /* sum of q */
+    int8_t q[32];
+} xblk;
+
+#define Q8_MAX_ROWS 4
+
+#ifdef QA_AVX2
+AI __m256i dot32(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)); /* u <= 128: no saturation */
+#endif
+}
+
+static inline int hsum_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* x[0..K) -> K/32 blocks (K % 32 == 0) and ds[b] = d * sum(q) (the offset terms' factor). */
+static void quantize_row_q8(const float *x, int64_t K, xblk *out, float *ds) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7), lim = _mm256_set1_epi32(127),
+                  nlim = _mm256_set1_epi32(-127);
+    const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    for (int64_t b = 0; b < K / 32; b++) {
+        const float *p = x + b * 32;
+        const __m256 v0 = _mm256_loadu_ps(p), v1 = _mm256_loadu_ps(p + 8), v2 = _mm256_loadu_ps(p + 16),
+                     v3 = _mm256_loadu_ps(p + 24);
+        const __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                       _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        const float amax = _mm_cvtss_f32(h);
+        xblk *o = out + b;
+        if (!(amax > 0.0f)) { /* all zeros (NaN/inf inputs are refused by the caller) */
+            memset(o, 0, sizeof *o);
+            ds[b] = 0.0f;
+            continue;
+        }
+        o->d = amax / 127.0f;
+        const __m256 id = _mm256_set1_ps(127.0f / amax);
+#define Q8_CODES(v) _mm256_max_epi32(_mm256_min_epi32(_mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v, id), rnd)), lim), nlim)
+        const __m256i i0 = Q8_CODES(v0), i1 = Q8_CODES(v1), i2 = Q8_CODES(v2), i3 = Q8_CODES(v3);
+#undef Q8_CODES
+        o->s = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
+        ds[b] = o->d * (float)o->s;
+        const __m256i q = _mm256_permutevar8x32_epi32(
+            _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3)), perm);
+        _mm256_storeu_si256((__m256i *)o->q, q);
+    }
+}
+
+/* One super-block (1 or 8 blocks of 32) of a weight row: codes u[], scales a[] (per half-block
+ * of 16) and, for the unsigned-code types, per-block offsets c[] (w = a u + c). */
+#define UNPACK(name) AI void unpack_##name(const uint8_t *blk, __m256i *u, float *a, float *c)
+
+UNPACK(q8_0) { (void)c; u[0] = load32(blk + 2); a[0] = a[1] = h2f(blk); }
+UNPACK(iq4_nl) { (void)c; u[0] = iq4_lookup(nibbles16(blk + 2)); a[0] = a[1] = h2f(blk); }
+UNPACK(q4_0) { (void)c; u[0] = _mm256_sub_epi8(nibbles16(blk + 2), _mm256_set1_epi8(8)); a[0] = a[1] = h2f(blk); }
+UNPACK(q5_0) {
+    (void)c;
+    u[0] = _mm256_sub_epi8(_mm256_or_si256(nibbles16(blk + 6), bit4_from_bits32(blk + 2)), _mm256_set1_epi8(16));
+    a[0] = a[1] = h2f(blk);
+}
+UNPACK(q4_1) { u[0] = nibbles16(blk + 4); a[0] = a[1] = h2f(blk); c[0] = h2f(blk + 2); }
+UNPACK(q5_1) {
+    u[0] = _mm256_or_si256(nibbles16(blk + 8), bit4_from_bits32(blk + 4));
+    a[0] = a[1] = h2f(blk);
+    c[0] = h2f(blk + 2);
+}
+UNPACK(q4_k) {
+    const float d = h2f(blk), dmin = h2f(blk + 2);
+    float sc[8], mn[8];
+    k_scale_min(blk + 4, sc, mn);
+    for (int r = 0; r < 4; r++) {
+        const __m256i v = load32(blk + 16 + r * 32);
+        u[2 * r] = field(v, 0, 0x0F);
+        u[2 * r + 1] = field(v, 4, 0x0F);
+    }
+    for (int s = 0; s < 8; s++) {
+        a[2 * s] = a[2 * s + 1] = d * sc[s];
+        c[s] = -(dmin * mn[s]);
+    }
+}
+UNPACK(q5_k) {
+    const float d = h2f(blk), dmin = h2f(blk + 2);
+    float sc[8], mn[8];
+    k_scale_min(blk + 4, sc, mn);
+    const __m256i qh = load32(blk + 16);
+    for (int r = 0; r < 4; r++) {
+        const __m256i v = load32(blk + 48 + r * 32);
+        u[2 * r] = _mm256_or_si256(field(v, 0, 0x0F), _mm256_slli_epi16(field(qh, 2 * r, 1), 4));
+        u[2 * r + 1] = _mm256_or_si256(field(v, 4, 0x0F), _mm256_slli_epi16(field(qh, 2 * r + 1, 1), 4));
+    }
+    for (int s = 0; s < 8; s++) {
+        a[2 * s] = a[2 * s + 1] = d * sc[s];
+        c[s] = -(dmin * mn[s]);
+    }
+}
+UNPACK(q6_k) {
+    (void)c;
+    const int8_t *sc = (const int8_t *)(blk + 192);
+    const float d = h2f(blk + 208);
+    for (int r = 0; r < 2; r++) {
+        const __m256i l0 = load32(blk + r * 64), l1 = load32(blk + r * 64 + 32);
+        const __m256i h = load32(blk + 128 + r * 32);
+        for (int s = 0; s < 4; s++)
+            u[r * 4 + s] = _mm256_sub_epi8(
+                _mm256_or_si256(field(s & 1 ? l1 : l0, 4 * (s >> 1), 0x0F), _mm256_slli_epi16(field(h, 2 * s, 3), 4)),
+                _mm256_set1_epi8(32));
+    }
+    for (int g = 0; g < 16; g++) a[g] = d * (float)sc[g];
+}
+
+/* out[m] = W_row . x[m] (m < MT) over quantized inputs. SB: elements per super-block; SIGNED:
+ * signed codes, no offsets; HALVES: a differs between the halves of a block. Two accumulators
+ * per input row alternate between blocks (one would serialise on the FMA latency). */
+AI void q8_row(const uint8_t *row, int64_t K, const xblk *x, const float *ds, int64_t ldx, float *out,
+               const int MT, const int SB, const int SIZE, const int SIGNED, const int HALVES,
+               void (*unpack)(const uint8_t *, __m256i *, float *, float *)) {
+    __m256 acc[Q8_MAX_ROWS][2];
+    float corr[Q8_MAX_ROWS][2];
+    for (int m = 0; m < MT; m++) {
+        acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+        corr[m][0] = corr[m][1] = 0.0f;
+    }
+    const int nsub = SB / 32;
+    for (int64_t b = 0; b < K / SB; b++) {
+        __m256i u[8];
+        float a[16], c[8];
+        unpack(row + b * SIZE, u, a, c);
+        for (int s = 0; s < nsub; s++) {
+            const int64_t j = b * nsub + s;
+            for (int m = 0; m < MT; m++) {
+                const xblk *xb = x + m * ldx + j;
+                const __m256i q = _mm256_loadu_si256((const __m256i *)xb->q);
+                const __m256i p = SIGNED ? dot32(_mm256_sign_epi8(u[s], u[s]), _mm256_sign_epi8(q, u[s])) : dot32(u[s], q);
+                const float d = xb->d;
+                const __m256 A = HALVES ? _mm256_setr_m128(_mm_set1_ps(a[2 * s] * d), _mm_set1_ps(a[2 * s + 1] * d))
+                                        : _mm256_set1_ps(a[2 * s] * d);
+                acc[m][s & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), A, acc[m][s & 1]);
+                if (!SIGNED) corr[m][s & 1] += c[s] * ds[m * ldx + j];
+            }
+        }
+        if (nsub == 1 && b + 1 < K / SB) { /* alternate the accumulators between single blocks too */
+            b++;
+            unpack(row + b * SIZE, u, a, c);
+            for (int m = 0; m < MT; m++) {
+                const xblk *xb = x + m * ldx + b;
+                const __m256i q = _mm256_loadu_si256((const __m256i *)xb->q);
+                const __m256i p = SIGNED ? dot32(_mm256_sign_epi8(u[0], u[0]), _mm256_sign_epi8(q, u[0])) : dot32(u[0], q);
+                const float d = xb->d;
+                const __m256 A = HALVES ? _mm256_setr_m128(_mm_set1_ps(a[0] * d), _mm_set1_ps(a[1] * d))
+                                        : _mm256_set1_ps(a[0] * d);
+                acc[m][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), A, acc[m][1]);
+                if (!SIGNED) corr[m][1] += c[0] * ds[m * ldx + b];
+            }
+        }
+    }
+    for (int m = 0; m < MT; m++) out[m] = hsum(_mm256_add_ps(acc[m][0], acc[m][1])) + (corr[m][0] + corr[m][1]);
+}
+
+typedef void (*q8_row_fn)(const uint8_t *, int64_t, const xblk *, const float *, int64_t, float *);
+
+#define Q8_ROWS(name, SB, SIZE, SIGNED, HALVES)                                                        \
+    static void q8_##name##_1(const uint8_t *r, int64_t K, const xblk *x, const float *ds, int64_t l, float *o) { \
+        q8_row(r, K, x, ds, l, o, 1, SB, SIZE, SIGNED, HALVES, unpack_##name);                        \
+    }                                                                                                 \
+    static void q8_##name##_2(const uint8_t *r, int64_t K, const xblk *x, const float *ds, int64_t l, float *o) { \
+        q8_row(r, K, x, ds, l, o, 2, SB, SIZE, SIGNED, HALVES, unpack_##name);                        \
+    }                                                                                                 \
+    static void q8_##name##_3(const uint8_t *r, int64_t K, const xblk *x, const float *ds, int64_t l, float *o) { \
+        q8_row(r, K, x, ds, l, o, 3, SB, SIZE, SIGNED, HALVES, unpack_##name);                        \
+    }                                                                                                 \
+    static void q8_##name##_4(const uint8_t *r, int64_t K, const xblk *x, const float *ds, int64_t l, float *o) { \
+        q8_row(r, K, x, ds, l, o, 4, SB, SIZE, SIGNED, HALVES, unpack_##name);                        \
+    }                                                                                                 \
+    static const q8_row_fn q8_##name[4] = {q8_##name##_1, q8_##name##_2, q8_##name##_3, q8_##name##_4};
+
+Q8_ROWS(q8_0, 32, 34, 1, 0)
+Q8_ROWS(iq4_nl, 32, 18, 1, 0)
+Q8_ROWS(q4_0, 32, 18, 1, 0)
+Q8_ROWS(q5_0, 32, 22, 1, 0)
+Q8_ROWS(q4_1, 32, 20, 0, 0)
+Q8_ROWS(q5_1, 32, 24, 0, 0)
+Q8_ROWS(q4_k, 256, 144, 0, 0)
+Q8_ROWS(q5_k, 256, 176, 0, 0)
+Q8_ROWS(q6_k, 256, 210, 1, 1)
+
+static const q8_row_fn *q8_kernels(int type) {
+    switch (type) {
+    case T_Q8_0: return q8_q8_0;
+    case T_IQ4_NL: return q8_iq4_nl;
+    case T_Q4_0: return q8_q4_0;
+    case T_Q4_1: return q8_q4_1;
+    case T_Q5_0: return q8_q5_0;
+    case T_Q5_1: return q8_q5_1;
+    case T_Q4_K: return q8_q4_k;
+    case T_Q5_K: return q8_q5_k;
+    case T_Q6_K: return q8_q6_k;
+    default: return 0;
+    }
+}
+#endif
+
+/* 1 when qa_matmul_q8 runs this GGUF type (AVX2 builds only). */
+int qa_q8_supported(int type) {
+#ifdef QA_AVX2
+    return q8_kernels(type) != 0;
+#else
+    (void)type;
+    return 0;
+#endif
+}
+
+/* The activation quantization alone (tests compare it with an independent one): x [M, K] ->
+ * d[M, K/32], q[M, K] (int8). Returns 0, -1 for K % 32, -2 without AVX2. */
+int qa_quantize_q8(const float *x, int64_t ldx, int64_t M, int64_t K, float *d, int8_t *q) {
+#ifdef QA_AVX2
+    if (K % 32) return -1;
+    xblk *buf = (xblk *)malloc((size_t)(K / 32) * (sizeof(xblk) + sizeof(float)));
+    if (!buf) return -3;
+    for (int64_t m = 0; m < M; m++) {
+        quantize_row_q8(x + m * ldx, K, buf, (float *)(buf + K / 32));
+        for (int64_t b = 0; b < K / 32; b++) {
+            d[m * (K / 32) + b] = buf[b].d;
+            memcpy(q + m * K + b * 32, buf[b].q, 32);
+        }
+    }
+    free(buf);
+    return 0;
+#else
+    (void)x; (void)ldx; (void)M; (void)K; (void)d; (void)q;
+    return -2;
+#endif
+}
+
+/* y = x @ W^T with x quantized to 8 bits per block of 32 (see above). Returns 0; -1 for bad
+ * shapes; -2 when the type (or this build) has no 8-bit kernel; -3 when out of memory. */
+int qa_matmul_q8(int type, const uint8_t *w, int64_t N, int64_t K, int64_t row_bytes, const float *x,
+                 int64_t ldx, int64_t M, float *y, int64_t ldy, int nthreads) {
+#ifdef QA_AVX2
+    const tinfo *t = type_info(type);
+    const q8_row_fn *fns = q8_kernels(type);
+    if (!t || !fns) return -2;
+    if (K % t->block || row_bytes != K / t->block * t->size || N < 0 || M < 0) return -1;
+    if (nthreads < 1) nthreads = 1;
+    const int64_t nb = K / 32;
+    xblk *xq = (xblk *)malloc((size_t)(M * nb > 0 ? M * nb : 1) * (sizeof(xblk) + sizeof(float)));
+    if (!xq) return -3;
+    float *ds = (float *)(xq + M * nb);
+    for (int64_t m = 0; m < M; m++) quantize_row_q8(x + m * ldx, K, xq + m * nb, ds + m * nb);
+    const int64_t chunk = N / ((int64_t)nthreads * 32) > 1 ? N / ((int64_t)nthreads * 32) : 1;
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t n = 0; n < N; n++) {
+        float out[Q8_MAX_ROWS];
+        for (int64_t m0 = 0; m0 < M; m0 += Q8_MAX_ROWS) {
+            const int mt = (int)(M - m0 < Q8_MAX_ROWS ? M - m0 : Q8_MAX_ROWS);
+            fns[mt - 1](w + n * row_bytes, K, xq + m0 * nb, ds + m0 * nb, nb, out);
+            for (int m = 0; m < mt; m++) y[(m0 + m) * ldy + n] = out[m];
+        }
+    }
+    free(xq);
+    return 0;
+#else
+    (void)type; (void)w; (void)N; (void)K; (void)row_bytes; (void)x; (void)ldx; (void)M; (void)y; (void)ldy; (void)nthreads;
+    return -2;
+#endif
+}
+
+
+/* ------------------------------------------------------------------ 8-row interleaved layout
+ * For the 8-bit-activation path, Q4_0 and Q8_0 weights are repacked once at load so that one
+ * integer dot-product instruction serves 8 output rows: per group of 8 rows and block of 32,
+ * the 8 fp16 scales, then the codes in 4-byte runs, run j of rows 0..7 side by side (Q4_0: 16
+ * bytes of nibbles per row, low nibble = element e, high = e + 16; Q8_0: the codes + 128 as
+ * unsigned bytes). Lane r of an int32 vector then accumulates row r against the broadcast 4
+ * activation codes of the run; the offsets (-8, -128) come back through the block's code sum.
+ * Same bytes per block as the file (8 * 18, 8 * 34). */
+#define X8_Q4_0_SIZE (8 * 18)
+#define X8_Q8_0_SIZE (8 * 34)
+
+#if defined(QA_AVX2)
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+#define QA_VNNI 1
+#endif
+
+static void repack_q4_0_x8(const uint8_t *w, int64_t row_bytes, int64_t nb, uint8_t *out) {
+    for (int64_t b = 0; b < nb; b++, out += X8_Q4_0_SIZE) {
+        for (int r = 0; r < 8; r++) memcpy(out + 2 * r, w + r * row_bytes + b * 18, 2);
+        for (int j = 0; j < 4; j++)
+            for (int r = 0; r < 8; r++) memcpy(out + 16 + j * 32 + r * 4, w + r * row_bytes + b * 18 + 2 + 4 * j, 4);
+    }
+}
+
+static void repack_q8_0_x8(const uint8_t *w, int64_t row_bytes, int64_t nb, uint8_t *out) {
+    for (int64_t b = 0; b < nb; b++, out += X8_Q8_0_SIZE) {
+        for (int r = 0; r < 8; r++) memcpy(out + 2 * r, w + r * row_bytes + b * 34, 2);
+        for (int j = 0; j < 8; j++)
+            for (int r = 0; r < 8; r++)
+                for (int k = 0; k < 4; k++) out[16 + j * 32 + r * 4 + k] = w[r * row_bytes + b * 34 + 2 + 4 * j + k] ^ 0x80;
+    }
+}
+
+static void unrepack_q4_0_x8(const uint8_t *in, int64_t row_bytes, int64_t nb, uint8_t *w) {
+    for (int64_t b = 0; b < nb; b++, in += X8_Q4_0_SIZE) {
+        for (int r = 0; r < 8; r++) memcpy(w + r * row_bytes + b * 18, in + 2 * r, 2);
+        for (int j = 0; j < 4; j++)
+            for (int r = 0; r < 8; r++) memcpy(w + r * row_bytes + b * 18 + 2 + 4 * j, in + 16 + j * 32 + r * 4, 4);
+    }
+}
+
+static void unrepack_q8_0_x8(const uint8_t *in, int64_t row_bytes, int64_t nb, uint8_t *w) {
+    for (int64_t b = 0; b < nb; b++, in += X8_Q8_0_SIZE) {
+        for (int r = 0; r < 8; r++) memcpy(w + r * row_bytes + b * 34, in + 2 * r, 2);
+        for (int j = 0; j < 8; j++)
+            for (int r = 0; r < 8; r++)
+                for (int k = 0; k < 4; k++) w[r * row_bytes + b * 34 + 2 + 4 * j + k] = in[16 + j * 32 + r * 4 + k] ^ 0x80;
+    }
+}
+
+/* acc += u . broadcast(4 activation codes) per int32 lane (u: unsigned, <= 15 without VNNI). */
+AI __m256i dp4(__m256i acc, __m256i u, const int8_t *q4) {
+    int32_t v;
+    memcpy(&v, q4, 4);
+#ifdef QA_VNNI
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, u, _mm256_set1_epi32(v));
+#else
+    return _mm256_dpbusd_avx_epi32(acc, u, _mm256_set1_epi32(v));
+#endif
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_set1_epi32(v)), _mm256_set1_epi16(1)));
+#endif
+}
+
+/* out[m * 8 + r] = row r of the group . x[m], m < MT. */
+AI void x8_q4_0(const uint8_t *grp, int64_t nb, const xblk *x, int64_t ldx, float *out, const int MT) {
+    __m256 acc[Q8_MAX_ROWS];
+    for (int m = 0; m < MT; m++) acc[m] = _mm256_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = grp + b * X8_Q4_0_SIZE;
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
+        __m256i lo[4], hi[4];
+        for (int j = 0; j < 4; j++) {
+            const __m256i v = load32(blk + 16 + 32 * j);
+            lo[j] = _mm256_and_si256(v, m4);
+            hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        }
+        for (int m = 0; m < MT; m++) {
+            const xblk *xb = x + m * ldx + b;
+            __m256i p0 = _mm256_setzero_si256(), p1 = _mm256_setzero_si256();
+            p0 = dp4(p0, lo[0], xb->q), p1 = dp4(p1, lo[1], xb->q + 4);
+            p0 = dp4(p0, lo[2], xb->q + 8), p1 = dp4(p1, lo[3], xb->q + 12);
+            p0 = dp4(p0, hi[0], xb->q + 16), p1 = dp4(p1, hi[1], xb->q + 20);
+            p0 = dp4(p0, hi[2], xb->q + 24), p1 = dp4(p1, hi[3], xb->q + 28);
+            const __m256i p = _mm256_sub_epi32(_mm256_add_epi32(p0, p1), _mm256_set1_epi32(8 * xb->s));
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, _mm256_set1_ps(xb->d)), acc[m]);
+        }
+    }
+    for (int m = 0; m < MT; m++) _mm256_storeu_ps(out + 8 * m, acc[m]);
+}
+
+#ifdef QA_VNNI
+AI void x8_q8_0(const uint8_t *grp, int64_t nb, const xblk *x, int64_t ldx, float *out, const int MT) {
+    __m256 acc[Q8_MAX_ROWS];
+    for (int m = 0; m < MT; m++) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = grp + b * X8_Q8_0_SIZE;
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
+        __m256i u[8];
+        for (int j = 0; j < 8; j++) u[j] = load32(blk + 16 + 32 * j);
+        for (int m = 0; m < MT; m++) {
+            const xblk *xb = x + m * ldx + b;
+            __m256i p0 = _mm256_setzero_si256(), p1 = _mm256_setzero_si256();
+            for (int j = 0; j < 8; j += 2) {
+                p0 = dp4(p0, u[j], xb->q + 4 * j);
+                p1 = dp4(p1, u[j + 1], xb->q + 4 * j + 4);
+            }
+            const __m256i p = _mm256_sub_epi32(_mm256_add_epi32(p0, p1), _mm256_set1_epi32(128 * xb->s));
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, _mm256_set1_ps(xb->d)), acc[m]);
+        }
+    }
+    for (int m = 0; m < MT; m++) _mm256_storeu_ps(out + 8 * m, acc[m]);
+}
+#endif
+
+typedef void (*x8_fn)(const uint8_t *, int64_t, const xblk *, int64_t, float *);
+#define X8_FNS(name)                                                                                 \
+    static void name##_1(const uint8_t *g, int64_t nb, const xblk *x, int64_t l, float *o) { name(g, nb, x, l, o, 1); } \
+    static void name##_2(const uint8_t *g, int64_t nb, const xblk *x, int64_t l, float *o) { name(g, nb, x, l, o, 2); } \
+    static void name##_3(const uint8_t *g, int64_t nb, const xblk *x, int64_t l, float *o) { name(g, nb, x, l, o, 3); } \
+    static void name##_4(const uint8_t *g, int64_t nb, const xblk *x, int64_t l, float *o) { name(g, nb, x, l, o, 4); } \
+    static const x8_fn name##_fns[4] = {name##_1, name##_2, name##_3, name##_4};
+X8_FNS(x8_q4_0)
+#ifdef QA_VNNI
+X8_FNS(x8_q8_0)
+#endif
+
+typedef struct {
+    int size; /* bytes per group of 8 rows and block of 32 */
+    void (*repack)(const uint8_t *, int64_t, int64_t, uint8_t *);
+    void (*unrepack)(const uint8_t *, int64_t, int64_t, uint8_t *);
+    const x8_fn *fns;
+} x8info;
+
+static const x8info *x8_info(int type) {
+    static const x8info Q4_0 = {X8_Q4_0_SIZE, repack_q4_0_x8, unrepack_q4_0_x8, x8_q4_0_fns};
+#ifdef QA_VNNI
+    static const x8info Q8_0 = {X8_Q8_0_SIZE, repack_q8_0_x8, unrepack_q8_0_x8, x8_q8_0_fns};
+    if (type == T_Q8_0) return &Q8_0;
+#endif
+    return type == T_Q4_0 ? &Q4_0 : 0;
+}
+#else
+typedef struct { int size; } x8info;
+static const x8info *x8_info(int type) { (void)type; return 0; }
+#endif
+
+/* Bytes of the 8-row layout of an [N, K] weight, or 0 when this type/shape/build has none. */
+int64_t qa_x8_bytes(int type, int64_t N, int64_t K) {
+    const x8info *xi = x8_info(type);
+    if (!xi || N % 8 || K % 32) return 0;
+    return N / 8 * (K / 32) * xi->size;
+}
+
+/* W (file layout) <-> the 8-row layout (direction 0: repack into out, 1: back into w). */
+int qa_x8_convert(int type, uint8_t *w, int64_t N, int64_t K, int64_t row_bytes, uint8_t *out, int direction,
+                  int nthreads) {
+    if (!qa_x8_bytes(type, N, K)) return -2;
+#ifdef QA_AVX2
+    const x8info *xi = x8_info(type);
+    const tinfo *t = type_info(type);
+    if (row_bytes != K / t->block * t->size) return -1;
+    const int64_t nb = K / 32, gbytes = nb * xi->size;
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1)
+    for (int64_t g = 0; g < N / 8; g++) {
+        if (direction == 0) xi->repack(w + g * 8 * row_bytes, row_bytes, nb, out + g * gbytes);
+        else xi->unrepack(out + g * gbytes, row_bytes, nb, w + g * 8 * row_bytes);
+    }
+    return 0;
+#else
+    (void)w; (void)row_bytes; (void)out; (void)direction; (void)nthreads;
+    return -2;
+#endif
+}
+
+/* y = x @ W^T on the 8-row layout, x quantized to 8 bits per block of 32. Return codes as qa_matmul_q8. */
+int qa_matmul_x8(int type, const uint8_t *wx, int64_t N, int64_t K, const float *x, int64_t ldx, int64_t M,
+                 float *y, int64_t ldy, int nthreads) {
+    if (!qa_x8_bytes(type, N, K)) return -2;
+#ifdef QA_AVX2
+    const x8info *xi = x8_info(type);
+    if (nthreads < 1) nthreads = 1;
+    const int64_t nb = K / 32, gbytes = nb * xi->size, G = N / 8;
+    xblk *xq = (xblk *)malloc((size_t)(M * nb > 0 ? M * nb : 1) * (sizeof(xblk) + sizeof(float)));
+    if (!xq) return -3;
+    float *ds = (float *)(xq + M * nb);
+    for (int64_t m = 0; m < M; m++) quantize_row_q8(x + m * ldx, K, xq + m * nb, ds + m * nb);
+    const int64_t chunk = G / ((int64_t)nthreads * 8) > 1 ? G / ((int64_t)nthreads * 8) : 1;
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t g = 0; g < G; g++) {
+        float out[Q8_MAX_ROWS * 8];
+        for (int64_t m0 = 0; m0 < M; m0 += Q8_MAX_ROWS) {
+            const int mt = (int)(M - m0 < Q8_MAX_ROWS ? M - m0 : Q8_MAX_ROWS);
+            xi->fns[mt - 1](wx + g * gbytes, nb, xq + m0 * nb, nb, out);
+            for (int m = 0; m < mt; m++) memcpy(y + (m0 + m) * ldy + 8 * g, out + 8 * m, 8 * sizeof(float));
+        }
+    }
+    free(xq);
+    return 0;
+#else
+    (void)x; (void)ldx; (void)M; (void)y; (void)ldy; (void)nthreads; (void)wx;
+    return -2;
+#endif
+}
 
 /* ------------------------------------------------------------------ entry points */
 
