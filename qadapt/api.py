@@ -347,6 +347,8 @@ def load(
     check_kernels(kernels)
     path = _resolve_model_path(path_or_id, gguf_file, revision)
     base = load_base(path, mode=mode, dtype=_dtype(dtype), quant=quant, double_quant=double_quant, kernels=kernels)
+    if kernels == "q8":
+        _use_native_ops(base.decoder)
     model = Model(base.decoder, base.tokenizer, base.layer_map, str(path), mode, base.base_format, base.info)
     if xlora is not None:
         _attach_xlora(model, xlora, ordering, adapter_model_id, tgt_non_granular_index, adapters, activate, merge)
@@ -357,6 +359,19 @@ def load(
     if merge:
         model.merge_adapters()
     return model
+
+
+def _use_native_ops(decoder: Decoder) -> None:
+    from .quant import native
+
+    lib = native.library()
+    if lib is None:
+        log.warning("kernels='q8': the native kernels are unavailable (no C compiler, or QADAPT_NATIVE=0); "
+                    "running the exact kernels")
+    elif not lib.simd:
+        log.warning("kernels='q8' needs AVX2; this CPU runs the exact kernels")
+    else:
+        decoder.use_native_ops(lib)
 
 
 def _attach_adapters(model: Model, adapters, ordering, adapter_model_id, activate) -> None:

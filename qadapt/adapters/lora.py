@@ -185,7 +185,10 @@ class LoraLinear(nn.Module):
         return st
 
     def forward(self, x: torch.Tensor, ctx: AdapterContext | None = None) -> torch.Tensor:
-        y = self.base.forward(x)  # not __call__: see decoder.call_linear
+        return self.add_deltas(x, self.base.forward(x), ctx)  # not __call__: see decoder.call_linear
+
+    def add_deltas(self, x: torch.Tensor, y: torch.Tensor, ctx: AdapterContext | None) -> torch.Tensor:
+        """``y`` (the base layer's output on ``x``, which this may update in place) plus the deltas ``ctx`` asks for."""
         if ctx is None:
             return y
         if ctx.xlora is not None:
@@ -200,6 +203,10 @@ class LoraLinear(nn.Module):
         x2d = x.reshape(-1, self.in_features)
         if len(names) == 1:  # no stacking: the adapter's own tensors
             A = self.adapters[names[0]].A
+            if getattr(self.base, "path", None) == "q8" and x2d.shape[0] <= 8 and A.dtype == y.dtype == torch.float32 \
+                    and A.shape[0] <= 256 and x2d.is_contiguous() and y.is_contiguous():
+                # the q8 runtime: one native call instead of two matmuls (their dispatch costs more than the maths)
+                return self.base._lib.lora_add(y, x2d, A, self._bt[names[0]])
             return _add_delta(y, F.linear(x2d if x2d.dtype == A.dtype else x2d.to(A.dtype), A), self._bt[names[0]])
         st = self.stack(names)
         n, r, _ = st.A.shape

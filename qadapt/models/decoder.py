@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..runtime.kv_cache import KVCache
 from .config import ModelConfig
 from .family import FamilySpec
 
@@ -24,8 +25,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight.float(), requires_grad=False)
         self.eps = eps
+        self.native: Any = None  # the native kernels, when the model runs kernels="q8" (Decoder.use_native_ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native is not None and x.dtype == torch.float32 and x.is_contiguous():
+            return self.native.rms_norm(x, self.weight, self.eps)  # float64 sum of squares: within 1e-6
         if x.dtype == torch.float32:  # one fused op, the same float32 formula (and bits) as below
             return torch.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
@@ -140,6 +144,8 @@ class Block(nn.Module):
         self.linears = nn.ModuleDict(linears)
         self.attn_norm, self.mlp_norm = attn_norm, mlp_norm
         self.qkv_split = qkv_split
+        self.native: Any = None  # see Decoder.use_native_ops
+        self._groups: dict[tuple[str, ...], tuple] = {}
 
     def forward(self, x: torch.Tensor, step: "StepPlan", cache: Any, ctx: Any) -> torch.Tensor:
         cfg = self.cfg
@@ -150,7 +156,13 @@ class Block(nn.Module):
         if "qkv" in lin:
             q, k, v = call_linear(lin["qkv"], h, ctx).split(self.qkv_split, dim=-1)
         else:
-            q, k, v = (call_linear(lin[r], h, ctx) for r in ("q", "k", "v"))
+            q, k, v = self._same_input(("q", "k", "v"), h, ctx)
+        if step.native_pos is not None and q.dtype == torch.float32:
+            # one new token of one sequence: rotary, cache write and attention in one native call
+            kc, vc = cache.k[self.layer_idx], cache.v[self.layer_idx]
+            a = self.native.attn_decode(q.contiguous(), k.contiguous(), v.contiguous(), step.cos, step.sin, kc, vc,
+                                        step.native_pos, step.native_first, H, Hkv, D).view(1, 1, H * D)
+            return self._mlp(x + call_linear(lin["o"], a, ctx), ctx)
         q = q.view(B, T, H, D)
         k = k.view(B, T, Hkv, D)
         v = v.view(B, T, Hkv, D)
@@ -169,17 +181,51 @@ class Block(nn.Module):
         else:
             a = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=step.mask, enable_gqa=H != Hkv)
             a = a.transpose(1, 2).reshape(B, T, H * D)
-        x = x + call_linear(lin["o"], a, ctx)
+        return self._mlp(x + call_linear(lin["o"], a, ctx), ctx)
 
+    def _same_input(self, roles: tuple[str, ...], h: torch.Tensor, ctx: Any) -> list[torch.Tensor]:
+        """The linears ``roles`` on the same input ``h``: with the native ops, when all of them are 8-row
+        q8 layers (adapter wrappers around them included), one grouped native call for the base outputs
+        (one activation quantization, one parallel region), then each wrapper's deltas."""
+        lin = self.linears
+        if self.native is not None:
+            mods = tuple(lin[r] for r in roles)
+            group = self._groups.get(roles)
+            if group is None or group[0] != mods:
+                group = self._groups[roles] = (mods, _x8_group(self.native, mods))
+            if group[1] is not None:
+                plan, total, splits = group[1]
+                y = self.native.matmul_x8_multi(plan, total, h.shape[-1], h.reshape(-1, h.shape[-1]))
+                outs = []
+                for m, part in zip(mods, y.split(splits, dim=1)):
+                    part = part.view(*h.shape[:-1], part.shape[-1])
+                    outs.append(m.add_deltas(h, part, ctx) if hasattr(m, "add_deltas") else part)
+                return outs
+        return [call_linear(lin[r], h, ctx) for r in roles]
+
+    def _mlp(self, x: torch.Tensor, ctx: Any) -> torch.Tensor:
+        lin = self.linears
         h = self.mlp_norm.forward(x)
         if "gate_up" in lin:
             gate, up = call_linear(lin["gate_up"], h, ctx).chunk(2, dim=-1)
             h = _act(self.spec.act, gate) * up
         elif "gate" in lin:
-            h = _act(self.spec.act, call_linear(lin["gate"], h, ctx)) * call_linear(lin["up"], h, ctx)
+            gate, up = self._same_input(("gate", "up"), h, ctx)
+            h = _act(self.spec.act, gate) * up
         else:
             h = _act(self.spec.act, call_linear(lin["up"], h, ctx))
         return x + call_linear(lin["down"], h, ctx)
+
+
+def _x8_group(lib: Any, mods: tuple[nn.Module, ...]):
+    """(plan, total rows, rows per layer) for :meth:`Block._same_input`, or None when a base layer has no
+    8-row layout (or has a bias)."""
+    bases = [getattr(m, "base", m) for m in mods]
+    if not all(getattr(b, "_x8", None) is not None and getattr(b, "bias", 1) is None for b in bases):
+        return None
+    plan = lib.x8_plan([(b.qtype, b._x8, b.out_features) for b in bases])
+    splits = [b.out_features for b in bases]
+    return plan, sum(splits), splits
 
 
 @dataclass
@@ -191,6 +237,8 @@ class StepPlan:
     rope: Rotary | None
     cos: torch.Tensor | None = None  # [B, T, 1, rope_dim]
     sin: torch.Tensor | None = None
+    native_pos: int | None = None  # set when the native attention runs this step: the token's position
+    native_first: int = 0  # ... and the first key it sees (a sliding window)
 
 
 @dataclass
@@ -218,6 +266,15 @@ class Decoder(nn.Module):
         self.final_norm = final_norm
         self.lm_head = lm_head
         self.rope = rope
+        self.native: Any = None
+
+    def use_native_ops(self, lib: Any) -> None:
+        """Run one-token decode steps' small ops (norms, rotary + cache write + attention) in ``lib``'s
+        native kernels (the ``kernels="q8"`` runtime: per-op torch dispatch costs more than the work)."""
+        self.native = lib
+        for mod in self.modules():
+            if isinstance(mod, (RMSNorm, Block)):
+                mod.native = lib
 
     def mask(self, positions: torch.Tensor, n_keys: int | None) -> torch.Tensor | None:
         """Boolean [B, 1, T, S]: key j is visible from a query at position p iff j <= p (and within the window).
@@ -257,6 +314,11 @@ class Decoder(nn.Module):
         step = StepPlan(positions, self.mask(positions, n_keys), self.rope)
         if self.rope is not None:
             step.cos, step.sin = self.rope.tables(positions, n_keys)
+            if self.native is not None and B == 1 and T == 1 and isinstance(cache, KVCache) \
+                    and cache.k[0].dtype == torch.float32 and self.rope.dim % 2 == 0:
+                step.native_pos = n_keys - 1
+                w = self.cfg.sliding_window
+                step.native_first = max(0, n_keys - w) if w else 0
         for blk in self.blocks:
             x = blk.forward(x, step, cache, ctx)
         x = self.final_norm.forward(x)

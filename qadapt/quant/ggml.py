@@ -389,6 +389,7 @@ class GGMLLinear(BaseLinear):
             path = "blockwise"  # the native kernels run it exactly, without a repacked copy
         self.path = path
         self._native_type = native.NativeKernels.supports(qtype)
+        self._lib = lib if path == "q8" else None  # held: q8 layers never fall back to torch
         if path == "q8" and lib.x8_bytes(qtype, self.out_features, self.in_features):
             self._x8 = lib.repack_x8(self._raw, qtype, self.in_features)
             native.release_pages(data)  # the file's pages: the forward never reads them again
@@ -403,7 +404,7 @@ class GGMLLinear(BaseLinear):
         """The weight in the file's layout, uint8 [out, bytes_per_row] (unpacked again when repacked)."""
         if self._raw is not None:
             return self._raw
-        return native.library().unrepack_x8(self._x8, self.qtype, self.out_features, self.in_features,
+        return self._lib.unrepack_x8(self._x8, self.qtype, self.out_features, self.in_features,
                                             self._row_bytes)
 
     def _int4_rows(self, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -437,11 +438,13 @@ class GGMLLinear(BaseLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)
         if self.path == "q8":
-            lib = native.library()
+            lib = self._lib
             if self._x8 is not None:
                 y = lib.matmul_x8(self._x8, self.qtype, self.out_features, self.in_features, x2d)
-            else:
+            elif x2d.shape[0] <= _kernels.Q8_ROW_MAX_BATCH:
                 y = lib.matmul_q8(self._raw, self.qtype, self.in_features, x2d)
+            else:  # the file-layout kernel re-reads each block per 4 rows: a prefill dequantizes instead
+                y = blockwise_matmul(x2d, self._dequant_rows, self.out_features, self.in_features, self.compute_dtype)
             return _kernels.finish(y, x, self.bias, self.out_features)
         lib = native.library() if x2d.shape[0] <= self.native_max_batch else None
         if lib is not None:

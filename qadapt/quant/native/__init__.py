@@ -85,6 +85,17 @@ class NativeKernels:
         self._matmul_x8 = lib.qa_matmul_x8
         self._matmul_x8.argtypes = [_int, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _int]
         self._matmul_x8.restype = _int
+        self._multi = lib.qa_matmul_x8_multi
+        self._multi.argtypes = [_int, _ptr, _i64, _ptr, _i64, _i64, _ptr, _i64, _int]
+        self._multi.restype = _int
+        self._rms = lib.qa_rms_norm
+        self._rms.argtypes = [_ptr, _i64, _i64, _ptr, ctypes.c_float, _ptr]
+        self._attn = lib.qa_attn_decode
+        self._attn.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _int]
+        self._attn.restype = _int
+        self._lora = lib.qa_lora_add
+        self._lora.argtypes = [_ptr, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr]
+        self._lora.restype = _int
         self._q8_types = frozenset(q for q in TYPES if lib.qa_q8_supported(_type_id(q)))
         self.simd = bool(lib.qa_simd())
         self.openmp = bool(lib.qa_openmp())
@@ -121,6 +132,50 @@ class NativeKernels:
                              in_features, m, y.data_ptr(), n, torch.get_num_threads())
         if rc:
             raise ValueError(f"native 8-bit matmul refused a {qtype} weight [{n}, {in_features}] (code {rc})")
+        return y
+
+    def matmul_x8_multi(self, plan: torch.Tensor, out_features: int, in_features: int,
+                        x2d: torch.Tensor) -> torch.Tensor:
+        """Several 8-row-layout weights on one input: ``plan`` int64 [n, 3] = (type id, layout address,
+        rows) per weight (:meth:`x8_plan`), float32 [m, sum of rows] with the outputs side by side."""
+        x = x2d if x2d.dtype == torch.float32 and x2d.is_contiguous() else x2d.to(torch.float32).contiguous()
+        m = x.shape[0]
+        y = torch.empty(m, out_features, dtype=torch.float32)
+        rc = self._multi(plan.shape[0], plan.data_ptr(), in_features, x.data_ptr(), in_features, m, y.data_ptr(),
+                         out_features, torch.get_num_threads())
+        if rc:
+            raise ValueError(f"native grouped matmul refused its plan (code {rc})")
+        return y
+
+    @staticmethod
+    def x8_plan(weights: list[tuple[str, torch.Tensor, int]]) -> torch.Tensor:
+        """The plan of :meth:`matmul_x8_multi` for (qtype, packed layout, out_features) triples; the layouts
+        must stay alive (and unmoved) as long as the plan is used."""
+        return torch.tensor([[_type_id(q), t.data_ptr(), n] for q, t, n in weights], dtype=torch.int64)
+
+    # ---- one-row decode helpers (float32, contiguous tensors; callers check shapes)
+    def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        out = torch.empty_like(x)
+        n = w.shape[0]
+        self._rms(x.data_ptr(), x.numel() // n, n, w.data_ptr(), eps, out.data_ptr())
+        return out
+
+    def attn_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    kc: torch.Tensor, vc: torch.Tensor, pos: int, first: int, H: int, Hkv: int, D: int) -> torch.Tensor:
+        """Rotary on q/k (in place), k/v into the caches at ``pos``, attention over keys first..pos: [H*D]."""
+        out = torch.empty(H * D, dtype=torch.float32)
+        rc = self._attn(q.data_ptr(), k.data_ptr(), v.data_ptr(), H, Hkv, D, cos.shape[-1], cos.data_ptr(),
+                        sin.data_ptr(), kc.data_ptr(), vc.data_ptr(), kc.shape[-2], pos, first, out.data_ptr(),
+                        torch.get_num_threads())
+        if rc:
+            raise ValueError(f"native attention refused H={H} Hkv={Hkv} D={D} pos={pos}")
+        return out
+
+    def lora_add(self, y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor) -> torch.Tensor:
+        """``y += (x A^T) Bt`` in place (float32, contiguous; rank <= 256)."""
+        r, K = A.shape
+        if self._lora(x.data_ptr(), x.numel() // K, K, A.data_ptr(), r, Bt.data_ptr(), Bt.shape[1], y.data_ptr()):
+            raise ValueError(f"native LoRA refused rank {r}")
         return y
 
     def x8_bytes(self, qtype: str, out_features: int, in_features: int) -> int:
@@ -270,7 +325,7 @@ def build(cache_dir: str | os.PathLike | None = None,
         t0 = time.perf_counter()
         try:
             with atomic_path(path, force=True) as tmp:
-                proc = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", str(tmp), str(SOURCE)],
+                proc = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", str(tmp), str(SOURCE), "-lm"],
                                       capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S)
                 if proc.returncode != 0:
                     raise RuntimeError(proc.stderr.strip()[-2000:])

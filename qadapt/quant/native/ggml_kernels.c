@@ -17,6 +17,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <stdlib.h>
+#include <math.h>
 
 /* -DQA_PORTABLE builds the plain-C loops only (the tests check them on AVX2 machines too). */
 #if defined(__AVX2__) && defined(__FMA__) && !defined(QA_PORTABLE)
@@ -862,6 +863,7 @@ DEFINE_PAIR(4, 1)
 typedef struct {
     float d;        /* amax / 127 (0 for an all-zero block) */
     int32_t s;      /* sum of q */
+    int16_t h[2];   /* sums of q over elements 0..15 and 16..31 */
     int8_t q[32];
 } xblk;
 
@@ -912,7 +914,9 @@ static void quantize_row_q8(const float *x, int64_t K, xblk *out, float *ds) {
 #define Q8_CODES(v) _mm256_max_epi32(_mm256_min_epi32(_mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v, id), rnd)), lim), nlim)
         const __m256i i0 = Q8_CODES(v0), i1 = Q8_CODES(v1), i2 = Q8_CODES(v2), i3 = Q8_CODES(v3);
 #undef Q8_CODES
-        o->s = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
+        o->h[0] = (int16_t)hsum_i32(_mm256_add_epi32(i0, i1));
+        o->h[1] = (int16_t)hsum_i32(_mm256_add_epi32(i2, i3));
+        o->s = o->h[0] + o->h[1];
         ds[b] = o->d * (float)o->s;
         const __m256i q = _mm256_permutevar8x32_epi32(
             _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3)), perm);
@@ -1256,6 +1260,168 @@ AI void x8_q8_0(const uint8_t *grp, int64_t nb, const xblk *x, int64_t ldx, floa
 }
 #endif
 
+/* Q4_K, per group of 8 rows and super-block of 256: d[8], dmin[8] (fp16), the 6-bit scales and
+ * mins unpacked to bytes sc[8 sub-blocks][8 rows], mn[8][8], then for each run of 64 elements
+ * (r = 0..3) and 4-byte step jj = 0..7 the 8 rows' bytes qs[32 r + 4 jj ..] side by side (low
+ * nibbles: sub-block 2r, high: 2r + 1). 1184 bytes (the file: 8 * 144). */
+#define X8_Q4_K_SIZE 1184
+/* Q6_K: d[8] (fp16), scales[16 groups][8 rows] (int8), then ql runs (r = 0..1, half h = 0..1,
+ * jj = 0..7: the 8 rows' ql[64 r + 32 h + 4 jj ..]) and qh runs (r, jj: qh[32 r + 4 jj ..]).
+ * 1680 bytes, as the file. */
+#define X8_Q6_K_SIZE 1680
+
+static void repack_q4_k_x8(const uint8_t *w, int64_t row_bytes, int64_t nsb, uint8_t *out) {
+    for (int64_t b = 0; b < nsb; b++, out += X8_Q4_K_SIZE) {
+        for (int i = 0; i < 8; i++) {
+            const uint8_t *blk = w + i * row_bytes + b * 144;
+            memcpy(out + 2 * i, blk, 2);
+            memcpy(out + 16 + 2 * i, blk + 2, 2);
+            float sc[8], mn[8];
+            k_scale_min(blk + 4, sc, mn);
+            for (int t = 0; t < 8; t++) {
+                out[32 + t * 8 + i] = (uint8_t)sc[t];
+                out[96 + t * 8 + i] = (uint8_t)mn[t];
+            }
+            for (int r = 0; r < 4; r++)
+                for (int jj = 0; jj < 8; jj++) memcpy(out + 160 + (r * 8 + jj) * 32 + i * 4, blk + 16 + 32 * r + 4 * jj, 4);
+        }
+    }
+}
+
+static void unrepack_q4_k_x8(const uint8_t *in, int64_t row_bytes, int64_t nsb, uint8_t *w) {
+    for (int64_t b = 0; b < nsb; b++, in += X8_Q4_K_SIZE) {
+        for (int i = 0; i < 8; i++) {
+            uint8_t *blk = w + i * row_bytes + b * 144;
+            memcpy(blk, in + 2 * i, 2);
+            memcpy(blk + 2, in + 16 + 2 * i, 2);
+            uint8_t sc[8], mn[8];
+            for (int t = 0; t < 8; t++) {
+                sc[t] = in[32 + t * 8 + i];
+                mn[t] = in[96 + t * 8 + i];
+            }
+            for (int t = 0; t < 4; t++) { /* the inverse of k_scale_min: all 96 bits are used */
+                blk[4 + t] = (uint8_t)(sc[t] | ((sc[4 + t] >> 4) << 6));
+                blk[8 + t] = (uint8_t)(mn[t] | ((mn[4 + t] >> 4) << 6));
+                blk[12 + t] = (uint8_t)((sc[4 + t] & 0x0F) | ((mn[4 + t] & 0x0F) << 4));
+            }
+            for (int r = 0; r < 4; r++)
+                for (int jj = 0; jj < 8; jj++) memcpy(blk + 16 + 32 * r + 4 * jj, in + 160 + (r * 8 + jj) * 32 + i * 4, 4);
+        }
+    }
+}
+
+static void q6_k_x8_convert(uint8_t *in, int64_t row_bytes, int64_t nsb, uint8_t *w, const int back) {
+    for (int64_t b = 0; b < nsb; b++, in += X8_Q6_K_SIZE) {
+        for (int i = 0; i < 8; i++) {
+            uint8_t *blk = w + i * row_bytes + b * 210;
+#define MOVE(dst_x8, src_file, n) (back ? memcpy(src_file, dst_x8, n) : memcpy(dst_x8, src_file, n))
+            MOVE(in + 2 * i, blk + 208, 2);
+            for (int g = 0; g < 16; g++) MOVE(in + 16 + g * 8 + i, blk + 192 + g, 1);
+            for (int r = 0; r < 2; r++)
+                for (int h = 0; h < 2; h++)
+                    for (int jj = 0; jj < 8; jj++)
+                        MOVE(in + 144 + ((r * 2 + h) * 8 + jj) * 32 + i * 4, blk + 64 * r + 32 * h + 4 * jj, 4);
+            for (int r = 0; r < 2; r++)
+                for (int jj = 0; jj < 8; jj++) MOVE(in + 144 + 1024 + (r * 8 + jj) * 32 + i * 4, blk + 128 + 32 * r + 4 * jj, 4);
+#undef MOVE
+        }
+    }
+}
+static void repack_q6_k_x8(const uint8_t *w, int64_t rb, int64_t nsb, uint8_t *out) { q6_k_x8_convert(out, rb, nsb, (uint8_t *)w, 0); }
+static void unrepack_q6_k_x8(const uint8_t *in, int64_t rb, int64_t nsb, uint8_t *w) { q6_k_x8_convert((uint8_t *)in, rb, nsb, w, 1); }
+
+/* sum over the 8 steps of a block of 32 (two chains), lane = row. */
+AI __m256i dp32(const __m256i *u, const int8_t *q) {
+    __m256i p0 = _mm256_setzero_si256(), p1 = _mm256_setzero_si256();
+    for (int j = 0; j < 8; j += 2) {
+        p0 = dp4(p0, u[j], q + 4 * j);
+        p1 = dp4(p1, u[j + 1], q + 4 * j + 4);
+    }
+    return _mm256_add_epi32(p0, p1);
+}
+
+AI void x8_q4_k(const uint8_t *grp, int64_t nsb, const xblk *x, int64_t ldx, float *out, const int MT) {
+    __m256 acc[Q8_MAX_ROWS];
+    for (int m = 0; m < MT; m++) acc[m] = _mm256_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    for (int64_t b = 0; b < nsb; b++) {
+        const uint8_t *blk = grp + b * X8_Q4_K_SIZE;
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
+        const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)));
+        __m256 sc[8], mn[8];
+        for (int t = 0; t < 8; t++) {
+            sc[t] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 32 + 8 * t))));
+            mn[t] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 96 + 8 * t))));
+        }
+        __m256 f[Q8_MAX_ROWS], c[Q8_MAX_ROWS];
+        for (int m = 0; m < MT; m++) f[m] = c[m] = _mm256_setzero_ps();
+        for (int r = 0; r < 4; r++) {
+            __m256i lo[8], hi[8];
+            for (int jj = 0; jj < 8; jj++) {
+                const __m256i v = load32(blk + 160 + (r * 8 + jj) * 32);
+                lo[jj] = _mm256_and_si256(v, m4);
+                hi[jj] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            }
+            for (int m = 0; m < MT; m++) {
+                const xblk *x0 = x + m * ldx + b * 8 + 2 * r, *x1 = x0 + 1;
+                f[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp32(lo, x0->q)), _mm256_mul_ps(sc[2 * r], _mm256_set1_ps(x0->d)), f[m]);
+                f[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp32(hi, x1->q)), _mm256_mul_ps(sc[2 * r + 1], _mm256_set1_ps(x1->d)), f[m]);
+                c[m] = _mm256_fmadd_ps(mn[2 * r], _mm256_set1_ps(x0->d * (float)x0->s), c[m]);
+                c[m] = _mm256_fmadd_ps(mn[2 * r + 1], _mm256_set1_ps(x1->d * (float)x1->s), c[m]);
+            }
+        }
+        for (int m = 0; m < MT; m++) acc[m] = _mm256_fmadd_ps(d, f[m], _mm256_fnmadd_ps(dmin, c[m], acc[m]));
+    }
+    for (int m = 0; m < MT; m++) _mm256_storeu_ps(out + 8 * m, acc[m]);
+}
+
+AI void x8_q6_k(const uint8_t *grp, int64_t nsb, const xblk *x, int64_t ldx, float *out, const int MT) {
+    __m256 acc[Q8_MAX_ROWS];
+    for (int m = 0; m < MT; m++) acc[m] = _mm256_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
+    for (int64_t b = 0; b < nsb; b++) {
+        const uint8_t *blk = grp + b * X8_Q6_K_SIZE;
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
+        __m256 f[Q8_MAX_ROWS];
+        for (int m = 0; m < MT; m++) f[m] = _mm256_setzero_ps();
+        for (int r = 0; r < 2; r++) {
+            __m256i qh[8];
+            for (int jj = 0; jj < 8; jj++) qh[jj] = load32(blk + 144 + 1024 + (r * 8 + jj) * 32);
+#pragma GCC unroll 4
+            for (int s = 0; s < 4; s++) {
+                __m256i u[8];
+                for (int jj = 0; jj < 8; jj++) {
+                    const __m256i l = load32(blk + 144 + ((r * 2 + (s & 1)) * 8 + jj) * 32);
+                    const __m256i lo = s < 2 ? _mm256_and_si256(l, m4) : _mm256_and_si256(_mm256_srli_epi16(l, 4), m4);
+                    /* bits 2s, 2s + 1 of qh moved to bits 4, 5 */
+                    const __m256i hi = s == 2 ? _mm256_and_si256(qh[jj], m30)
+                                     : s < 2 ? _mm256_and_si256(_mm256_slli_epi16(qh[jj], 4 - 2 * s), m30)
+                                             : _mm256_and_si256(_mm256_srli_epi16(qh[jj], 2), m30);
+                    u[jj] = _mm256_or_si256(lo, hi);
+                }
+                const int g = r * 8 + s * 2; /* groups g (elements 0..15) and g + 1 (16..31) */
+                const __m256 s0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 16 + 8 * g))));
+                const __m256 s1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 24 + 8 * g))));
+                for (int m = 0; m < MT; m++) {
+                    const xblk *xb = x + m * ldx + b * 8 + r * 4 + s;
+                    __m256i p0 = _mm256_setzero_si256(), p1 = _mm256_setzero_si256();
+                    for (int jj = 0; jj < 4; jj++) {
+                        p0 = dp4(p0, u[jj], xb->q + 4 * jj);
+                        p1 = dp4(p1, u[jj + 4], xb->q + 16 + 4 * jj);
+                    }
+                    p0 = _mm256_sub_epi32(p0, _mm256_set1_epi32(32 * xb->h[0]));
+                    p1 = _mm256_sub_epi32(p1, _mm256_set1_epi32(32 * xb->h[1]));
+                    const __m256 dx = _mm256_set1_ps(xb->d);
+                    f[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_mul_ps(s0, dx), f[m]);
+                    f[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_mul_ps(s1, dx), f[m]);
+                }
+            }
+        }
+        for (int m = 0; m < MT; m++) acc[m] = _mm256_fmadd_ps(d, f[m], acc[m]);
+    }
+    for (int m = 0; m < MT; m++) _mm256_storeu_ps(out + 8 * m, acc[m]);
+}
+
 typedef void (*x8_fn)(const uint8_t *, int64_t, const xblk *, int64_t, float *);
 #define X8_FNS(name)                                                                                 \
     static void name##_1(const uint8_t *g, int64_t nb, const xblk *x, int64_t l, float *o) { name(g, nb, x, l, o, 1); } \
@@ -1264,35 +1430,42 @@ typedef void (*x8_fn)(const uint8_t *, int64_t, const xblk *, int64_t, float *);
     static void name##_4(const uint8_t *g, int64_t nb, const xblk *x, int64_t l, float *o) { name(g, nb, x, l, o, 4); } \
     static const x8_fn name##_fns[4] = {name##_1, name##_2, name##_3, name##_4};
 X8_FNS(x8_q4_0)
+X8_FNS(x8_q4_k)
+X8_FNS(x8_q6_k)
 #ifdef QA_VNNI
 X8_FNS(x8_q8_0)
 #endif
 
 typedef struct {
-    int size; /* bytes per group of 8 rows and block of 32 */
+    int block; /* elements per (super-)block: 32 or 256 */
+    int size;  /* bytes per group of 8 rows and (super-)block */
     void (*repack)(const uint8_t *, int64_t, int64_t, uint8_t *);
     void (*unrepack)(const uint8_t *, int64_t, int64_t, uint8_t *);
     const x8_fn *fns;
 } x8info;
 
 static const x8info *x8_info(int type) {
-    static const x8info Q4_0 = {X8_Q4_0_SIZE, repack_q4_0_x8, unrepack_q4_0_x8, x8_q4_0_fns};
+    static const x8info Q4_0 = {32, X8_Q4_0_SIZE, repack_q4_0_x8, unrepack_q4_0_x8, x8_q4_0_fns};
+    static const x8info Q4_K = {256, X8_Q4_K_SIZE, repack_q4_k_x8, unrepack_q4_k_x8, x8_q4_k_fns};
+    static const x8info Q6_K = {256, X8_Q6_K_SIZE, repack_q6_k_x8, unrepack_q6_k_x8, x8_q6_k_fns};
+    if (type == T_Q4_K) return &Q4_K;
+    if (type == T_Q6_K) return &Q6_K;
 #ifdef QA_VNNI
-    static const x8info Q8_0 = {X8_Q8_0_SIZE, repack_q8_0_x8, unrepack_q8_0_x8, x8_q8_0_fns};
+    static const x8info Q8_0 = {32, X8_Q8_0_SIZE, repack_q8_0_x8, unrepack_q8_0_x8, x8_q8_0_fns};
     if (type == T_Q8_0) return &Q8_0;
 #endif
     return type == T_Q4_0 ? &Q4_0 : 0;
 }
 #else
-typedef struct { int size; } x8info;
+typedef struct { int block, size; } x8info;
 static const x8info *x8_info(int type) { (void)type; return 0; }
 #endif
 
 /* Bytes of the 8-row layout of an [N, K] weight, or 0 when this type/shape/build has none. */
 int64_t qa_x8_bytes(int type, int64_t N, int64_t K) {
     const x8info *xi = x8_info(type);
-    if (!xi || N % 8 || K % 32) return 0;
-    return N / 8 * (K / 32) * xi->size;
+    if (!xi || N % 8 || K % xi->block) return 0;
+    return N / 8 * (K / xi->block) * xi->size;
 }
 
 /* W (file layout) <-> the 8-row layout (direction 0: repack into out, 1: back into w). */
@@ -1303,7 +1476,7 @@ int qa_x8_convert(int type, uint8_t *w, int64_t N, int64_t K, int64_t row_bytes,
     const x8info *xi = x8_info(type);
     const tinfo *t = type_info(type);
     if (row_bytes != K / t->block * t->size) return -1;
-    const int64_t nb = K / 32, gbytes = nb * xi->size;
+    const int64_t nb = K / xi->block, gbytes = nb * xi->size;
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel for num_threads(nthreads) if (nthreads > 1)
     for (int64_t g = 0; g < N / 8; g++) {
@@ -1324,7 +1497,7 @@ int qa_matmul_x8(int type, const uint8_t *wx, int64_t N, int64_t K, const float 
 #ifdef QA_AVX2
     const x8info *xi = x8_info(type);
     if (nthreads < 1) nthreads = 1;
-    const int64_t nb = K / 32, gbytes = nb * xi->size, G = N / 8;
+    const int64_t nb = K / 32, nsb = K / xi->block, gbytes = nsb * xi->size, G = N / 8;
     xblk *xq = (xblk *)malloc((size_t)(M * nb > 0 ? M * nb : 1) * (sizeof(xblk) + sizeof(float)));
     if (!xq) return -3;
     float *ds = (float *)(xq + M * nb);
@@ -1335,7 +1508,7 @@ int qa_matmul_x8(int type, const uint8_t *wx, int64_t N, int64_t K, const float 
         float out[Q8_MAX_ROWS * 8];
         for (int64_t m0 = 0; m0 < M; m0 += Q8_MAX_ROWS) {
             const int mt = (int)(M - m0 < Q8_MAX_ROWS ? M - m0 : Q8_MAX_ROWS);
-            xi->fns[mt - 1](wx + g * gbytes, nb, xq + m0 * nb, nb, out);
+            xi->fns[mt - 1](wx + g * gbytes, nsb, xq + m0 * nb, nb, out);
             for (int m = 0; m < mt; m++) memcpy(y + (m0 + m) * ldy + 8 * g, out + 8 * m, 8 * sizeof(float));
         }
     }
@@ -1345,6 +1518,187 @@ int qa_matmul_x8(int type, const uint8_t *wx, int64_t N, int64_t K, const float 
     (void)x; (void)ldx; (void)M; (void)y; (void)ldy; (void)nthreads; (void)wx;
     return -2;
 #endif
+}
+
+
+/* Several weights on the same input in one call (a layer's q, k, v or gate, up): plan[3 i ..]
+ * = (type, address of the 8-row layout, rows N_i) for i < n, all with K columns; y [M, sum N_i]
+ * gets each weight's outputs side by side. One activation quantization, one parallel region. */
+int qa_matmul_x8_multi(int n, const int64_t *plan, int64_t K, const float *x, int64_t ldx, int64_t M, float *y,
+                       int64_t ldy, int nthreads) {
+#ifdef QA_AVX2
+    if (n < 1 || n > 8) return -1;
+    const x8info *xi[8];
+    int64_t g0[9], col[8];
+    g0[0] = 0;
+    int64_t c = 0;
+    for (int i = 0; i < n; i++) {
+        if (!qa_x8_bytes((int)plan[3 * i], plan[3 * i + 2], K)) return -2;
+        xi[i] = x8_info((int)plan[3 * i]);
+        g0[i + 1] = g0[i] + plan[3 * i + 2] / 8;
+        col[i] = c;
+        c += plan[3 * i + 2];
+    }
+    if (c > ldy) return -1;
+    if (nthreads < 1) nthreads = 1;
+    const int64_t nb = K / 32, G = g0[n];
+    xblk *xq = (xblk *)malloc((size_t)(M * nb > 0 ? M * nb : 1) * (sizeof(xblk) + sizeof(float)));
+    if (!xq) return -3;
+    float *ds = (float *)(xq + M * nb);
+    for (int64_t m = 0; m < M; m++) quantize_row_q8(x + m * ldx, K, xq + m * nb, ds + m * nb);
+    const int64_t chunk = G / ((int64_t)nthreads * 8) > 1 ? G / ((int64_t)nthreads * 8) : 1;
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t gg = 0; gg < G; gg++) {
+        int i = 0;
+        while (gg >= g0[i + 1]) i++;
+        const int64_t g = gg - g0[i], nsb = K / xi[i]->block;
+        const uint8_t *wx = (const uint8_t *)(intptr_t)plan[3 * i + 1] + g * nsb * xi[i]->size;
+        float out[Q8_MAX_ROWS * 8];
+        for (int64_t m0 = 0; m0 < M; m0 += Q8_MAX_ROWS) {
+            const int mt = (int)(M - m0 < Q8_MAX_ROWS ? M - m0 : Q8_MAX_ROWS);
+            xi[i]->fns[mt - 1](wx, nsb, xq + m0 * nb, nb, out);
+            for (int m = 0; m < mt; m++) memcpy(y + (m0 + m) * ldy + col[i] + 8 * g, out + 8 * m, 8 * sizeof(float));
+        }
+    }
+    free(xq);
+    return 0;
+#else
+    (void)n; (void)plan; (void)K; (void)x; (void)ldx; (void)M; (void)y; (void)ldy; (void)nthreads;
+    return -2;
+#endif
+}
+
+/* ------------------------------------------------------------------ small decode-step ops
+ * The q8 runtime's one-row helpers (one call instead of a dozen torch ops each). float32. */
+
+/* sum a[i] b[i] and o[i] += w v[i] (8 lanes, fused multiply-adds, where there is AVX2). */
+static inline float dotf(const float *a, const float *b, int64_t n) {
+    int64_t i = 0;
+    float t = 0.0f;
+#ifdef QA_AVX2
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    t = hsum(_mm256_add_ps(s0, s1));
+#endif
+    for (; i < n; i++) t += a[i] * b[i];
+    return t;
+}
+
+#ifdef QA_AVX2
+/* exp of 8 floats (Cephes' expf: range reduction by ln 2, degree-6 polynomial; ~1 ulp on [-87, 88]). */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+#endif
+
+static inline void axpyf(float *o, float w, const float *v, int64_t n) {
+    int64_t i = 0;
+#ifdef QA_AVX2
+    const __m256 wv = _mm256_set1_ps(w);
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(o + i)));
+#endif
+    for (; i < n; i++) o[i] += w * v[i];
+}
+
+/* out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w, r < rows (out may be x). */
+int qa_rms_norm(const float *x, int64_t rows, int64_t n, const float *w, float eps, float *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * n;
+        float *o = out + r * n;
+        double ss = 0.0;
+        for (int64_t i = 0; i < n; i++) ss += (double)xr[i] * xr[i];
+        const float inv = (float)(1.0 / sqrt(ss / (double)n + (double)eps));
+        for (int64_t i = 0; i < n; i++) o[i] = xr[i] * inv * w[i];
+    }
+    return 0;
+}
+
+/* One query row (batch 1, one new token at position pos) through a layer's attention core:
+ * rotary embedding of q [H, D] and k [Hkv, D] in place (transformers' half-split layout, cos and
+ * sign-folded sin rows [rope_dim], rope_dim <= D; x * cos + swap_halves(x) * sin, as the torch
+ * path), k and v written to the caches [Hkv, S_max, D] at pos, then softmax(q k^T / sqrt(D)) v
+ * over keys first..pos (first > 0: a sliding window) into out [H, D]. H % Hkv == 0. */
+int qa_attn_decode(float *q, float *k, const float *v, int64_t H, int64_t Hkv, int64_t D, int64_t rope_dim,
+                   const float *cos, const float *sin, float *kc, float *vc, int64_t s_max, int64_t pos,
+                   int64_t first, float *out, int nthreads) {
+    if (H % Hkv || pos >= s_max || first > pos || rope_dim > D || rope_dim % 2) return -1;
+    const int64_t half = rope_dim / 2, rep = H / Hkv, S = pos + 1 - first;
+    for (int64_t h = 0; h < H + Hkv; h++) {
+        float *x = h < H ? q + h * D : k + (h - H) * D;
+        for (int64_t i = 0; i < half; i++) {
+            const float a = x[i], b = x[i + half];
+            const float ra = a * cos[i], rb = b * sin[i], sa = b * cos[i + half], sb = a * sin[i + half];
+            x[i] = ra + rb;
+            x[i + half] = sa + sb;
+        }
+    }
+    for (int64_t g = 0; g < Hkv; g++) {
+        memcpy(kc + (g * s_max + pos) * D, k + g * D, (size_t)D * sizeof(float));
+        memcpy(vc + (g * s_max + pos) * D, v + g * D, (size_t)D * sizeof(float));
+    }
+    const float scale = 1.0f / sqrtf((float)D);
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && S * H * D > 65536)
+    for (int64_t h = 0; h < H; h++) {
+        const float *qh = q + h * D, *kh = kc + ((h / rep) * s_max + first) * D, *vh = vc + ((h / rep) * s_max + first) * D;
+        float *p = (float *)malloc((size_t)S * sizeof(float));
+        float mx = -INFINITY;
+        for (int64_t s = 0; s < S; s++) {
+            p[s] = dotf(qh, kh + s * D, D) * scale;
+            if (p[s] > mx) mx = p[s];
+        }
+        float sum = 0.0f;
+        int64_t s = 0;
+#ifdef QA_AVX2
+        __m256 sv = _mm256_setzero_ps();
+        const __m256 mv = _mm256_set1_ps(mx);
+        for (; s + 8 <= S; s += 8) {
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + s), mv));
+            _mm256_storeu_ps(p + s, e);
+            sv = _mm256_add_ps(sv, e);
+        }
+        sum = hsum(sv);
+#endif
+        for (; s < S; s++) {
+            p[s] = expf(p[s] - mx);
+            sum += p[s];
+        }
+        float *o = out + h * D;
+        for (int64_t i = 0; i < D; i++) o[i] = 0.0f;
+        for (s = 0; s < S; s++) axpyf(o, p[s], vh + s * D, D);
+        const float inv = 1.0f / sum;
+        for (int64_t i = 0; i < D; i++) o[i] *= inv;
+        free(p);
+    }
+    return 0;
+}
+
+/* y[m] += (x[m] A^T) Bt for m < M: A [r, K], Bt [r, N] (the LoRA scale folded into Bt). */
+int qa_lora_add(const float *x, int64_t M, int64_t K, const float *A, int64_t r, const float *Bt, int64_t N,
+                float *y) {
+    float h[256];
+    if (r > 256) return -1;
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * K;
+        for (int64_t j = 0; j < r; j++) h[j] = dotf(A + j * K, xm, K);
+        for (int64_t j = 0; j < r; j++) axpyf(y + m * N, h[j], Bt + j * N, N);
+    }
+    return 0;
 }
 
 /* ------------------------------------------------------------------ entry points */
