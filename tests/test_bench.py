@@ -44,7 +44,7 @@ def cache(tmp_path_factory):
 def quick_run(cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-out")
     settings = BenchSettings(out=out, cache=cache, model=TINY, engines=("qadapt",), formats=("Q4_0",),
-                             modes=("inplace",), runs=2, warmup=0, decode_tokens=4, prompt_tokens=16, batch=2,
+                             modes=("inplace", "q8"), runs=2, warmup=0, decode_tokens=4, prompt_tokens=16, batch=2,
                              probe_gib=0.125, probe_repeats=2)
     return settings, run_bench(settings)
 
@@ -60,8 +60,10 @@ def test_quick_smoke_writes_json_md_png(quick_run):
         assert set(r) >= ROW_KEYS, r
         assert r["min"] <= r["median"] <= r["max"] and r["runs"] >= 1
     rows = [r for r in data["results"] if r["engine"] == "qadapt"]
-    assert {r["format"] for r in rows} == {"Q4_0"} and {r["mode"] for r in rows} == {"inplace"}
-    got = {(r["metric"], r["adapters"]) for r in rows}
+    assert {r["format"] for r in rows} == {"Q4_0"} and {r["mode"] for r in rows} == {"inplace", "q8"}
+    got = {(r["metric"], r["adapters"]) for r in rows if r["mode"] == "inplace"}
+    assert {(r["metric"], r["adapters"]) for r in rows if r["mode"] == "q8"} >= {
+        ("decode_tps", 0), ("decode_tps", 1), ("batched_tps", 2), ("rss_over_files", 8), ("adapter_load_ms", 1)}
     n = XLORA_EXPERTS
     assert got >= {("load_s", 0), ("prefill_tps", 0), ("decode_tps", 0), ("decode_tps", 1), ("decode_tps", 2),
                    ("switch_ms", 1), ("batched_tps", 2), ("peak_rss_mb", 8), ("decode_fraction_of_bound", 0),
@@ -72,7 +74,7 @@ def test_quick_smoke_writes_json_md_png(quick_run):
     assert "| Q4_0 | qadapt inplace |" in md and "bound" in md and "X-LoRA decode, granular" in md
     summary = (settings.out / "bench-summary.md").read_text()
     assert md.split("Details:")[0].strip().endswith(summary.strip())  # bench.md opens with the summary
-    assert summary.count("\n| Q4_0 |") == 1 and "qadapt / bound" in summary
+    assert summary.count("\n| Q4_0 |") == 1 and "q8 / bound" in summary
     if importlib.util.find_spec("matplotlib"):
         assert (settings.out / "bench.png").read_bytes()[:4] == b"\x89PNG"
 

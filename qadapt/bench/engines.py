@@ -5,7 +5,7 @@ Every engine runs the same greedy loop shape: one prefill forward over the promp
 sampling machinery and no stop conditions (the model's EOS logit is pinned to 0, see
 :func:`qadapt.bench.make.random_state_dict`), so what is timed is the engine's forward.
 
-- :class:`QadaptEngine`: ``qadapt.load`` (``inplace`` or ``dequantize``), its decoder and KV cache,
+- :class:`QadaptEngine`: ``qadapt.load`` (``inplace``, ``q8`` = in place with ``kernels="q8"``, or ``dequantize``), its decoder and KV cache,
   adapters through ``Model.load_adapter`` / ``activate_adapters`` and, for the batch of rows on
   different adapters, an ``AdapterContext(rows=...)``.
 - :class:`QadaptXLoraEngine`: ``qadapt.load(..., xlora=...)`` with the bench's X-LoRA checkpoint;
@@ -46,6 +46,19 @@ class Engine:
     def load(self) -> None:
         raise NotImplementedError
 
+    def prepare(self) -> None:
+        """Import what ``load`` uses, so the worker's baseline memory holds the libraries, not the model."""
+        if isinstance(self, (QadaptEngine, QadaptXLoraEngine)):
+            import transformers.models.auto.tokenization_auto  # noqa: F401 - GGUF tokenizers are built through it
+
+            from ..quant import native
+            native.library()
+        elif isinstance(self, LlamaCppEngine):
+            import llama_cpp  # noqa: F401
+        elif isinstance(self, HFEngine):
+            import peft  # noqa: F401
+            import transformers  # noqa: F401
+
     def unload(self) -> None:
         gc.collect()
 
@@ -69,6 +82,11 @@ class Engine:
         return None
 
 
+def _load_kwargs(mode: str) -> dict[str, str]:
+    """The bench's qadapt mode as ``qadapt.load`` arguments (``q8``: in place, ``kernels="q8"``)."""
+    return {"mode": "inplace", "kernels": "q8"} if mode == "q8" else {"mode": mode}
+
+
 class QadaptEngine(Engine):
     def __init__(self, path: Path, mode: str, threads: int):
         super().__init__(threads)
@@ -78,7 +96,7 @@ class QadaptEngine(Engine):
     def load(self) -> None:
         import qadapt
 
-        self.m = qadapt.load(self.path, mode=self.mode)
+        self.m = qadapt.load(self.path, **_load_kwargs(self.mode))
 
     def unload(self) -> None:
         self.m = None
@@ -140,7 +158,7 @@ class QadaptXLoraEngine(Engine):
     def load(self) -> None:
         import qadapt
 
-        self.m = qadapt.load(self.path, mode=self.mode, xlora=self.xlora)
+        self.m = qadapt.load(self.path, xlora=self.xlora, **_load_kwargs(self.mode))
 
     def unload(self) -> None:
         self.m = None

@@ -23,6 +23,8 @@ COLUMNS = (
     ("switch_ms", 1, "switch ms", 3),
     ("batched_tps", 8, "8 rows x 8 adapters tok/s", 2),
     ("peak_rss_mb", 8, "peak RSS MB", 0),
+    ("rss_over_files", 8, "RSS added / (file + adapters)", 2),
+    ("adapter_load_ms", 1, "adapter load ms", 1),
     ("decode_fraction_of_bound", 0, "decode / bound", 2),
 )
 RATIO_METRICS = (("prefill_tps", 0), ("decode_tps", 0), ("decode_tps", 1), ("decode_tps", 2), ("load_s", 0),
@@ -74,8 +76,8 @@ def summary_markdown(report: dict[str, Any]) -> str:
     m, s, mod = report["machine"], report["settings"], report["model"]
     ad = SUMMARY_ADAPTERS
     xlora = any(r["metric"] == "xlora_decode_tps" for r in report["results"])
-    head = ["format", "qadapt in place", "llama.cpp", "transformers + PEFT", "qadapt / llama.cpp",
-            "qadapt / transformers", "qadapt / bound"]
+    head = ["format", "qadapt in place, exact", "qadapt in place, q8", "llama.cpp", "transformers + PEFT",
+            "exact / llama.cpp", "q8 / llama.cpp", "q8 / transformers", "q8 / bound"]
     if xlora:
         head.append(f"qadapt X-LoRA, {mod.get('xlora', {}).get('experts', '?')} experts (granular / fixed)")
     lora = mod.get("lora", {})
@@ -84,21 +86,24 @@ def summary_markdown(report: dict[str, Any]) -> str:
         f"{', '.join(t.split('_')[0] for t in lora.get('targets', ('q', 'k', 'v', 'o')))}); random Llama "
         f"{mod['params'] / 1e9:.2f}B, {s['decode_tokens']} tokens after a {s['prompt_tokens']}-token prompt, median "
         f"of {s['runs']}; {m['cpu']}, {s['threads']} threads, read bandwidth {report['bandwidth_gbs']:.1f} GB/s. "
-        "`bound` = read bandwidth / bytes of weights one token reads.",
+        "`bound` = read bandwidth / bytes of weights one token reads. `exact`: float32 activations, gguf-py's "
+        "weights (`kernels=\"exact\"`, the default); `q8`: llama.cpp's arithmetic (`kernels=\"q8\"`, activations "
+        "rounded to 8 bits per block of 32).",
         "",
         "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
     ]
     rows = 0
     for fmt in SUMMARY_FORMATS:
         q = _median(idx, ("qadapt", fmt, "inplace", "decode_tps", ad))
+        q8 = _median(idx, ("qadapt", fmt, "q8", "decode_tps", ad))
         lc = _median(idx, ("llama.cpp", fmt, "", "decode_tps", ad))
         peer, pfmt = SUMMARY_PEER[fmt]
         hf = _median(idx, (peer, pfmt, "", "decode_tps", ad))
-        frac = _median(idx, ("qadapt", fmt, "inplace", "decode_fraction_of_bound", ad))
-        if q is None and lc is None:
+        frac = _median(idx, ("qadapt", fmt, "q8", "decode_fraction_of_bound", ad))
+        if q is None and q8 is None and lc is None:
             continue
-        cells = [fmt, _fmt(q, 2), _fmt(lc, 2), f"{_fmt(hf, 2)} ({pfmt})" if hf is not None else "-",
-                 _ratio(q, lc), _ratio(q, hf), _fmt(frac, 2)]
+        cells = [fmt, _fmt(q, 2), _fmt(q8, 2), _fmt(lc, 2), f"{_fmt(hf, 2)} ({pfmt})" if hf is not None else "-",
+                 _ratio(q, lc), _ratio(q8, lc), _ratio(q8, hf), _fmt(frac, 2)]
         if xlora:
             g = _median(idx, ("qadapt", fmt, "inplace", "xlora_decode_tps", mod["xlora"]["experts"]))
             f = _median(idx, ("qadapt", fmt, "inplace", "xlora_nongranular_decode_tps", mod["xlora"]["experts"]))
@@ -212,7 +217,7 @@ def _ratio_table(idx: dict, res: list[dict]) -> str:
     fmts = [f for f in FORMAT_ORDER if any(r["format"] == f and r["engine"] == "qadapt" for r in res)]
     for peer, peer_fmt, label in (("llama.cpp", None, "qadapt / llama.cpp"),
                                   ("transformers", "bf16", "qadapt / transformers bf16")):
-        for mode in ("inplace", "dequantize"):
+        for mode in ("inplace", "q8", "dequantize"):
             for fmt in fmts:
                 cells = []
                 for metric, ad in RATIO_METRICS:

@@ -233,6 +233,19 @@ def _bytes_per_token(fmt: str, files: BenchFiles, extra: dict[Job, dict]) -> int
     return None
 
 
+def _model_bytes(job: Job, files: BenchFiles) -> int | None:
+    """The GGUF file plus the 8 adapters in the format the engine loads them (PEFT safetensors, or
+    llama.cpp's LoRA GGUF): what a model's resident memory is compared with."""
+    if job.format not in GGUF_FORMATS:
+        return None
+    n = len(files.adapter_names)
+    if job.engine == "llama.cpp":
+        ad = sum(files.lora_gguf(k).stat().st_size for k in range(n))
+    else:
+        ad = sum(f.stat().st_size for k in range(n) for f in files.adapter(k).glob("*.safetensors"))
+    return files.gguf(job.format).stat().st_size + ad
+
+
 def _results(samples, extra, files: BenchFiles, bw_gbs: float) -> list[dict]:
     rows = []
     for (job, metric, adapters), values in sorted(samples.items(), key=lambda kv: (kv[0][0].format, kv[0][0].engine,
@@ -244,6 +257,11 @@ def _results(samples, extra, files: BenchFiles, bw_gbs: float) -> list[dict]:
             metric, ad = ("xlora_peak_rss_mb", XLORA_EXPERTS) if job.task == "xlora" else ("peak_rss_mb", 8)
             rows.append({**job.to_json(), "adapters": ad, "metric": metric, "median": mb, "min": mb, "max": mb,
                          "runs": 1})
+            model_bytes = _model_bytes(job, files)
+            if "start_rss_bytes" in info and model_bytes and not job.task:
+                ratio = (info["peak_rss_bytes"] - info["start_rss_bytes"]) / model_bytes
+                rows.append({**job.to_json(), "adapters": ad, "metric": "rss_over_files", "median": ratio,
+                             "min": ratio, "max": ratio, "runs": 1, "file_bytes": model_bytes})
     bounds = {}
     for fmt in dict.fromkeys(j.format for j, *_ in samples):
         b = _bytes_per_token(fmt, files, extra)

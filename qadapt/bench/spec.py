@@ -54,7 +54,8 @@ ENGINES = {
     "transformers": ("bf16",),
     "bnb": ("nf4",),
 }
-QADAPT_MODES = ("inplace", "dequantize")
+#: ``q8``: in place with ``kernels="q8"`` (llama.cpp's arithmetic)
+QADAPT_MODES = ("inplace", "q8", "dequantize")
 #: the files ``--out`` receives (see :mod:`.report`)
 OUTPUTS = ("bench.json", "bench.md", "bench.png", "bench-summary.md")
 #: Which formats share a group of workers (alive together, runs interleaved): peers of similar size.

@@ -116,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - reported to the runner as this engine's skip reason
         proto.write(json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n")
         return 1
+    try:
+        engine.prepare()
+    except Exception:  # noqa: BLE001 - load reports the real failure
+        pass
+    start_rss = rss_bytes()  # libraries imported, no model yet: what loading adds is measured against this
     proto.write(json.dumps({"ready": True}) + "\n")
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -127,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             elif op == "round":
                 reply = xlora_round(engine, files, cmd) if xl else one_round(engine, files, cmd)
             elif op == "info":
-                reply = {"peak_rss_bytes": peak_rss_bytes(), "rss_bytes": rss_bytes(),
+                reply = {"peak_rss_bytes": peak_rss_bytes(), "rss_bytes": rss_bytes(), "start_rss_bytes": start_rss,
                          "weight_bytes_per_token": engine.weight_bytes()}
             elif op == "quit":
                 proto.write(json.dumps({"bye": True}) + "\n")

@@ -34,7 +34,7 @@ def _adapter_options(f):
 
 def load_from_options(model, mode, dtype, gguf_file, revision, adapters=(), ordering=None,
                       adapter_model_id=None, activate=None, merge=False, quant=None, xlora=None,
-                      tgt_non_granular_index=None):
+                      tgt_non_granular_index=None, kernels="exact"):
     """The one place the CLI and the server turn their options into ``qadapt.load``."""
     import qadapt
     from qadapt.adapters.sources import split_source
@@ -43,10 +43,14 @@ def load_from_options(model, mode, dtype, gguf_file, revision, adapters=(), orde
     act = None if activate is None else [n for n in activate.split(",") if n]
     return qadapt.load(model, mode=mode, dtype=dtype, gguf_file=gguf_file, revision=revision, adapters=named,
                        ordering=ordering, adapter_model_id=adapter_model_id, activate=act, merge=merge,
-                       quant=quant, xlora=xlora, tgt_non_granular_index=tgt_non_granular_index)
+                       quant=quant, xlora=xlora, tgt_non_granular_index=tgt_non_granular_index, kernels=kernels)
 
 
 def _model_options(f):
+    f = click.option("--kernels", type=click.Choice(["exact", "q8"]), default="exact", show_default=True,
+                     help="In place: exact (float32 activations, gguf-py's weights: the reference numbers) or q8 "
+                          "(llama.cpp's arithmetic: activations rounded to 8 bits per block of 32, integer dot "
+                          "products; several times faster on Q4_0/Q8_0/K-quants, logits within ~1-3% of exact).")(f)
     f = click.option("--quant", default=None, metavar="TYPE",
                      help="Quantize a transformers checkpoint on load (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16, BF16).")(f)
     f = click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")(f)
@@ -77,13 +81,14 @@ def _model_options(f):
 @click.option("--seed", default=None, type=int, help="Seed for sampling.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object {text, token_ids, ...} at the end.")
-def run(model, mode, dtype, gguf_file, revision, quant, adapters, ordering, adapter_model_id, activate, merge,
+def run(model, mode, kernels, dtype, gguf_file, revision, quant, adapters, ordering, adapter_model_id, activate, merge,
         xlora, tgt_non_granular_index, demo, prompt, max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, as_json):
     """Generate text from MODEL (a .gguf file, or org/repo with --gguf-file).
 
     \b
     Examples:
       qadapt run model.Q4_0.gguf -p "Once upon a time" -n 64
+      qadapt run model.Q4_K_M.gguf -p "Once upon a time" --kernels q8   # llama.cpp's speed and arithmetic
       qadapt run --demo --adapter upper -p "the cat sees a dog =>"
       qadapt run model.Q8_0.gguf -p "Hello" --mode dequantize --json
       qadapt run TheOrg/Repo-GGUF --gguf-file repo.Q4_K_M.gguf -p "Hi" -t 0.8 --seed 1
@@ -99,7 +104,7 @@ def run(model, mode, dtype, gguf_file, revision, quant, adapters, ordering, adap
         raise click.UsageError("Missing argument 'MODEL' (or --demo for the shipped demo model).")
     m = load_from_options(model, mode, dtype, gguf_file, revision, adapters, ordering, adapter_model_id,
                           activate, merge, quant=quant, xlora=xlora,
-                          tgt_non_granular_index=tgt_non_granular_index)
+                          tgt_non_granular_index=tgt_non_granular_index, kernels=kernels)
     kw = dict(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
               repetition_penalty=repetition_penalty, seed=seed, stop=list(stop))
     if as_json:
