@@ -1152,6 +1152,8 @@ int qa_matmul_q8(int type, const uint8_t *w, int64_t N, int64_t K, int64_t row_b
  * activation codes of the run; the offsets (-8, -128) come back through the block's code sum.
  * Same bytes per block as the file (8 * 18, 8 * 34). */
 #define X8_Q4_0_SIZE (8 * 18)
+/* Input rows per pass over the weights (a batch of up to 8 sequences reads each weight once). */
+#define X8_MAX_ROWS 8
 #define X8_Q8_0_SIZE (8 * 34)
 
 #if defined(QA_AVX2)
@@ -1210,7 +1212,7 @@ AI __m256i dp4(__m256i acc, __m256i u, const int8_t *q4) {
 
 /* out[m * 8 + r] = row r of the group . x[m], m < MT. */
 AI void x8_q4_0(const uint8_t *grp, int64_t nb, const xblk *x, int64_t ldx, float *out, const int MT) {
-    __m256 acc[Q8_MAX_ROWS];
+    __m256 acc[X8_MAX_ROWS];
     for (int m = 0; m < MT; m++) acc[m] = _mm256_setzero_ps();
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     for (int64_t b = 0; b < nb; b++) {
@@ -1238,7 +1240,7 @@ AI void x8_q4_0(const uint8_t *grp, int64_t nb, const xblk *x, int64_t ldx, floa
 
 #ifdef QA_VNNI
 AI void x8_q8_0(const uint8_t *grp, int64_t nb, const xblk *x, int64_t ldx, float *out, const int MT) {
-    __m256 acc[Q8_MAX_ROWS];
+    __m256 acc[X8_MAX_ROWS];
     for (int m = 0; m < MT; m++) acc[m] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = grp + b * X8_Q8_0_SIZE;
@@ -1341,7 +1343,7 @@ AI __m256i dp32(const __m256i *u, const int8_t *q) {
 }
 
 AI void x8_q4_k(const uint8_t *grp, int64_t nsb, const xblk *x, int64_t ldx, float *out, const int MT) {
-    __m256 acc[Q8_MAX_ROWS];
+    __m256 acc[X8_MAX_ROWS];
     for (int m = 0; m < MT; m++) acc[m] = _mm256_setzero_ps();
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     for (int64_t b = 0; b < nsb; b++) {
@@ -1353,7 +1355,7 @@ AI void x8_q4_k(const uint8_t *grp, int64_t nsb, const xblk *x, int64_t ldx, flo
             sc[t] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 32 + 8 * t))));
             mn[t] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 96 + 8 * t))));
         }
-        __m256 f[Q8_MAX_ROWS], c[Q8_MAX_ROWS];
+        __m256 f[X8_MAX_ROWS], c[X8_MAX_ROWS];
         for (int m = 0; m < MT; m++) f[m] = c[m] = _mm256_setzero_ps();
         for (int r = 0; r < 4; r++) {
             __m256i lo[8], hi[8];
@@ -1376,13 +1378,13 @@ AI void x8_q4_k(const uint8_t *grp, int64_t nsb, const xblk *x, int64_t ldx, flo
 }
 
 AI void x8_q6_k(const uint8_t *grp, int64_t nsb, const xblk *x, int64_t ldx, float *out, const int MT) {
-    __m256 acc[Q8_MAX_ROWS];
+    __m256 acc[X8_MAX_ROWS];
     for (int m = 0; m < MT; m++) acc[m] = _mm256_setzero_ps();
     const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
     for (int64_t b = 0; b < nsb; b++) {
         const uint8_t *blk = grp + b * X8_Q6_K_SIZE;
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
-        __m256 f[Q8_MAX_ROWS];
+        __m256 f[X8_MAX_ROWS];
         for (int m = 0; m < MT; m++) f[m] = _mm256_setzero_ps();
         for (int r = 0; r < 2; r++) {
             __m256i qh[8];
@@ -1423,12 +1425,13 @@ AI void x8_q6_k(const uint8_t *grp, int64_t nsb, const xblk *x, int64_t ldx, flo
 }
 
 typedef void (*x8_fn)(const uint8_t *, int64_t, const xblk *, int64_t, float *);
+#define X8_FN(name, MT) \
+    static void name##_##MT(const uint8_t *g, int64_t nb, const xblk *x, int64_t l, float *o) { name(g, nb, x, l, o, MT); }
 #define X8_FNS(name)                                                                                 \
-    static void name##_1(const uint8_t *g, int64_t nb, const xblk *x, int64_t l, float *o) { name(g, nb, x, l, o, 1); } \
-    static void name##_2(const uint8_t *g, int64_t nb, const xblk *x, int64_t l, float *o) { name(g, nb, x, l, o, 2); } \
-    static void name##_3(const uint8_t *g, int64_t nb, const xblk *x, int64_t l, float *o) { name(g, nb, x, l, o, 3); } \
-    static void name##_4(const uint8_t *g, int64_t nb, const xblk *x, int64_t l, float *o) { name(g, nb, x, l, o, 4); } \
-    static const x8_fn name##_fns[4] = {name##_1, name##_2, name##_3, name##_4};
+    X8_FN(name, 1) X8_FN(name, 2) X8_FN(name, 3) X8_FN(name, 4) X8_FN(name, 5) X8_FN(name, 6) X8_FN(name, 7) \
+    X8_FN(name, 8)                                                                                   \
+    static const x8_fn name##_fns[X8_MAX_ROWS] = {name##_1, name##_2, name##_3, name##_4, name##_5, name##_6, \
+                                                  name##_7, name##_8};
 X8_FNS(x8_q4_0)
 X8_FNS(x8_q4_k)
 X8_FNS(x8_q6_k)
@@ -1505,9 +1508,9 @@ int qa_matmul_x8(int type, const uint8_t *wx, int64_t N, int64_t K, const float 
     const int64_t chunk = G / ((int64_t)nthreads * 8) > 1 ? G / ((int64_t)nthreads * 8) : 1;
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(nthreads) if (nthreads > 1)
     for (int64_t g = 0; g < G; g++) {
-        float out[Q8_MAX_ROWS * 8];
-        for (int64_t m0 = 0; m0 < M; m0 += Q8_MAX_ROWS) {
-            const int mt = (int)(M - m0 < Q8_MAX_ROWS ? M - m0 : Q8_MAX_ROWS);
+        float out[X8_MAX_ROWS * 8];
+        for (int64_t m0 = 0; m0 < M; m0 += X8_MAX_ROWS) {
+            const int mt = (int)(M - m0 < X8_MAX_ROWS ? M - m0 : X8_MAX_ROWS);
             xi->fns[mt - 1](wx + g * gbytes, nsb, xq + m0 * nb, nb, out);
             for (int m = 0; m < mt; m++) memcpy(y + (m0 + m) * ldy + 8 * g, out + 8 * m, 8 * sizeof(float));
         }
@@ -1553,9 +1556,9 @@ int qa_matmul_x8_multi(int n, const int64_t *plan, int64_t K, const float *x, in
         while (gg >= g0[i + 1]) i++;
         const int64_t g = gg - g0[i], nsb = K / xi[i]->block;
         const uint8_t *wx = (const uint8_t *)(intptr_t)plan[3 * i + 1] + g * nsb * xi[i]->size;
-        float out[Q8_MAX_ROWS * 8];
-        for (int64_t m0 = 0; m0 < M; m0 += Q8_MAX_ROWS) {
-            const int mt = (int)(M - m0 < Q8_MAX_ROWS ? M - m0 : Q8_MAX_ROWS);
+        float out[X8_MAX_ROWS * 8];
+        for (int64_t m0 = 0; m0 < M; m0 += X8_MAX_ROWS) {
+            const int mt = (int)(M - m0 < X8_MAX_ROWS ? M - m0 : X8_MAX_ROWS);
             xi[i]->fns[mt - 1](wx, nsb, xq + m0 * nb, nb, out);
             for (int m = 0; m < mt; m++) memcpy(y + (m0 + m) * ldy + col[i] + 8 * g, out + 8 * m, 8 * sizeof(float));
         }
