@@ -221,6 +221,19 @@ class LoraLinear(nn.Module):
         names = tuple(sorted(n for n in groups if n in self.adapters))
         if not names:
             return y
+        if getattr(self.base, "path", None) == "q8" and x.dim() == 3 and x.shape[1] == 1 and x.dtype == y.dtype \
+                == torch.float32 and x.is_contiguous() and y.is_contiguous() and all(
+                    self.adapters[n].A.dtype == torch.float32 and self.adapters[n].A.shape[0] <= 256 for n in names):
+            # the q8 runtime, one token per row: one native call, each row only its own adapters' factors
+            key = ("_native_rows", id(self))
+            cached = ctx.extra.get(key)
+            if cached is None:  # per forward and layer; holds the factors it points at
+                pairs = [(i, self.adapters[n].A, self._bt[n]) for i, row in enumerate(ctx.rows) for n in row
+                         if n in self.adapters]
+                plan = torch.tensor([[i, A.data_ptr(), Bt.data_ptr(), A.shape[0]] for i, A, Bt in pairs],
+                                    dtype=torch.int64)
+                cached = ctx.extra[key] = (plan, pairs)
+            return self.base._lib.lora_rows(y, x, cached[0])
         st = self.stack(names)
         if not st.finite:  # a NaN/Inf adapter must not reach rows that do not use it: group by group
             for name in names:

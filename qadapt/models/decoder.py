@@ -161,7 +161,7 @@ class Block(nn.Module):
             # one new token of one sequence: rotary, cache write and attention in one native call
             kc, vc = cache.k[self.layer_idx], cache.v[self.layer_idx]
             a = self.native.attn_decode(q.contiguous(), k.contiguous(), v.contiguous(), step.cos, step.sin, kc, vc,
-                                        step.native_pos, step.native_first, H, Hkv, D).view(1, 1, H * D)
+                                        step.native_pos, step.native_first, H, Hkv, D).view(B, 1, H * D)
             return self._mlp(x + call_linear(lin["o"], a, ctx), ctx)
         q = q.view(B, T, H, D)
         k = k.view(B, T, Hkv, D)
@@ -237,8 +237,8 @@ class StepPlan:
     rope: Rotary | None
     cos: torch.Tensor | None = None  # [B, T, 1, rope_dim]
     sin: torch.Tensor | None = None
-    native_pos: int | None = None  # set when the native attention runs this step: the token's position
-    native_first: int = 0  # ... and the first key it sees (a sliding window)
+    native_pos: torch.Tensor | None = None  # set when the native attention runs this step: each row's position
+    native_first: torch.Tensor | None = None  # ... and the first key each row sees (a sliding window)
 
 
 @dataclass
@@ -314,11 +314,12 @@ class Decoder(nn.Module):
         step = StepPlan(positions, self.mask(positions, n_keys), self.rope)
         if self.rope is not None:
             step.cos, step.sin = self.rope.tables(positions, n_keys)
-            if self.native is not None and B == 1 and T == 1 and isinstance(cache, KVCache) \
+            if self.native is not None and T == 1 and isinstance(cache, KVCache) \
                     and cache.k[0].dtype == torch.float32 and self.rope.dim % 2 == 0:
-                step.native_pos = n_keys - 1
+                step.native_pos = positions.reshape(B).to(torch.int64).contiguous()
                 w = self.cfg.sliding_window
-                step.native_first = max(0, n_keys - w) if w else 0
+                step.native_first = (step.native_pos - (w - 1)).clamp_(min=0) if w else torch.zeros_like(step.native_pos)
+                step.cos, step.sin = step.cos.contiguous(), step.sin.contiguous()
         for blk in self.blocks:
             x = blk.forward(x, step, cache, ctx)
         x = self.final_norm.forward(x)

@@ -93,9 +93,16 @@ class NativeKernels:
         self._attn = lib.qa_attn_decode
         self._attn.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _int]
         self._attn.restype = _int
+        self._attn_rows = lib.qa_attn_decode_rows
+        self._attn_rows.argtypes = [_i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr,
+                                    _ptr, _ptr, _int]
+        self._attn_rows.restype = _int
         self._lora = lib.qa_lora_add
         self._lora.argtypes = [_ptr, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr]
         self._lora.restype = _int
+        self._lora_rows = lib.qa_lora_rows
+        self._lora_rows.argtypes = [_i64, _ptr, _ptr, _i64, _ptr, _i64]
+        self._lora_rows.restype = _int
         self._q8_types = frozenset(q for q in TYPES if lib.qa_q8_supported(_type_id(q)))
         self.simd = bool(lib.qa_simd())
         self.openmp = bool(lib.qa_openmp())
@@ -161,14 +168,17 @@ class NativeKernels:
         return out
 
     def attn_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    kc: torch.Tensor, vc: torch.Tensor, pos: int, first: int, H: int, Hkv: int, D: int) -> torch.Tensor:
-        """Rotary on q/k (in place), k/v into the caches at ``pos``, attention over keys first..pos: [H*D]."""
-        out = torch.empty(H * D, dtype=torch.float32)
-        rc = self._attn(q.data_ptr(), k.data_ptr(), v.data_ptr(), H, Hkv, D, cos.shape[-1], cos.data_ptr(),
-                        sin.data_ptr(), kc.data_ptr(), vc.data_ptr(), kc.shape[-2], pos, first, out.data_ptr(),
-                        torch.get_num_threads())
+                    kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tensor, first: torch.Tensor, H: int, Hkv: int,
+                    D: int) -> torch.Tensor:
+        """B rows of one new token each (contiguous float32): rotary on q [B, H*D] and k [B, Hkv*D] (in place),
+        k/v into the caches [B, Hkv, S, D] at ``pos`` [B] (int64), attention over keys first..pos: [B, H*D]."""
+        B = pos.shape[0]
+        out = torch.empty(B, H * D, dtype=torch.float32)
+        rc = self._attn_rows(B, q.data_ptr(), k.data_ptr(), v.data_ptr(), H, Hkv, D, cos.shape[-1], cos.data_ptr(),
+                             sin.data_ptr(), kc.data_ptr(), vc.data_ptr(), kc.shape[-2], pos.data_ptr(),
+                             first.data_ptr(), out.data_ptr(), torch.get_num_threads())
         if rc:
-            raise ValueError(f"native attention refused H={H} Hkv={Hkv} D={D} pos={pos}")
+            raise ValueError(f"native attention refused H={H} Hkv={Hkv} D={D} pos={pos.tolist()}")
         return out
 
     def lora_add(self, y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor) -> torch.Tensor:
@@ -176,6 +186,13 @@ class NativeKernels:
         r, K = A.shape
         if self._lora(x.data_ptr(), x.numel() // K, K, A.data_ptr(), r, Bt.data_ptr(), Bt.shape[1], y.data_ptr()):
             raise ValueError(f"native LoRA refused rank {r}")
+        return y
+
+    def lora_rows(self, y: torch.Tensor, x: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
+        """``y[row] += (x[row] A^T) Bt`` for each (row, A address, Bt address, rank) of ``plan`` int64 [n, 4]
+        (float32 contiguous [rows, in] / [rows, out]; the factors must stay alive while the plan is used)."""
+        if self._lora_rows(plan.shape[0], plan.data_ptr(), x.data_ptr(), x.shape[-1], y.data_ptr(), y.shape[-1]):
+            raise ValueError("native LoRA refused a rank above 256")
         return y
 
     def x8_bytes(self, qtype: str, out_features: int, in_features: int) -> int:

@@ -1691,6 +1691,34 @@ int qa_attn_decode(float *q, float *k, const float *v, int64_t H, int64_t Hkv, i
     return 0;
 }
 
+/* qa_attn_decode for B rows, each one new token at its own position: q [B, H*D], k and v [B, Hkv*D],
+ * cos/sin [B, rope_dim], caches [B, Hkv, s_max, D], pos/first [B], out [B, H*D]. */
+int qa_attn_decode_rows(int64_t B, float *q, float *k, const float *v, int64_t H, int64_t Hkv, int64_t D,
+                        int64_t rope_dim, const float *cos, const float *sin, float *kc, float *vc, int64_t s_max,
+                        const int64_t *pos, const int64_t *first, float *out, int nthreads) {
+    for (int64_t b = 0; b < B; b++) {
+        const int rc = qa_attn_decode(q + b * H * D, k + b * Hkv * D, v + b * Hkv * D, H, Hkv, D, rope_dim,
+                                      cos + b * rope_dim, sin + b * rope_dim, kc + b * Hkv * s_max * D,
+                                      vc + b * Hkv * s_max * D, s_max, pos[b], first[b], out + b * H * D, nthreads);
+        if (rc) return rc;
+    }
+    return 0;
+}
+
+/* A batch whose rows use different adapters, one token per row: plan[4 e ..] = (row, address of A
+ * [r, K], address of Bt [r, N], r) per (row, adapter) pair; y[row] += (x[row] A^T) Bt for each. */
+int qa_lora_rows(int64_t n, const int64_t *plan, const float *x, int64_t K, float *y, int64_t N) {
+    float h[256];
+    for (int64_t e = 0; e < n; e++) {
+        const int64_t row = plan[4 * e], r = plan[4 * e + 3];
+        const float *A = (const float *)(intptr_t)plan[4 * e + 1], *Bt = (const float *)(intptr_t)plan[4 * e + 2];
+        if (r > 256) return -1;
+        for (int64_t j = 0; j < r; j++) h[j] = dotf(A + j * K, x + row * K, K);
+        for (int64_t j = 0; j < r; j++) axpyf(y + row * N, h[j], Bt + j * N, N);
+    }
+    return 0;
+}
+
 /* y[m] += (x[m] A^T) Bt for m < M: A [r, K], Bt [r, N] (the LoRA scale folded into Bt). */
 int qa_lora_add(const float *x, int64_t M, int64_t K, const float *A, int64_t r, const float *Bt, int64_t N,
                 float *y) {
