@@ -116,13 +116,18 @@ class NativeKernels:
 
         ``x2d`` is converted to contiguous float32 (exact for bf16/fp16 inputs).
         """
+        return self._file_layout_matmul(self._matmul, "matmul", raw, qtype, in_features, x2d)
+
+    def _file_layout_matmul(self, fn, what: str, raw: torch.Tensor, qtype: str, in_features: int,
+                            x2d: torch.Tensor) -> torch.Tensor:
         x = x2d.to(torch.float32).contiguous()
         m, n = x.shape[0], raw.shape[0]
         y = torch.empty(m, n, dtype=torch.float32)
-        rc = self._matmul(_type_id(qtype), raw.data_ptr(), n, in_features, raw.shape[1], x.data_ptr(),
-                          in_features, m, y.data_ptr(), n, torch.get_num_threads())
+        rc = fn(_type_id(qtype), raw.data_ptr(), n, in_features, raw.shape[1], x.data_ptr(), in_features, m,
+                y.data_ptr(), n, torch.get_num_threads())
         if rc:
-            raise ValueError(f"native matmul refused a {qtype} weight [{n}, {in_features}] ({raw.shape[1]} bytes/row)")
+            raise ValueError(f"native {what} refused a {qtype} weight [{n}, {in_features}] "
+                             f"({raw.shape[1]} bytes/row, code {rc})")
         return y
 
     def supports_q8(self, qtype: str) -> bool:
@@ -132,14 +137,7 @@ class NativeKernels:
     def matmul_q8(self, raw: torch.Tensor, qtype: str, in_features: int, x2d: torch.Tensor) -> torch.Tensor:
         """``x2d @ W.T`` as llama.cpp computes it: ``x2d`` quantized to 8 bits per block of 32
         (see ``ggml_kernels.c``), integer dot products per weight block. Float32 [m, out]."""
-        x = x2d.to(torch.float32).contiguous()
-        m, n = x.shape[0], raw.shape[0]
-        y = torch.empty(m, n, dtype=torch.float32)
-        rc = self._matmul_q8(_type_id(qtype), raw.data_ptr(), n, in_features, raw.shape[1], x.data_ptr(),
-                             in_features, m, y.data_ptr(), n, torch.get_num_threads())
-        if rc:
-            raise ValueError(f"native 8-bit matmul refused a {qtype} weight [{n}, {in_features}] (code {rc})")
-        return y
+        return self._file_layout_matmul(self._matmul_q8, "8-bit matmul", raw, qtype, in_features, x2d)
 
     def matmul_x8_multi(self, plan: torch.Tensor, out_features: int, in_features: int,
                         x2d: torch.Tensor) -> torch.Tensor:

@@ -924,6 +924,16 @@ static void quantize_row_q8(const float *x, int64_t K, xblk *out, float *ds) {
     }
 }
 
+/* M rows of x quantized into one new buffer: the blocks, then ds [M * K / 32] (*ds set). NULL when out of memory. */
+static xblk *quantize_rows_q8(const float *x, int64_t ldx, int64_t M, int64_t K, float **ds) {
+    const int64_t nb = K / 32;
+    xblk *xq = (xblk *)malloc((size_t)(M * nb > 0 ? M * nb : 1) * (sizeof(xblk) + sizeof(float)));
+    if (!xq) return 0;
+    *ds = (float *)(xq + M * nb);
+    for (int64_t m = 0; m < M; m++) quantize_row_q8(x + m * ldx, K, xq + m * nb, *ds + m * nb);
+    return xq;
+}
+
 /* One super-block (1 or 8 blocks of 32) of a weight row: codes u[], scales a[] (per half-block
  * of 16) and, for the unsigned-code types, per-block offsets c[] (w = a u + c). */
 #define UNPACK(name) AI void unpack_##name(const uint8_t *blk, __m256i *u, float *a, float *c)
@@ -1092,14 +1102,12 @@ int qa_q8_supported(int type) {
 int qa_quantize_q8(const float *x, int64_t ldx, int64_t M, int64_t K, float *d, int8_t *q) {
 #ifdef QA_AVX2
     if (K % 32) return -1;
-    xblk *buf = (xblk *)malloc((size_t)(K / 32) * (sizeof(xblk) + sizeof(float)));
+    float *ds;
+    xblk *buf = quantize_rows_q8(x, ldx, M, K, &ds);
     if (!buf) return -3;
-    for (int64_t m = 0; m < M; m++) {
-        quantize_row_q8(x + m * ldx, K, buf, (float *)(buf + K / 32));
-        for (int64_t b = 0; b < K / 32; b++) {
-            d[m * (K / 32) + b] = buf[b].d;
-            memcpy(q + m * K + b * 32, buf[b].q, 32);
-        }
+    for (int64_t b = 0; b < M * (K / 32); b++) {
+        d[b] = buf[b].d;
+        memcpy(q + b * 32, buf[b].q, 32);
     }
     free(buf);
     return 0;
@@ -1120,10 +1128,9 @@ int qa_matmul_q8(int type, const uint8_t *w, int64_t N, int64_t K, int64_t row_b
     if (K % t->block || row_bytes != K / t->block * t->size || N < 0 || M < 0) return -1;
     if (nthreads < 1) nthreads = 1;
     const int64_t nb = K / 32;
-    xblk *xq = (xblk *)malloc((size_t)(M * nb > 0 ? M * nb : 1) * (sizeof(xblk) + sizeof(float)));
+    float *ds;
+    xblk *xq = quantize_rows_q8(x, ldx, M, K, &ds);
     if (!xq) return -3;
-    float *ds = (float *)(xq + M * nb);
-    for (int64_t m = 0; m < M; m++) quantize_row_q8(x + m * ldx, K, xq + m * nb, ds + m * nb);
     const int64_t chunk = N / ((int64_t)nthreads * 32) > 1 ? N / ((int64_t)nthreads * 32) : 1;
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(nthreads) if (nthreads > 1)
     for (int64_t n = 0; n < N; n++) {
@@ -1493,37 +1500,6 @@ int qa_x8_convert(int type, uint8_t *w, int64_t N, int64_t K, int64_t row_bytes,
 #endif
 }
 
-/* y = x @ W^T on the 8-row layout, x quantized to 8 bits per block of 32. Return codes as qa_matmul_q8. */
-int qa_matmul_x8(int type, const uint8_t *wx, int64_t N, int64_t K, const float *x, int64_t ldx, int64_t M,
-                 float *y, int64_t ldy, int nthreads) {
-    if (!qa_x8_bytes(type, N, K)) return -2;
-#ifdef QA_AVX2
-    const x8info *xi = x8_info(type);
-    if (nthreads < 1) nthreads = 1;
-    const int64_t nb = K / 32, nsb = K / xi->block, gbytes = nsb * xi->size, G = N / 8;
-    xblk *xq = (xblk *)malloc((size_t)(M * nb > 0 ? M * nb : 1) * (sizeof(xblk) + sizeof(float)));
-    if (!xq) return -3;
-    float *ds = (float *)(xq + M * nb);
-    for (int64_t m = 0; m < M; m++) quantize_row_q8(x + m * ldx, K, xq + m * nb, ds + m * nb);
-    const int64_t chunk = G / ((int64_t)nthreads * 8) > 1 ? G / ((int64_t)nthreads * 8) : 1;
-#pragma omp parallel for schedule(dynamic, chunk) num_threads(nthreads) if (nthreads > 1)
-    for (int64_t g = 0; g < G; g++) {
-        float out[X8_MAX_ROWS * 8];
-        for (int64_t m0 = 0; m0 < M; m0 += X8_MAX_ROWS) {
-            const int mt = (int)(M - m0 < X8_MAX_ROWS ? M - m0 : X8_MAX_ROWS);
-            xi->fns[mt - 1](wx + g * gbytes, nsb, xq + m0 * nb, nb, out);
-            for (int m = 0; m < mt; m++) memcpy(y + (m0 + m) * ldy + 8 * g, out + 8 * m, 8 * sizeof(float));
-        }
-    }
-    free(xq);
-    return 0;
-#else
-    (void)x; (void)ldx; (void)M; (void)y; (void)ldy; (void)nthreads; (void)wx;
-    return -2;
-#endif
-}
-
-
 /* Several weights on the same input in one call (a layer's q, k, v or gate, up): plan[3 i ..]
  * = (type, address of the 8-row layout, rows N_i) for i < n, all with K columns; y [M, sum N_i]
  * gets each weight's outputs side by side. One activation quantization, one parallel region. */
@@ -1545,10 +1521,9 @@ int qa_matmul_x8_multi(int n, const int64_t *plan, int64_t K, const float *x, in
     if (c > ldy) return -1;
     if (nthreads < 1) nthreads = 1;
     const int64_t nb = K / 32, G = g0[n];
-    xblk *xq = (xblk *)malloc((size_t)(M * nb > 0 ? M * nb : 1) * (sizeof(xblk) + sizeof(float)));
+    float *ds;
+    xblk *xq = quantize_rows_q8(x, ldx, M, K, &ds);
     if (!xq) return -3;
-    float *ds = (float *)(xq + M * nb);
-    for (int64_t m = 0; m < M; m++) quantize_row_q8(x + m * ldx, K, xq + m * nb, ds + m * nb);
     const int64_t chunk = G / ((int64_t)nthreads * 8) > 1 ? G / ((int64_t)nthreads * 8) : 1;
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(nthreads) if (nthreads > 1)
     for (int64_t gg = 0; gg < G; gg++) {
@@ -1569,6 +1544,13 @@ int qa_matmul_x8_multi(int n, const int64_t *plan, int64_t K, const float *x, in
     (void)n; (void)plan; (void)K; (void)x; (void)ldx; (void)M; (void)y; (void)ldy; (void)nthreads;
     return -2;
 #endif
+}
+
+/* y = x @ W^T on the 8-row layout, x quantized to 8 bits per block of 32. Return codes as qa_matmul_q8. */
+int qa_matmul_x8(int type, const uint8_t *wx, int64_t N, int64_t K, const float *x, int64_t ldx, int64_t M,
+                 float *y, int64_t ldy, int nthreads) {
+    const int64_t plan[3] = {type, (int64_t)(intptr_t)wx, N};
+    return qa_matmul_x8_multi(1, plan, K, x, ldx, M, y, ldy, nthreads);
 }
 
 /* ------------------------------------------------------------------ small decode-step ops
