@@ -1217,6 +1217,22 @@ AI __m256i dp4(__m256i acc, __m256i u, const int8_t *q4) {
 #endif
 }
 
+/* sum over the 8 steps of a block of 32 (two chains), lane = row. */
+AI __m256i dp32(const __m256i *u, const int8_t *q) {
+    __m256i p0 = _mm256_setzero_si256(), p1 = _mm256_setzero_si256();
+    for (int j = 0; j < 8; j += 2) {
+        p0 = dp4(p0, u[j], q + 4 * j);
+        p1 = dp4(p1, u[j + 1], q + 4 * j + 4);
+    }
+    return _mm256_add_epi32(p0, p1);
+}
+
+/* acc + (8 rows' codes u . the block's activation codes - offset * their sum) * 8 rows' scales * d. */
+AI __m256 x8_block32(const __m256i *u, const xblk *xb, const int offset, __m256 dw, __m256 acc) {
+    const __m256i p = _mm256_sub_epi32(dp32(u, xb->q), _mm256_set1_epi32(offset * xb->s));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, _mm256_set1_ps(xb->d)), acc);
+}
+
 /* out[m * 8 + r] = row r of the group . x[m], m < MT. */
 AI void x8_q4_0(const uint8_t *grp, int64_t nb, const xblk *x, int64_t ldx, float *out, const int MT) {
     __m256 acc[X8_MAX_ROWS];
@@ -1225,22 +1241,13 @@ AI void x8_q4_0(const uint8_t *grp, int64_t nb, const xblk *x, int64_t ldx, floa
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = grp + b * X8_Q4_0_SIZE;
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
-        __m256i lo[4], hi[4];
+        __m256i u[8]; /* runs 0..3: low nibbles (elements 4j..), 4..7: high nibbles (elements 16 + 4j..) */
         for (int j = 0; j < 4; j++) {
             const __m256i v = load32(blk + 16 + 32 * j);
-            lo[j] = _mm256_and_si256(v, m4);
-            hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            u[j] = _mm256_and_si256(v, m4);
+            u[4 + j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
         }
-        for (int m = 0; m < MT; m++) {
-            const xblk *xb = x + m * ldx + b;
-            __m256i p0 = _mm256_setzero_si256(), p1 = _mm256_setzero_si256();
-            p0 = dp4(p0, lo[0], xb->q), p1 = dp4(p1, lo[1], xb->q + 4);
-            p0 = dp4(p0, lo[2], xb->q + 8), p1 = dp4(p1, lo[3], xb->q + 12);
-            p0 = dp4(p0, hi[0], xb->q + 16), p1 = dp4(p1, hi[1], xb->q + 20);
-            p0 = dp4(p0, hi[2], xb->q + 24), p1 = dp4(p1, hi[3], xb->q + 28);
-            const __m256i p = _mm256_sub_epi32(_mm256_add_epi32(p0, p1), _mm256_set1_epi32(8 * xb->s));
-            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, _mm256_set1_ps(xb->d)), acc[m]);
-        }
+        for (int m = 0; m < MT; m++) acc[m] = x8_block32(u, x + m * ldx + b, 8, dw, acc[m]);
     }
     for (int m = 0; m < MT; m++) _mm256_storeu_ps(out + 8 * m, acc[m]);
 }
@@ -1254,16 +1261,7 @@ AI void x8_q8_0(const uint8_t *grp, int64_t nb, const xblk *x, int64_t ldx, floa
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
         __m256i u[8];
         for (int j = 0; j < 8; j++) u[j] = load32(blk + 16 + 32 * j);
-        for (int m = 0; m < MT; m++) {
-            const xblk *xb = x + m * ldx + b;
-            __m256i p0 = _mm256_setzero_si256(), p1 = _mm256_setzero_si256();
-            for (int j = 0; j < 8; j += 2) {
-                p0 = dp4(p0, u[j], xb->q + 4 * j);
-                p1 = dp4(p1, u[j + 1], xb->q + 4 * j + 4);
-            }
-            const __m256i p = _mm256_sub_epi32(_mm256_add_epi32(p0, p1), _mm256_set1_epi32(128 * xb->s));
-            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, _mm256_set1_ps(xb->d)), acc[m]);
-        }
+        for (int m = 0; m < MT; m++) acc[m] = x8_block32(u, x + m * ldx + b, 128, dw, acc[m]);
     }
     for (int m = 0; m < MT; m++) _mm256_storeu_ps(out + 8 * m, acc[m]);
 }
@@ -1338,16 +1336,6 @@ static void q6_k_x8_convert(uint8_t *in, int64_t row_bytes, int64_t nsb, uint8_t
 }
 static void repack_q6_k_x8(const uint8_t *w, int64_t rb, int64_t nsb, uint8_t *out) { q6_k_x8_convert(out, rb, nsb, (uint8_t *)w, 0); }
 static void unrepack_q6_k_x8(const uint8_t *in, int64_t rb, int64_t nsb, uint8_t *w) { q6_k_x8_convert((uint8_t *)in, rb, nsb, w, 1); }
-
-/* sum over the 8 steps of a block of 32 (two chains), lane = row. */
-AI __m256i dp32(const __m256i *u, const int8_t *q) {
-    __m256i p0 = _mm256_setzero_si256(), p1 = _mm256_setzero_si256();
-    for (int j = 0; j < 8; j += 2) {
-        p0 = dp4(p0, u[j], q + 4 * j);
-        p1 = dp4(p1, u[j + 1], q + 4 * j + 4);
-    }
-    return _mm256_add_epi32(p0, p1);
-}
 
 AI void x8_q4_k(const uint8_t *grp, int64_t nsb, const xblk *x, int64_t ldx, float *out, const int MT) {
     __m256 acc[X8_MAX_ROWS];
