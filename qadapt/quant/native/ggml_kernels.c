@@ -1588,6 +1588,40 @@ static inline void axpyf(float *o, float w, const float *v, int64_t n) {
     for (; i < n; i++) o[i] += w * v[i];
 }
 
+#ifdef QA_AVX2
+/* Head size 64, the common one: q . k for 8 keys at a time (q in registers, the 8 partial-sum vectors
+ * reduced to one by a transpose of horizontal adds), and the value sum with the output in registers. */
+static void scores64(const float *q, const float *k, int64_t S, float scale, float *p) {
+    __m256 qv[8];
+    for (int c = 0; c < 8; c++) qv[c] = _mm256_loadu_ps(q + 8 * c);
+    int64_t s = 0;
+    for (; s + 8 <= S; s += 8) {
+        __m256 a[8];
+        for (int j = 0; j < 8; j++) {
+            const float *kj = k + (s + j) * 64;
+            __m256 t = _mm256_mul_ps(qv[0], _mm256_loadu_ps(kj));
+            for (int c = 1; c < 8; c++) t = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(kj + 8 * c), t);
+            a[j] = t;
+        }
+        const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+        const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+        const __m256 r = _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+        _mm256_storeu_ps(p + s, _mm256_mul_ps(r, _mm256_set1_ps(scale)));
+    }
+    for (; s < S; s++) p[s] = dotf(q, k + s * 64, 64) * scale;
+}
+
+static void values64(const float *p, const float *v, int64_t S, float inv, float *o) {
+    __m256 acc[8];
+    for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_ps();
+    for (int64_t s = 0; s < S; s++) {
+        const __m256 w = _mm256_set1_ps(p[s]);
+        for (int c = 0; c < 8; c++) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + s * 64 + 8 * c), acc[c]);
+    }
+    for (int c = 0; c < 8; c++) _mm256_storeu_ps(o + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
+}
+#endif
+
 /* out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w, r < rows (out may be x). */
 int qa_rms_norm(const float *x, int64_t rows, int64_t n, const float *w, float eps, float *out) {
     for (int64_t r = 0; r < rows; r++) {
@@ -1631,10 +1665,12 @@ int qa_attn_decode(float *q, float *k, const float *v, int64_t H, int64_t Hkv, i
         const float *qh = q + h * D, *kh = kc + ((h / rep) * s_max + first) * D, *vh = vc + ((h / rep) * s_max + first) * D;
         float *p = (float *)malloc((size_t)S * sizeof(float));
         float mx = -INFINITY;
-        for (int64_t s = 0; s < S; s++) {
-            p[s] = dotf(qh, kh + s * D, D) * scale;
-            if (p[s] > mx) mx = p[s];
-        }
+#ifdef QA_AVX2
+        if (D == 64) scores64(qh, kh, S, scale, p);
+        else
+#endif
+            for (int64_t s = 0; s < S; s++) p[s] = dotf(qh, kh + s * D, D) * scale;
+        for (int64_t s = 0; s < S; s++) mx = p[s] > mx ? p[s] : mx;
         float sum = 0.0f;
         int64_t s = 0;
 #ifdef QA_AVX2
@@ -1652,9 +1688,16 @@ int qa_attn_decode(float *q, float *k, const float *v, int64_t H, int64_t Hkv, i
             sum += p[s];
         }
         float *o = out + h * D;
+        const float inv = 1.0f / sum;
+#ifdef QA_AVX2
+        if (D == 64) {
+            values64(p, vh, S, inv, o);
+            free(p);
+            continue;
+        }
+#endif
         for (int64_t i = 0; i < D; i++) o[i] = 0.0f;
         for (s = 0; s < S; s++) axpyf(o, p[s], vh + s * D, D);
-        const float inv = 1.0f / sum;
         for (int64_t i = 0; i < D; i++) o[i] *= inv;
         free(p);
     }
