@@ -146,13 +146,16 @@ class Block(nn.Module):
         self.qkv_split = qkv_split
         self.native: Any = None  # see Decoder.use_native_ops
         self._groups: dict[tuple[str, ...], tuple] = {}
+        # plain references for the per-token path (a submodule attribute goes through Module.__getattr__,
+        # ~1 us each, a few hundred per token); the ModuleDict stays the one adapters wrap entries of
+        self.__dict__["_fast"] = (self.linears, attn_norm, mlp_norm)
 
     def forward(self, x: torch.Tensor, step: "StepPlan", cache: Any, ctx: Any) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
         H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        lin = self.linears
-        h = self.attn_norm.forward(x)
+        lin, attn_norm, _ = self._fast
+        h = attn_norm.forward(x)
         if "qkv" in lin:
             q, k, v = call_linear(lin["qkv"], h, ctx).split(self.qkv_split, dim=-1)
         else:
@@ -183,11 +186,20 @@ class Block(nn.Module):
             a = a.transpose(1, 2).reshape(B, T, H * D)
         return self._mlp(x + call_linear(lin["o"], a, ctx), ctx)
 
+    def _fused_mlp(self):
+        """:func:`_fused_mlp_plan`, cached until an adapter wraps (or unwraps) one of the MLP's linears."""
+        lin = self._fast[0]
+        key = tuple(lin[r] for r in ("gate", "up", "down") if r in lin)
+        cached = self._groups.get(("mlp",))
+        if cached is None or cached[0] != key:
+            cached = self._groups[("mlp",)] = (key, _fused_mlp_plan(self))
+        return cached[1]
+
     def _same_input(self, roles: tuple[str, ...], h: torch.Tensor, ctx: Any) -> list[torch.Tensor]:
         """The linears ``roles`` on the same input ``h``: with the native ops, when all of them are 8-row
         q8 layers (adapter wrappers around them included), one grouped native call for the base outputs
         (one activation quantization, one parallel region), then each wrapper's deltas."""
-        lin = self.linears
+        lin = self._fast[0]
         if self.native is not None:
             mods = tuple(lin[r] for r in roles)
             group = self._groups.get(roles)
@@ -204,8 +216,13 @@ class Block(nn.Module):
         return [call_linear(lin[r], h, ctx) for r in roles]
 
     def _mlp(self, x: torch.Tensor, ctx: Any) -> torch.Tensor:
-        lin = self.linears
-        h = self.mlp_norm.forward(x)
+        lin, _, mlp_norm = self._fast
+        if self.native is not None and x.shape[-2] == 1 and x.dtype == torch.float32 and x.is_contiguous():
+            fused = self._fused_mlp()
+            if fused is not None:  # norm, gate/up, silu * up, down and the residual: one native call
+                plan, ff, down = fused
+                return self.native.mlp_x8(x, mlp_norm.weight, mlp_norm.eps, plan, ff, down.qtype, down._x8)
+        h = mlp_norm.forward(x)
         if "gate_up" in lin:
             gate, up = call_linear(lin["gate_up"], h, ctx).chunk(2, dim=-1)
             h = _act(self.spec.act, gate) * up
@@ -215,6 +232,22 @@ class Block(nn.Module):
         else:
             h = _act(self.spec.act, call_linear(lin["up"], h, ctx))
         return x + call_linear(lin["down"], h, ctx)
+
+
+def _fused_mlp_plan(blk: "Block"):
+    """(gate/up plan, ff, down) when a block's MLP can run as one native call: RMS norm, SiLU gate, and
+    gate, up, down all plain 8-row q8 layers (no adapter on them, no bias); else None."""
+    lin = blk.linears
+    if blk.spec.act != "silu" or not isinstance(blk.mlp_norm, RMSNorm) or not all(r in lin for r in ("gate", "up", "down")):
+        return None
+    mods = (lin["gate"], lin["up"], lin["down"])
+    if any(hasattr(m, "add_deltas") for m in mods):
+        return None
+    group = _x8_group(blk.native, mods[:2])
+    down = mods[2]
+    if group is None or getattr(down, "_x8", None) is None or down.bias is not None:
+        return None
+    return group[0], mods[0].out_features, down
 
 
 def _x8_group(lib: Any, mods: tuple[nn.Module, ...]):

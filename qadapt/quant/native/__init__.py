@@ -88,6 +88,9 @@ class NativeKernels:
         self._multi = lib.qa_matmul_x8_multi
         self._multi.argtypes = [_int, _ptr, _i64, _ptr, _i64, _i64, _ptr, _i64, _int]
         self._multi.restype = _int
+        self._mlp = lib.qa_mlp_x8
+        self._mlp.argtypes = [_ptr, _i64, _i64, _ptr, ctypes.c_float, _ptr, _i64, _int, _ptr, _ptr, _int]
+        self._mlp.restype = _int
         self._rms = lib.qa_rms_norm
         self._rms.argtypes = [_ptr, _i64, _i64, _ptr, ctypes.c_float, _ptr]
         self._attn = lib.qa_attn_decode
@@ -151,6 +154,18 @@ class NativeKernels:
         if rc:
             raise ValueError(f"native grouped matmul refused its plan (code {rc})")
         return y
+
+    def mlp_x8(self, x: torch.Tensor, norm_w: torch.Tensor, eps: float, gate_up: torch.Tensor, ff: int,
+               down_qtype: str, down: torch.Tensor) -> torch.Tensor:
+        """``x + down(silu(gate(h)) * up(h))``, h = rms_norm(x), in one call (float32 contiguous x [..., K];
+        ``gate_up``: the :meth:`x8_plan` of gate then up, ``down``: the 8-row layout of the [K, ff] weight)."""
+        K = x.shape[-1]
+        out = torch.empty_like(x)
+        rc = self._mlp(x.data_ptr(), x.numel() // K, K, norm_w.data_ptr(), eps, gate_up.data_ptr(), ff,
+                       _type_id(down_qtype), down.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        if rc:
+            raise ValueError(f"native MLP refused its weights (code {rc})")
+        return out
 
     @staticmethod
     def x8_plan(weights: list[tuple[str, torch.Tensor, int]]) -> torch.Tensor:

@@ -1541,6 +1541,31 @@ int qa_matmul_x8(int type, const uint8_t *wx, int64_t N, int64_t K, const float 
     return qa_matmul_x8_multi(1, plan, K, x, ldx, M, y, ldy, nthreads);
 }
 
+/* A gated MLP block on rows of x [M, K] in one call: out = x + down(silu(gate(h)) * up(h)), h = rms_norm(x),
+ * gate/up/down in the 8-row layout (gate_up: the grouped plan of gate then up, each F rows; down: [K, F]).
+ * out may be x. Returns as qa_matmul_x8. */
+int qa_rms_norm(const float *x, int64_t rows, int64_t n, const float *w, float eps, float *out);
+int qa_mlp_x8(const float *x, int64_t M, int64_t K, const float *norm_w, float eps, const int64_t *gate_up,
+              int64_t F, int down_type, const uint8_t *down, float *out, int nthreads) {
+    float *h = (float *)malloc((size_t)M * (size_t)(K + 3 * F) * sizeof(float));
+    if (!h) return -3;
+    float *gu = h + M * K, *a = gu + M * 2 * F;
+    qa_rms_norm(x, M, K, norm_w, eps, h);
+    int rc = qa_matmul_x8_multi(2, gate_up, K, h, K, M, gu, 2 * F, nthreads);
+    if (!rc) {
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t i = 0; i < F; i++) {
+                const float g = gu[m * 2 * F + i];
+                a[m * F + i] = g / (1.0f + expf(-g)) * gu[m * 2 * F + F + i];
+            }
+        rc = qa_matmul_x8(down_type, down, K, F, a, F, M, h, K, nthreads); /* h now holds down's output */
+    }
+    if (!rc)
+        for (int64_t i = 0; i < M * K; i++) out[i] = x[i] + h[i];
+    free(h);
+    return rc;
+}
+
 /* ------------------------------------------------------------------ small decode-step ops
  * The q8 runtime's one-row helpers (one call instead of a dozen torch ops each). float32. */
 
