@@ -147,6 +147,19 @@ class LoraLinear(nn.Module):
         #: per adapter, ``scale * B.T`` contiguous [r, out]: the layout addmm reads fastest (~2x a transposed B)
         self._bt: dict[str, torch.Tensor] = {}
         self._stacks: dict[tuple[str, ...], _Stack] = {}
+        #: ctx.active -> (the names present here, the native one-adapter call's arguments or None)
+        self._plans: dict[tuple[str, ...], tuple] = {}
+
+    def _plan(self, active: tuple[str, ...]) -> tuple:
+        names = tuple(n for n in active if n in self.adapters)
+        native = None
+        lib = getattr(self.base, "_lib", None) if getattr(self.base, "path", None) == "q8" else None
+        if lib is not None and len(names) == 1:
+            A, Bt = self.adapters[names[0]].A, self._bt[names[0]]
+            if A.dtype == torch.float32 and A.shape[0] <= 256:
+                native = (lib, A, Bt)
+        plan = self._plans[active] = (names, native)
+        return plan
 
     def add(self, name: str, f: LoraFactors) -> None:
         if f.A.shape[1] != self.in_features or f.B.shape[0] != self.out_features:
@@ -157,11 +170,13 @@ class LoraLinear(nn.Module):
         self.adapters[name] = f
         self._bt[name] = (f.B.T.to(f.A.dtype) * f.scale).contiguous()
         self._stacks = {k: v for k, v in self._stacks.items() if name not in k}
+        self._plans = {}
 
     def remove(self, name: str) -> None:
         self.adapters.pop(name, None)
         self._bt.pop(name, None)
         self._stacks = {k: v for k, v in self._stacks.items() if name not in k}
+        self._plans = {}
 
     def delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         f = self.adapters[name]
@@ -197,16 +212,17 @@ class LoraLinear(nn.Module):
             if len(ctx.rows) != x.shape[0]:
                 raise ValueError(f"{len(ctx.rows)} row adapter sets for a batch of {x.shape[0]}")
             return self._rows_forward(x, y, ctx)
-        names = tuple(n for n in ctx.active if n in self.adapters)
+        names, native = self._plans.get(ctx.active) or self._plan(ctx.active)
         if not names:
             return y
         x2d = x.reshape(-1, self.in_features)
+        if native is not None and x2d.shape[0] <= 8 and y.dtype == torch.float32 and x2d.is_contiguous() \
+                and y.is_contiguous():
+            # the q8 runtime: one native call instead of two matmuls (their dispatch costs more than the maths)
+            lib, A, Bt = native
+            return lib.lora_add(y, x2d, A, Bt)
         if len(names) == 1:  # no stacking: the adapter's own tensors
             A = self.adapters[names[0]].A
-            if getattr(self.base, "path", None) == "q8" and x2d.shape[0] <= 8 and A.dtype == y.dtype == torch.float32 \
-                    and A.shape[0] <= 256 and x2d.is_contiguous() and y.is_contiguous():
-                # the q8 runtime: one native call instead of two matmuls (their dispatch costs more than the maths)
-                return self.base._lib.lora_add(y, x2d, A, self._bt[names[0]])
             return _add_delta(y, F.linear(x2d if x2d.dtype == A.dtype else x2d.to(A.dtype), A), self._bt[names[0]])
         st = self.stack(names)
         n, r, _ = st.A.shape

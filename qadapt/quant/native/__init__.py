@@ -197,7 +197,8 @@ class NativeKernels:
     def lora_add(self, y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor) -> torch.Tensor:
         """``y += (x A^T) Bt`` in place (float32, contiguous; rank <= 256)."""
         r, K = A.shape
-        if self._lora(x.data_ptr(), x.numel() // K, K, A.data_ptr(), r, Bt.data_ptr(), Bt.shape[1], y.data_ptr()):
+        if self._lora(x.data_ptr(), x.shape[0] if x.dim() == 2 else x.numel() // K, K, A.data_ptr(), r,
+                      Bt.data_ptr(), Bt.shape[1], y.data_ptr()):
             raise ValueError(f"native LoRA refused rank {r}")
         return y
 
