@@ -345,6 +345,9 @@ def load(
     from .quant.kernels import check_kernels
 
     check_kernels(kernels)
+    if kernels == "q8" and mode != "inplace":
+        raise InputError("kernels='q8' (--kernels q8) runs quantized weights in place; with mode='dequantize' "
+                         "the weights are dense float and take the exact kernels: drop one of the two")
     path = _resolve_model_path(path_or_id, gguf_file, revision)
     base = load_base(path, mode=mode, dtype=_dtype(dtype), quant=quant, double_quant=double_quant, kernels=kernels)
     if kernels == "q8":

@@ -20,6 +20,7 @@ sampling machinery and no stop conditions (the model's EOS logit is pinned to 0,
 from __future__ import annotations
 
 import ctypes
+import importlib
 import gc
 import time
 from pathlib import Path
@@ -48,16 +49,11 @@ class Engine:
 
     def prepare(self) -> None:
         """Import what ``load`` uses, so the worker's baseline memory holds the libraries, not the model."""
-        if isinstance(self, (QadaptEngine, QadaptXLoraEngine)):
-            import transformers.models.auto.tokenization_auto  # noqa: F401 - GGUF tokenizers are built through it
+        for module in self.libraries:
+            importlib.import_module(module)
 
-            from ..quant import native
-            native.library()
-        elif isinstance(self, LlamaCppEngine):
-            import llama_cpp  # noqa: F401
-        elif isinstance(self, HFEngine):
-            import peft  # noqa: F401
-            import transformers  # noqa: F401
+    #: modules ``load`` imports (see :meth:`prepare`)
+    libraries: tuple[str, ...] = ()
 
     def unload(self) -> None:
         gc.collect()
@@ -88,6 +84,9 @@ def _load_kwargs(mode: str) -> dict[str, str]:
 
 
 class QadaptEngine(Engine):
+    # GGUF tokenizers are built through transformers' auto tokenizer
+    libraries = ("qadapt", "transformers.models.auto.tokenization_auto")
+
     def __init__(self, path: Path, mode: str, threads: int):
         super().__init__(threads)
         self.path, self.mode = path, mode
@@ -149,6 +148,7 @@ class QadaptEngine(Engine):
 
 class QadaptXLoraEngine(Engine):
     """qadapt with an X-LoRA checkpoint: its load (base + classifier + experts) and its decode."""
+    libraries = QadaptEngine.libraries
 
     def __init__(self, path: Path, xlora: Path, mode: str, threads: int):
         super().__init__(threads)
@@ -198,6 +198,8 @@ def cpu_has_amx() -> bool:
 
 
 class LlamaCppEngine(Engine):
+    libraries = ("llama_cpp",)
+
     def __init__(self, path: Path, threads: int, n_ctx: int = 512):
         super().__init__(threads)
         self.path, self.n_ctx = path, n_ctx
@@ -298,6 +300,7 @@ class LlamaCppEngine(Engine):
 
 class HFEngine(Engine):
     """transformers + PEFT; ``quant="nf4"`` loads the base through bitsandbytes 4-bit NF4."""
+    libraries = ("transformers", "peft")
 
     def __init__(self, folder: Path, quant: str | None, threads: int):
         super().__init__(threads)

@@ -302,8 +302,9 @@ class Decoder(nn.Module):
         self.native: Any = None
 
     def use_native_ops(self, lib: Any) -> None:
-        """Run one-token decode steps' small ops (norms, rotary + cache write + attention) in ``lib``'s
-        native kernels (the ``kernels="q8"`` runtime: per-op torch dispatch costs more than the work)."""
+        """Run one-token decode steps' small ops in ``lib``'s native kernels: norms, rotary + cache write +
+        attention, and, over q8 8-row layers, grouped q/k/v and gate/up calls and the whole MLP block (the
+        ``kernels="q8"`` runtime: per-op torch dispatch costs more than the work). ``None`` switches back."""
         self.native = lib
         for mod in self.modules():
             if isinstance(mod, (RMSNorm, Block)):

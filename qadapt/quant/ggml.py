@@ -24,7 +24,7 @@ from torch import nn
 from ..errors import FormatError, UnsupportedError
 from .base import BaseLinear, DenseLinear
 from . import kernels as _kernels, native
-from .kernels import KERNELS, check_kernels, Int4Packed, blockwise_matmul, int4pack_fits, kernel_path
+from .kernels import check_kernels, Int4Packed, blockwise_matmul, int4pack_fits, kernel_path
 from .types import block_geometry
 
 QK_K = 256
@@ -354,11 +354,11 @@ class GGMLLinear(BaseLinear):
     Small inputs go through the native kernels when they are available (see :mod:`.kernels`):
     float32 whatever ``compute_dtype`` says, since that is both exact and fastest there.
 
-    ``kernels="q8"``: llama.cpp's arithmetic for every input size on the types the native
-    library runs that way (:data:`Q8_TYPES`): inputs quantized to 8 bits per block of 32,
-    integer dot products per weight block (error bound in ``ggml_kernels.c``). Q4_0 and Q8_0
-    are repacked once into the 8-row layout (same bytes as the file; the file's pages are
-    released), the others run on the file's bytes. Other types keep the exact paths.
+    ``kernels="q8"``: llama.cpp's arithmetic on the types the native library runs that way
+    (``NativeKernels.supports_q8``): inputs quantized to 8 bits per block of 32, integer dot
+    products per weight block (error bound in ``ggml_kernels.c``). Q4_0, Q8_0, Q4_K and Q6_K
+    are repacked once into the 8-row layout (every input size; the file's pages are released),
+    the others run on the file's bytes up to ``Q8_ROW_MAX_BATCH`` rows. Other types stay exact.
     """
 
     def __init__(
@@ -404,8 +404,7 @@ class GGMLLinear(BaseLinear):
         """The weight in the file's layout, uint8 [out, bytes_per_row] (unpacked again when repacked)."""
         if self._raw is not None:
             return self._raw
-        return self._lib.unrepack_x8(self._x8, self.qtype, self.out_features, self.in_features,
-                                            self._row_bytes)
+        return self._lib.unrepack_x8(self._x8, self.qtype, self.out_features, self.in_features, self._row_bytes)
 
     def _int4_rows(self, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         bt = block_type(self.qtype)
