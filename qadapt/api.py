@@ -16,6 +16,7 @@ from .errors import InputError, SourceError
 from .layer_maps import LayerMap
 from .models.config import ModelConfig
 from .models.decoder import Decoder
+from .quant import native
 from .runtime.generate import Generation, SamplingParams, run_generation
 from .runtime.kv_cache import KVCache
 from .tokenizer import Tokenizer
@@ -119,6 +120,7 @@ class Model:
         for path, f in adapter.factors.items():
             self._wrapper(path).add(name, f)
         self.adapters[name] = adapter
+        native.trim_heap()
         log.info("loaded adapter %s from %s: %d layers, %.1f KiB", name, source, len(adapter.factors),
                  adapter.nbytes / 1024)
         if activate:
@@ -355,12 +357,14 @@ def load(
     model = Model(base.decoder, base.tokenizer, base.layer_map, str(path), mode, base.base_format, base.info)
     if xlora is not None:
         _attach_xlora(model, xlora, ordering, adapter_model_id, tgt_non_granular_index, adapters, activate, merge)
+        native.trim_heap()
         return model
     if tgt_non_granular_index is not None:
         raise InputError("tgt_non_granular_index applies to X-LoRA only (pass xlora=SOURCE)")
     _attach_adapters(model, adapters, ordering, adapter_model_id, activate)
     if merge:
         model.merge_adapters()
+    native.trim_heap()
     return model
 
 

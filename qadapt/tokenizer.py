@@ -16,6 +16,24 @@ from .errors import FormatError
 log = logging.getLogger(__name__)
 
 
+def _lean_gguf_tokenizer(path: Path) -> Any:
+    """transformers' own GGUF tokenizer conversion, without ``AutoTokenizer``'s detour.
+
+    ``AutoTokenizer.from_pretrained(gguf_file=...)`` first resolves a model config through the
+    Hub machinery, which imports about a thousand modules (~100 MB resident, a second) before it
+    calls these same two functions. None when this transformers lays them out differently
+    (then the caller takes the long way); ``tests/test_tokenizer.py`` checks both give the same ids.
+    """
+    try:
+        from transformers import PreTrainedTokenizerFast
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
+    except ImportError:
+        return None
+    architecture, tokenizer_dict, config = get_gguf_tokenizer(str(path))
+    backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
+
+
 class Tokenizer:
     def __init__(self, hf: Any, bos_id: int | None, eos_ids: Iterable[int], add_bos: bool,
                  chat_template: str | None = None):
@@ -33,7 +51,7 @@ class Tokenizer:
             raise FormatError(f"{gf.path}: no tokenizer in the metadata (`tokenizer.ggml.tokens` missing)")
         path = Path(gf.path).resolve()
         try:
-            hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            hf = _lean_gguf_tokenizer(path) or AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         except Exception as e:  # transformers raises many types for an odd vocabulary
             raise FormatError(f"{gf.path}: cannot build the tokenizer from its metadata ({type(e).__name__}: {e})") from None
         bos = gf.get("tokenizer.ggml.bos_token_id")

@@ -78,6 +78,24 @@ def test_logits_match_transformers(models, arch, qtype):
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
+@pytest.mark.parametrize("chunk", [1, 5, 8])
+def test_chunked_prefill_matches_transformers(models, arch, chunk):
+    """A long cached prefill runs in chunks (``Decoder.prefill_chunk`` tokens, rows x positions), each
+    attending to what the earlier ones cached; across the chunks (and Mistral's 6-token window) its
+    last logits are transformers' on the whole sequence at once. Same float32 weights and maths:
+    the 1e-4 of ``test_logits_match_transformers``."""
+    path, ref = models(arch, "F32")
+    ids = torch.randint(0, ref.config.vocab_size, (2, 23), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = ref(ids).logits[:, -1]
+    m = qadapt.load(path, mode="dequantize")
+    m.decoder.prefill_chunk = chunk
+    with torch.inference_mode():
+        out = m.decoder(ids, torch.arange(23).expand(2, 23), m.new_cache(24, batch=2), last_only=True)
+    torch.testing.assert_close(out.logits[:, -1], want, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
 @pytest.mark.parametrize("qtype", ["F32", "Q8_0", "Q4_K"])
 def test_greedy_generation_matches_transformers(models, arch, qtype):
     """Reference: transformers' greedy ``generate`` (its own KV cache) on the dequantized weights."""

@@ -340,7 +340,9 @@ def adapter_weight_shapes(folder: str | Path) -> dict[str, dict[str, tuple[int, 
 
 
 def load_adapter_tensors(folder: str | Path, dtype=None) -> dict[str, tuple["torch.Tensor", "torch.Tensor"]]:
-    """module path -> (A [r, in], B [out, r]) in ``dtype`` (float32 by default), checked for pairing and rank."""
+    """module path -> (A [r, in], B [out, r]) in ``dtype`` (float32 by default), checked for pairing and rank.
+
+    B is the transposed view of a contiguous [r, out] tensor."""
     import torch
 
     path = find_adapter_weights(folder)
@@ -361,7 +363,10 @@ def load_adapter_tensors(folder: str | Path, dtype=None) -> dict[str, tuple["tor
             raise AdapterError(
                 f"{path}: module `{module}`: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not share a rank"
             )
-        out[module] = (a.to(dtype or torch.float32), b.to(dtype or torch.float32))
+        # private copies (the file's mapping is dropped), B as the view of a contiguous B^T [r, out]:
+        # the layout LoraLinear's second matmul reads, so each factor is in memory once
+        dt = dtype or torch.float32
+        out[module] = (a.to(dt, copy=True), b.T.to(dt, memory_format=torch.contiguous_format, copy=True).T)
     return out
 
 

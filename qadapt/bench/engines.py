@@ -84,8 +84,9 @@ def _load_kwargs(mode: str) -> dict[str, str]:
 
 
 class QadaptEngine(Engine):
-    # GGUF tokenizers are built through transformers' auto tokenizer
-    libraries = ("qadapt", "transformers.models.auto.tokenization_auto")
+    # GGUF tokenizers are built by transformers' converter (qadapt.tokenizer; the auto tokenizer where it moved)
+    libraries = ("qadapt", "transformers.models.auto.tokenization_auto",
+                 "transformers.integrations.gguf.gguf_tokenizer_mapping")
 
     def __init__(self, path: Path, mode: str, threads: int):
         super().__init__(threads)

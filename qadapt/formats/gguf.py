@@ -105,6 +105,17 @@ class GGUFFile:
             raise FormatError(f"{self.path}: tensor `{name}` data is truncated")
         return GGUFTensor(name, qtype, tuple(ne[::-1]), t.data, want)
 
+    def release_pages(self) -> None:
+        """Drop this process's resident pages of the whole mapping (once a model is built from it).
+
+        Loading reads every tensor (repacks, checks, copies), and the kernel maps neighbouring pages
+        on each fault; a model that keeps reading the file (in-place exact layers, the token table)
+        faults its pages back from the page cache on first use. What stays resident is then what
+        the model reads, not what its load touched."""
+        from ..quant import native
+
+        native.release_pages(self._reader.data)
+
     # ------------------------------------------------------------------ metadata helpers
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)

@@ -280,6 +280,11 @@ class ForwardOutput:
     hidden: torch.Tensor  # after the final norm (X-LoRA's classifier input)
 
 
+#: tokens per chunk of a long cached prefill (see Decoder.forward): exact kernels, and the q8 runtime
+PREFILL_CHUNK = 512
+NATIVE_PREFILL_CHUNK = 64
+
+
 class Decoder(nn.Module):
     def __init__(
         self,
@@ -300,12 +305,18 @@ class Decoder(nn.Module):
         self.lm_head = lm_head
         self.rope = rope
         self.native: Any = None
+        #: a cached forward that needs only the last position's logits runs at most this many tokens
+        #: (rows x positions) at a time: activation memory is bounded whatever the prompt's length
+        self.prefill_chunk = PREFILL_CHUNK
 
     def use_native_ops(self, lib: Any) -> None:
         """Run one-token decode steps' small ops in ``lib``'s native kernels: norms, rotary + cache write +
         attention, and, over q8 8-row layers, grouped q/k/v and gate/up calls and the whole MLP block (the
         ``kernels="q8"`` runtime: per-op torch dispatch costs more than the work). ``None`` switches back."""
         self.native = lib
+        # the q8 kernels' cost per token is flat past a few dozen rows, and these chunks' activations
+        # stay small enough for the allocator to reuse them (no growth of the resident set per prompt)
+        self.prefill_chunk = PREFILL_CHUNK if lib is None else NATIVE_PREFILL_CHUNK
         for mod in self.modules():
             if isinstance(mod, (RMSNorm, Block)):
                 mod.native = lib
@@ -337,10 +348,24 @@ class Decoder(nn.Module):
         last_only: bool = False,
         logits: bool = True,
     ) -> ForwardOutput:
-        """ids [B, T]; positions [B, T] (default 0..T-1); writes keys/values into ``cache`` at ``positions``."""
+        """ids [B, T]; positions [B, T] (default 0..T-1); writes keys/values into ``cache`` at ``positions``.
+
+        With a cache and ``last_only``, a long input runs in chunks of :attr:`prefill_chunk` tokens, each
+        attending to the cache the earlier ones wrote (X-LoRA's per-token scalings run whole)."""
         B, T = ids.shape
         if positions is None:
             positions = torch.arange(T).expand(B, T)
+        step = max(1, self.prefill_chunk // B)
+        if cache is not None and last_only and T > step and getattr(ctx, "xlora", None) is None:
+            for s in range(0, T - step, step):
+                self._forward(ids[:, s:s + step], positions[:, s:s + step], cache, ctx, True, False)
+            s = (T - 1) // step * step
+            return self._forward(ids[:, s:], positions[:, s:], cache, ctx, True, logits)
+        return self._forward(ids, positions, cache, ctx, last_only, logits)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: Any, ctx: Any, last_only: bool,
+                 logits: bool) -> ForwardOutput:
+        B, T = ids.shape
         x = self.embed(ids)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)

@@ -63,6 +63,7 @@ def _load_gguf(path: Path, mode: str, dtype: torch.dtype, kernels: str = "exact"
                             desc=f"loading {path.name}")
     decoder.eval()
     info = {"file_size": gf.file_size, "types": gf.type_counts(), "path": str(path)}
+    gf.release_pages()
     return LoadedBase(decoder, tok, lm, "gguf", info)
 
 

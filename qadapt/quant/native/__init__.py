@@ -23,6 +23,7 @@ import logging
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -100,9 +101,6 @@ class NativeKernels:
         self._attn_rows.argtypes = [_i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr,
                                     _ptr, _ptr, _int]
         self._attn_rows.restype = _int
-        self._lora = lib.qa_lora_add
-        self._lora.argtypes = [_ptr, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr]
-        self._lora.restype = _int
         self._lora_rows = lib.qa_lora_rows
         self._lora_rows.argtypes = [_i64, _ptr, _ptr, _i64, _ptr, _i64]
         self._lora_rows.restype = _int
@@ -194,17 +192,9 @@ class NativeKernels:
             raise ValueError(f"native attention refused H={H} Hkv={Hkv} D={D} pos={pos.tolist()}")
         return out
 
-    def lora_add(self, y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor) -> torch.Tensor:
-        """``y += (x A^T) Bt`` in place (float32, contiguous; rank <= 256)."""
-        r, K = A.shape
-        if self._lora(x.data_ptr(), x.shape[0] if x.dim() == 2 else x.numel() // K, K, A.data_ptr(), r,
-                      Bt.data_ptr(), Bt.shape[1], y.data_ptr()):
-            raise ValueError(f"native LoRA refused rank {r}")
-        return y
-
     def lora_rows(self, y: torch.Tensor, x: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
-        """``y[row] += (x[row] A^T) Bt`` for each (row, A address, Bt address, rank) of ``plan`` int64 [n, 4]
-        (float32 contiguous [rows, in] / [rows, out]; the factors must stay alive while the plan is used)."""
+        """``y[row] += scale * (x[row] A^T) Bt`` in place for each entry of ``plan`` (see :func:`lora_plan`);
+        x, y float32 contiguous [rows, in] / [rows, out]. The factors must stay alive while the plan is used."""
         if self._lora_rows(plan.shape[0], plan.data_ptr(), x.data_ptr(), x.shape[-1], y.data_ptr(), y.shape[-1]):
             raise ValueError("native LoRA refused a rank above 256")
         return y
@@ -272,6 +262,13 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _MADV_DONTNEED = 4
 
 
+def lora_plan(entries) -> torch.Tensor:
+    """The plan of :meth:`NativeKernels.lora_rows` from (row, A [r, in], Bt [r, out], scale) entries:
+    int64 [n, 5] of row, the two factors' addresses, rank, and the scale's double bits."""
+    return torch.tensor([[row, A.data_ptr(), Bt.data_ptr(), A.shape[0], struct.unpack("<q", struct.pack("<d", s))[0]]
+                         for row, A, Bt, s in entries], dtype=torch.int64).view(-1, 5)
+
+
 def release_pages(data) -> bool:
     """Drop this process's mapping of the whole pages under ``data`` when it is a view of a
     memory-mapped file (``numpy.memmap``), so they stop counting in its resident set; a later
@@ -295,6 +292,20 @@ def release_pages(data) -> bool:
         return False
     libc = ctypes.CDLL(None, use_errno=True)
     return libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED) == 0
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    Loading frees many short-lived buffers (GGUF metadata, adapter files, layout copies); glibc
+    keeps their pages, so without this a loaded model's resident set holds its load's high-water
+    mark rather than what it keeps. Costs a few milliseconds, once per load."""
+    if platform.system() != "Linux":
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        pass
 
 
 @functools.lru_cache(maxsize=None)

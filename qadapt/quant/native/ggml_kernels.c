@@ -1743,29 +1743,21 @@ int qa_attn_decode_rows(int64_t B, float *q, float *k, const float *v, int64_t H
     return 0;
 }
 
-/* A batch whose rows use different adapters, one token per row: plan[4 e ..] = (row, address of A
- * [r, K], address of Bt [r, N], r) per (row, adapter) pair; y[row] += (x[row] A^T) Bt for each. */
+/* y[row] += scale * (x[row] A^T) Bt for each (row, A, Bt, r, scale) of plan: 5 int64 per entry, A and Bt as
+ * addresses of float32 [r, K] / [r, N], scale as the bits of a double. One call serves a batch whose rows
+ * use different adapters, a row with several adapters, and several tokens on one adapter. */
 int qa_lora_rows(int64_t n, const int64_t *plan, const float *x, int64_t K, float *y, int64_t N) {
     float h[256];
     for (int64_t e = 0; e < n; e++) {
-        const int64_t row = plan[4 * e], r = plan[4 * e + 3];
-        const float *A = (const float *)(intptr_t)plan[4 * e + 1], *Bt = (const float *)(intptr_t)plan[4 * e + 2];
+        const int64_t *p = plan + 5 * e;
+        const int64_t row = p[0], r = p[3];
+        const float *A = (const float *)(intptr_t)p[1], *Bt = (const float *)(intptr_t)p[2];
+        double scale;
+        memcpy(&scale, &p[4], sizeof scale);
         if (r > 256) return -1;
-        for (int64_t j = 0; j < r; j++) h[j] = dotf(A + j * K, x + row * K, K);
+        /* PEFT's order, B(A x) then the scale, up to where float32 rounds: the scale goes on the r values of h */
+        for (int64_t j = 0; j < r; j++) h[j] = (float)(scale * dotf(A + j * K, x + row * K, K));
         for (int64_t j = 0; j < r; j++) axpyf(y + row * N, h[j], Bt + j * N, N);
-    }
-    return 0;
-}
-
-/* y[m] += (x[m] A^T) Bt for m < M: A [r, K], Bt [r, N] (the LoRA scale folded into Bt). */
-int qa_lora_add(const float *x, int64_t M, int64_t K, const float *A, int64_t r, const float *Bt, int64_t N,
-                float *y) {
-    float h[256];
-    if (r > 256) return -1;
-    for (int64_t m = 0; m < M; m++) {
-        const float *xm = x + m * K;
-        for (int64_t j = 0; j < r; j++) h[j] = dotf(A + j * K, xm, K);
-        for (int64_t j = 0; j < r; j++) axpyf(y + m * N, h[j], Bt + j * N, N);
     }
     return 0;
 }
