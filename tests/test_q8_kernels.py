@@ -325,3 +325,25 @@ def test_fused_native_mlp_matches_its_parts(tiny_models):
         m.decoder.use_native_ops(None)
         parts = blk._mlp(x, None)
     torch.testing.assert_close(fused, parts, atol=1e-3 * float(parts.abs().max()), rtol=0)
+
+
+def test_native_lora_rows_on_strided_rows():
+    """``lora_rows`` against float64 PEFT maths (scale * B(A x)) on the layouts the decoder hands it: y one
+    part of a grouped q/k/v output (rows 2560 floats apart), rows on their own adapters (run in parallel)
+    and a row with two adapters (serial). float32 accumulation over K=256 then r=8: 1e-5 of the scale."""
+    from qadapt.quant.native import lora_plan
+
+    g = torch.Generator().manual_seed(0)
+    K, N, r = 256, 96, 8
+    x = torch.randn(4, K, generator=g)
+    facts = [(torch.randn(r, K, generator=g) / 16, torch.randn(r, N, generator=g) / 4, s) for s in (2.0, 0.37)]
+    for rows in ([(0, 0), (1, 1), (2, 0), (3, 1)], [(0, 0), (0, 1), (2, 1)]):
+        grouped = torch.randn(4, 2 * N + 64, generator=g)
+        want = grouped.double().clone()
+        for row, k in rows:
+            A, Bt, s = facts[k]
+            want[row, 64:64 + N] += s * ((x[row].double() @ A.double().T) @ Bt.double())
+        y = grouped[:, 64:64 + N]  # a strided view, updated in place
+        assert not y.is_contiguous()
+        LIB.lora_rows(y, x, lora_plan([(row, *facts[k]) for row, k in rows]))
+        torch.testing.assert_close(grouped.double(), want, atol=1e-5 * float(want.abs().max()), rtol=0)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AdapterError
-from ..quant.native import lora_plan
+from ..quant.native import lora_plan, row_stride
 
 log = logging.getLogger(__name__)
 
@@ -161,14 +161,17 @@ class LoraLinear(nn.Module):
             return y
         x2d = x.reshape(-1, self.in_features)
         m = x2d.shape[0]
-        if native is not None and m <= 8 and y.dtype == torch.float32 and x2d.is_contiguous() and y.is_contiguous():
+        y2d = y.reshape(m, -1)  # a view (its data_ptr is y's) where y's rows allow it
+        if native is not None and m <= 8 and y2d.data_ptr() == y.data_ptr() and row_stride(x2d) is not None \
+                and row_stride(y2d) is not None:
             # the q8 runtime: one native call instead of two matmuls per adapter (their dispatch costs more
             # than the maths at a few tokens)
             lib, factors, plans = native
             plan = plans.get(m)
             if plan is None:
                 plan = plans[m] = lora_plan([(i, A, Bt, s) for i in range(m) for A, Bt, s in factors])
-            return lib.lora_rows(y, x2d, plan)
+            lib.lora_rows(y2d, x2d, plan)
+            return y
         y2d = y.reshape(-1, self.out_features)
         for name in names:
             f = self.adapters[name]
@@ -183,8 +186,8 @@ class LoraLinear(nn.Module):
         if not names:
             return y
         lib = self._native()
-        if lib is not None and x.dim() == 3 and x.shape[1] == 1 and x.dtype == y.dtype == torch.float32 \
-                and x.is_contiguous() and y.is_contiguous() and all(self._fits_native(n) for n in names):
+        if lib is not None and row_stride(x) is not None and row_stride(y) is not None \
+                and all(self._fits_native(n) for n in names):
             # the q8 runtime, one token per row: one native call, each row only its own adapters' factors
             key = ("_native_rows", id(self))
             cached = ctx.extra.get(key)

@@ -102,7 +102,7 @@ class NativeKernels:
                                     _ptr, _ptr, _int]
         self._attn_rows.restype = _int
         self._lora_rows = lib.qa_lora_rows
-        self._lora_rows.argtypes = [_i64, _ptr, _ptr, _i64, _ptr, _i64]
+        self._lora_rows.argtypes = [_i64, _ptr, _ptr, _i64, _i64, _ptr, _i64, _i64, _int]
         self._lora_rows.restype = _int
         self._q8_types = frozenset(q for q in TYPES if lib.qa_q8_supported(_type_id(q)))
         self.simd = bool(lib.qa_simd())
@@ -194,8 +194,10 @@ class NativeKernels:
 
     def lora_rows(self, y: torch.Tensor, x: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
         """``y[row] += scale * (x[row] A^T) Bt`` in place for each entry of ``plan`` (see :func:`lora_plan`);
-        x, y float32 contiguous [rows, in] / [rows, out]. The factors must stay alive while the plan is used."""
-        if self._lora_rows(plan.shape[0], plan.data_ptr(), x.data_ptr(), x.shape[-1], y.data_ptr(), y.shape[-1]):
+        x, y float32 rows [rows, in] / [rows, out] (or [rows, 1, features]) with unit stride along features
+        (:func:`row_stride`). The factors must stay alive while the plan is used."""
+        if self._lora_rows(plan.shape[0], plan.data_ptr(), x.data_ptr(), row_stride(x), x.shape[-1], y.data_ptr(),
+                           row_stride(y), y.shape[-1], torch.get_num_threads()):
             raise ValueError("native LoRA refused a rank above 256")
         return y
 
@@ -260,6 +262,14 @@ class NativeKernels:
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _MADV_DONTNEED = 4
+
+
+def row_stride(t: torch.Tensor) -> int | None:
+    """Floats between rows of ``t`` seen as [rows, features] (2-D, or 3-D with one position per row) when
+    its features are contiguous, else None: the layouts the native row kernels take in place."""
+    if t.dtype != torch.float32 or t.stride(-1) != 1 or not (t.dim() == 2 or (t.dim() == 3 and t.shape[1] == 1)):
+        return None
+    return t.stride(0) if t.shape[0] > 1 else t.shape[-1]
 
 
 def lora_plan(entries) -> torch.Tensor:

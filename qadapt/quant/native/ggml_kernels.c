@@ -1345,14 +1345,15 @@ AI void x8_q4_k(const uint8_t *grp, int64_t nsb, const xblk *x, int64_t ldx, flo
         const uint8_t *blk = grp + b * X8_Q4_K_SIZE;
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
         const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)));
-        __m256 sc[8], mn[8];
-        for (int t = 0; t < 8; t++) {
-            sc[t] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 32 + 8 * t))));
-            mn[t] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 96 + 8 * t))));
-        }
         __m256 f[X8_MAX_ROWS], c[X8_MAX_ROWS];
         for (int m = 0; m < MT; m++) f[m] = c[m] = _mm256_setzero_ps();
         for (int r = 0; r < 4; r++) {
+            /* this run's two sub-blocks' scales and mins only: all eight would not fit the registers beside
+             * the 16 code vectors */
+#define SCALE8(off) _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + (off)))))
+            const __m256 sc0 = SCALE8(32 + 16 * r), sc1 = SCALE8(40 + 16 * r);
+            const __m256 mn0 = SCALE8(96 + 16 * r), mn1 = SCALE8(104 + 16 * r);
+#undef SCALE8
             __m256i lo[8], hi[8];
             for (int jj = 0; jj < 8; jj++) {
                 const __m256i v = load32(blk + 160 + (r * 8 + jj) * 32);
@@ -1361,10 +1362,10 @@ AI void x8_q4_k(const uint8_t *grp, int64_t nsb, const xblk *x, int64_t ldx, flo
             }
             for (int m = 0; m < MT; m++) {
                 const xblk *x0 = x + m * ldx + b * 8 + 2 * r, *x1 = x0 + 1;
-                f[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp32(lo, x0->q)), _mm256_mul_ps(sc[2 * r], _mm256_set1_ps(x0->d)), f[m]);
-                f[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp32(hi, x1->q)), _mm256_mul_ps(sc[2 * r + 1], _mm256_set1_ps(x1->d)), f[m]);
-                c[m] = _mm256_fmadd_ps(mn[2 * r], _mm256_set1_ps(x0->d * (float)x0->s), c[m]);
-                c[m] = _mm256_fmadd_ps(mn[2 * r + 1], _mm256_set1_ps(x1->d * (float)x1->s), c[m]);
+                f[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp32(lo, x0->q)), _mm256_mul_ps(sc0, _mm256_set1_ps(x0->d)), f[m]);
+                f[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp32(hi, x1->q)), _mm256_mul_ps(sc1, _mm256_set1_ps(x1->d)), f[m]);
+                c[m] = _mm256_fmadd_ps(mn0, _mm256_set1_ps(x0->d * (float)x0->s), c[m]);
+                c[m] = _mm256_fmadd_ps(mn1, _mm256_set1_ps(x1->d * (float)x1->s), c[m]);
             }
         }
         for (int m = 0; m < MT; m++) acc[m] = _mm256_fmadd_ps(d, f[m], _mm256_fnmadd_ps(dmin, c[m], acc[m]));
@@ -1372,48 +1373,105 @@ AI void x8_q4_k(const uint8_t *grp, int64_t nsb, const xblk *x, int64_t ldx, flo
     for (int m = 0; m < MT; m++) _mm256_storeu_ps(out + 8 * m, acc[m]);
 }
 
+/* a | (b & c), one instruction where AVX-512VL has ternary logic */
+AI __m256i or_and(__m256i a, __m256i b, __m256i c) {
+#if defined(__AVX512VL__)
+    return _mm256_ternarylogic_epi32(a, b, c, 0xF8);
+#else
+    return _mm256_or_si256(a, _mm256_and_si256(b, c));
+#endif
+}
+
+/* Q6_K: 6-bit codes u = ql nibble | qh pair << 4, the -32 offset in integers (u.x - 32 sum x). The dot
+ * products of one super-block (f[m] += its 8 rows . input row m, before d) take one of two forms, picked
+ * by the number of input rows (measured on Zen 4, 2 threads: each is the faster one on its side). */
+
+/* One or two rows: a run's 8 qh vectors stay in registers across its 4 steps; group scales in float. */
+AI void q6_k_sb_few(const uint8_t *blk, const xblk *x, int64_t ldx, int64_t b, __m256 *f, const int MT) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
+    for (int r = 0; r < 2; r++) {
+        __m256i qh[8];
+        for (int jj = 0; jj < 8; jj++) qh[jj] = load32(blk + 144 + 1024 + (r * 8 + jj) * 32);
+#pragma GCC unroll 4
+        for (int s = 0; s < 4; s++) {
+            __m256i u[8];
+            for (int jj = 0; jj < 8; jj++) {
+                const __m256i l = load32(blk + 144 + ((r * 2 + (s & 1)) * 8 + jj) * 32);
+                const __m256i lo = s < 2 ? _mm256_and_si256(l, m4) : _mm256_and_si256(_mm256_srli_epi16(l, 4), m4);
+                /* bits 2s, 2s + 1 of qh moved to bits 4, 5 */
+                const __m256i hi = s == 2 ? _mm256_and_si256(qh[jj], m30)
+                                 : s < 2 ? _mm256_and_si256(_mm256_slli_epi16(qh[jj], 4 - 2 * s), m30)
+                                         : _mm256_and_si256(_mm256_srli_epi16(qh[jj], 2), m30);
+                u[jj] = _mm256_or_si256(lo, hi);
+            }
+            const int g = r * 8 + s * 2; /* groups g (elements 0..15) and g + 1 (16..31) */
+            const __m256 s0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 16 + 8 * g))));
+            const __m256 s1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 24 + 8 * g))));
+            for (int m = 0; m < MT; m++) {
+                const xblk *xb = x + m * ldx + b * 8 + r * 4 + s;
+                __m256i p0 = _mm256_setzero_si256(), p1 = _mm256_setzero_si256();
+                for (int jj = 0; jj < 4; jj++) {
+                    p0 = dp4(p0, u[jj], xb->q + 4 * jj);
+                    p1 = dp4(p1, u[jj + 4], xb->q + 16 + 4 * jj);
+                }
+                p0 = _mm256_sub_epi32(p0, _mm256_set1_epi32(32 * xb->h[0]));
+                p1 = _mm256_sub_epi32(p1, _mm256_set1_epi32(32 * xb->h[1]));
+                const __m256 dx = _mm256_set1_ps(xb->d);
+                f[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_mul_ps(s0, dx), f[m]);
+                f[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_mul_ps(s1, dx), f[m]);
+            }
+        }
+    }
+}
+
+/* More rows (qh held across steps would spill): qh re-read from L1 per step, the dot products as 4
+ * short chains, the group scales in integers (exact), one float step per block of 32. */
+AI void q6_k_sb_many(const uint8_t *blk, const xblk *x, int64_t ldx, int64_t b, __m256 *f, const int MT) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
+    for (int r = 0; r < 2; r++) {
+#pragma GCC unroll 4
+        for (int s = 0; s < 4; s++) {
+            /* ql and qh re-read from L1 per step: holding qh's 8 vectors across the steps spills registers
+             * once several input rows share the codes */
+            __m256i u[8];
+            for (int jj = 0; jj < 8; jj++) {
+                const __m256i l = load32(blk + 144 + ((r * 2 + (s & 1)) * 8 + jj) * 32);
+                const __m256i qh = load32(blk + 144 + 1024 + (r * 8 + jj) * 32);
+                const __m256i lo = s < 2 ? _mm256_and_si256(l, m4) : _mm256_and_si256(_mm256_srli_epi16(l, 4), m4);
+                /* bits 2s, 2s + 1 of qh moved to bits 4, 5 */
+                const __m256i hs = s == 2 ? qh : s < 2 ? _mm256_slli_epi16(qh, 4 - 2 * s) : _mm256_srli_epi16(qh, 2);
+                u[jj] = or_and(lo, hs, m30);
+            }
+            const int g = r * 8 + s * 2; /* groups g (elements 0..15) and g + 1 (16..31) */
+            const __m256i s0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 16 + 8 * g)));
+            const __m256i s1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 24 + 8 * g)));
+            for (int m = 0; m < MT; m++) {
+                const xblk *xb = x + m * ldx + b * 8 + r * 4 + s;
+                /* four short chains rather than two long ones: the dot products' latency, not their
+                 * count, bounds a one-row pass */
+                const __m256i z = _mm256_setzero_si256();
+                __m256i p0 = dp4(dp4(z, u[0], xb->q), u[1], xb->q + 4);
+                __m256i p2 = dp4(dp4(z, u[2], xb->q + 8), u[3], xb->q + 12);
+                __m256i p1 = dp4(dp4(z, u[4], xb->q + 16), u[5], xb->q + 20);
+                __m256i p3 = dp4(dp4(z, u[6], xb->q + 24), u[7], xb->q + 28);
+                p0 = _mm256_mullo_epi32(_mm256_sub_epi32(_mm256_add_epi32(p0, p2), _mm256_set1_epi32(32 * xb->h[0])), s0);
+                p1 = _mm256_mullo_epi32(_mm256_sub_epi32(_mm256_add_epi32(p1, p3), _mm256_set1_epi32(32 * xb->h[1])), s1);
+                f[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)), _mm256_set1_ps(xb->d), f[m]);
+            }
+        }
+    }
+}
+
 AI void x8_q6_k(const uint8_t *grp, int64_t nsb, const xblk *x, int64_t ldx, float *out, const int MT) {
     __m256 acc[X8_MAX_ROWS];
     for (int m = 0; m < MT; m++) acc[m] = _mm256_setzero_ps();
-    const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
     for (int64_t b = 0; b < nsb; b++) {
         const uint8_t *blk = grp + b * X8_Q6_K_SIZE;
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
         __m256 f[X8_MAX_ROWS];
         for (int m = 0; m < MT; m++) f[m] = _mm256_setzero_ps();
-        for (int r = 0; r < 2; r++) {
-            __m256i qh[8];
-            for (int jj = 0; jj < 8; jj++) qh[jj] = load32(blk + 144 + 1024 + (r * 8 + jj) * 32);
-#pragma GCC unroll 4
-            for (int s = 0; s < 4; s++) {
-                __m256i u[8];
-                for (int jj = 0; jj < 8; jj++) {
-                    const __m256i l = load32(blk + 144 + ((r * 2 + (s & 1)) * 8 + jj) * 32);
-                    const __m256i lo = s < 2 ? _mm256_and_si256(l, m4) : _mm256_and_si256(_mm256_srli_epi16(l, 4), m4);
-                    /* bits 2s, 2s + 1 of qh moved to bits 4, 5 */
-                    const __m256i hi = s == 2 ? _mm256_and_si256(qh[jj], m30)
-                                     : s < 2 ? _mm256_and_si256(_mm256_slli_epi16(qh[jj], 4 - 2 * s), m30)
-                                             : _mm256_and_si256(_mm256_srli_epi16(qh[jj], 2), m30);
-                    u[jj] = _mm256_or_si256(lo, hi);
-                }
-                const int g = r * 8 + s * 2; /* groups g (elements 0..15) and g + 1 (16..31) */
-                const __m256 s0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 16 + 8 * g))));
-                const __m256 s1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 24 + 8 * g))));
-                for (int m = 0; m < MT; m++) {
-                    const xblk *xb = x + m * ldx + b * 8 + r * 4 + s;
-                    __m256i p0 = _mm256_setzero_si256(), p1 = _mm256_setzero_si256();
-                    for (int jj = 0; jj < 4; jj++) {
-                        p0 = dp4(p0, u[jj], xb->q + 4 * jj);
-                        p1 = dp4(p1, u[jj + 4], xb->q + 16 + 4 * jj);
-                    }
-                    p0 = _mm256_sub_epi32(p0, _mm256_set1_epi32(32 * xb->h[0]));
-                    p1 = _mm256_sub_epi32(p1, _mm256_set1_epi32(32 * xb->h[1]));
-                    const __m256 dx = _mm256_set1_ps(xb->d);
-                    f[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_mul_ps(s0, dx), f[m]);
-                    f[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_mul_ps(s1, dx), f[m]);
-                }
-            }
-        }
+        if (MT <= 2) q6_k_sb_few(blk, x, ldx, b, f, MT);
+        else q6_k_sb_many(blk, x, ldx, b, f, MT);
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
         for (int m = 0; m < MT; m++) acc[m] = _mm256_fmadd_ps(d, f[m], acc[m]);
     }
     for (int m = 0; m < MT; m++) _mm256_storeu_ps(out + 8 * m, acc[m]);
@@ -1744,22 +1802,30 @@ int qa_attn_decode_rows(int64_t B, float *q, float *k, const float *v, int64_t H
 }
 
 /* y[row] += scale * (x[row] A^T) Bt for each (row, A, Bt, r, scale) of plan: 5 int64 per entry, A and Bt as
- * addresses of float32 [r, K] / [r, N], scale as the bits of a double. One call serves a batch whose rows
- * use different adapters, a row with several adapters, and several tokens on one adapter. */
-int qa_lora_rows(int64_t n, const int64_t *plan, const float *x, int64_t K, float *y, int64_t N) {
+ * addresses of float32 [r, K] / [r, N], scale as the bits of a double; x and y rows ldx / ldy floats apart
+ * (y may be one part of a grouped output). One call serves a batch whose rows use different adapters, a
+ * row with several adapters, and several tokens on one adapter. */
+static int lora_entry(const int64_t *p, const float *x, int64_t ldx, int64_t K, float *y, int64_t ldy, int64_t N) {
     float h[256];
-    for (int64_t e = 0; e < n; e++) {
-        const int64_t *p = plan + 5 * e;
-        const int64_t row = p[0], r = p[3];
-        const float *A = (const float *)(intptr_t)p[1], *Bt = (const float *)(intptr_t)p[2];
-        double scale;
-        memcpy(&scale, &p[4], sizeof scale);
-        if (r > 256) return -1;
-        /* PEFT's order, B(A x) then the scale, up to where float32 rounds: the scale goes on the r values of h */
-        for (int64_t j = 0; j < r; j++) h[j] = (float)(scale * dotf(A + j * K, x + row * K, K));
-        for (int64_t j = 0; j < r; j++) axpyf(y + row * N, h[j], Bt + j * N, N);
-    }
+    const int64_t row = p[0], r = p[3];
+    const float *A = (const float *)(intptr_t)p[1], *Bt = (const float *)(intptr_t)p[2];
+    double scale;
+    memcpy(&scale, &p[4], sizeof scale);
+    if (r > 256) return -1;
+    /* PEFT's order, B(A x) then the scale, up to where float32 rounds: the scale goes on the r values of h */
+    for (int64_t j = 0; j < r; j++) h[j] = (float)(scale * dotf(A + j * K, x + row * ldx, K));
+    for (int64_t j = 0; j < r; j++) axpyf(y + row * ldy, h[j], Bt + j * N, N);
     return 0;
+}
+
+int qa_lora_rows(int64_t n, const int64_t *plan, const float *x, int64_t ldx, int64_t K, float *y, int64_t ldy,
+                 int64_t N, int nthreads) {
+    int distinct = 1; /* entries on distinct rows (a batch, one adapter per row) run in parallel */
+    for (int64_t e = 1; e < n && distinct; e++) distinct = plan[5 * e] > plan[5 * (e - 1)];
+    int rc = 0;
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && distinct && n > 1) reduction(| : rc)
+    for (int64_t e = 0; e < n; e++) rc |= lora_entry(plan + 5 * e, x, ldx, K, y, ldy, N);
+    return rc;
 }
 
 /* ------------------------------------------------------------------ entry points */
