@@ -17,6 +17,7 @@ from torch import nn
 from ..errors import FormatError
 from ..layer_maps import LayerMap, evaluate
 from ..progress import progress
+from ..quant import native
 from .config import ModelConfig
 from .decoder import Block, Decoder, Rotary, make_norm
 from .family import FamilySpec
@@ -83,7 +84,10 @@ class GGUFSource:
         bias = self._bias(name, shape[0])
         if bias is not None and row_perm is not None:
             bias = bias[row_perm]
-        return make_linear(data, t.qtype, shape, bias=bias, mode=self.mode, dtype=self.dtype, kernels=self.kernels)
+        layer = make_linear(data, t.qtype, shape, bias=bias, mode=self.mode, dtype=self.dtype, kernels=self.kernels)
+        if row_perm is not None:  # the layer holds its own permuted copy: the pages read for it need not
+            native.release_pages(t.data)  # stay resident until the load's end (GGUFFile.release_pages)
+        return layer
 
     def vector(self, name):
         from ..quant.ggml import dequantize_array
