@@ -24,6 +24,7 @@ COLUMNS = (
     ("batched_tps", 8, "8 rows x 8 adapters tok/s", 2),
     ("peak_rss_mb", 8, "peak RSS MB", 0),
     ("rss_over_files", 8, "RSS added / (file + adapters)", 2),
+    ("rss_over_files_one_load", 8, "same, one load + one round", 2),
     ("adapter_load_ms", 1, "adapter load ms", 1),
     ("decode_fraction_of_bound", 0, "decode / bound", 2),
 )
@@ -196,7 +197,9 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
         "the embedding table, of which one row; KV-cache reads not counted). `qadapt dequantize` expands the "
         "weights to float32 on load, so it reads 4 bytes per weight whatever the file's format. `switch ms` makes a "
         "different single adapter active. Peak RSS is the worker process's VmHWM over its loads and runs, "
-        "with 8 adapters loaded.",
+        "with 8 adapters loaded; `RSS added / (file + adapters)` is that peak less the RSS with the libraries "
+        "imported, over the GGUF file plus the 8 adapter files, for the timed worker (6 loads, 6 rounds in one "
+        "process) and for a fresh process alone on the machine that loads once and runs one round.",
     ]
     if report.get("skipped"):
         lines += ["", "Not measured:", ""]

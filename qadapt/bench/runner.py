@@ -127,6 +127,7 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
     extra: dict[Job, dict] = {}
     walls: dict[str, dict[str, float]] = {}
     logdir = Path(tempfile.mkdtemp(prefix="qadapt-bench-"))
+    lives: dict[Job, dict] = {}
     for group in _groups(jobs):
         started = [Worker(job, files, settings, logdir) for job in group]
         try:
@@ -134,8 +135,13 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
         finally:  # an error or ^C here must not leave engines running
             for w in started:
                 w.kill()
+        for job in group:
+            if not job.task and job in extra:
+                info = _one_life(job, files, settings, logdir)
+                if info is not None:
+                    lives[job] = info
 
-    results = _results(samples, extra, files, bw["read_gbs"])
+    results = _results(samples, extra, files, bw["read_gbs"], lives)
     report = {
         "machine": machine_info(settings.threads),
         "bandwidth_gbs": bw["read_gbs"],
@@ -211,6 +217,23 @@ def _run_group(started: list[Worker], settings: BenchSettings, samples: dict, ex
         w.close()
 
 
+def _one_life(job: Job, files: BenchFiles, settings: BenchSettings, logdir: Path) -> dict | None:
+    """Memory as a user's process has it: a fresh worker, alone on the machine, loads once (model and
+    the 8 adapters) and runs one measured round; its peak RSS over that life. (The timed workers load
+    ``warmup + runs`` times in one process, which the allocator's reuse makes a few percent larger.)"""
+    w = Worker(job, files, settings, logdir)
+    try:
+        w.ready()
+        w.call({"op": "load"})
+        w.call({"op": "round", **_round_cmd(settings, False)})
+        return w.call({"op": "info"})
+    except WorkerFailed as e:
+        log.warning("%s: one-life memory run: %s", job.label, e)
+        return None
+    finally:
+        w.close()
+
+
 def _skip(job: Job, metric: str, reason: str) -> dict:
     """A skipped measurement; a failed X-LoRA worker skips the X-LoRA metrics, not the engine's others."""
     if job.task and metric in ("*", "peak_rss_mb"):
@@ -246,7 +269,7 @@ def _model_bytes(job: Job, files: BenchFiles) -> int | None:
     return files.gguf(job.format).stat().st_size + ad
 
 
-def _results(samples, extra, files: BenchFiles, bw_gbs: float) -> list[dict]:
+def _results(samples, extra, files: BenchFiles, bw_gbs: float, lives: dict | None = None) -> list[dict]:
     rows = []
     for (job, metric, adapters), values in sorted(samples.items(), key=lambda kv: (kv[0][0].format, kv[0][0].engine,
                                                                                   kv[0][0].mode, kv[0][1], kv[0][2])):
@@ -262,6 +285,13 @@ def _results(samples, extra, files: BenchFiles, bw_gbs: float) -> list[dict]:
                 ratio = (info["peak_rss_bytes"] - info["start_rss_bytes"]) / model_bytes
                 rows.append({**job.to_json(), "adapters": ad, "metric": "rss_over_files", "median": ratio,
                              "min": ratio, "max": ratio, "runs": 1, "file_bytes": model_bytes})
+    for job, info in (lives or {}).items():
+        model_bytes = _model_bytes(job, files)
+        if model_bytes and "start_rss_bytes" in info:
+            ratio = (info["peak_rss_bytes"] - info["start_rss_bytes"]) / model_bytes
+            rows.append({**job.to_json(), "adapters": 8, "metric": "rss_over_files_one_load", "median": ratio,
+                         "min": ratio, "max": ratio, "runs": 1, "file_bytes": model_bytes,
+                         "peak_rss_mb": info["peak_rss_bytes"] / 1e6})
     bounds = {}
     for fmt in dict.fromkeys(j.format for j, *_ in samples):
         b = _bytes_per_token(fmt, files, extra)
