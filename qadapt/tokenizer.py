@@ -51,7 +51,9 @@ class Tokenizer:
             raise FormatError(f"{gf.path}: no tokenizer in the metadata (`tokenizer.ggml.tokens` missing)")
         path = Path(gf.path).resolve()
         try:
-            hf = _lean_gguf_tokenizer(path) or AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            hf = _lean_gguf_tokenizer(path)
+            if hf is None:
+                hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         except Exception as e:  # transformers raises many types for an odd vocabulary
             raise FormatError(f"{gf.path}: cannot build the tokenizer from its metadata ({type(e).__name__}: {e})") from None
         bos = gf.get("tokenizer.ggml.bos_token_id")
