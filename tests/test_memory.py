@@ -20,7 +20,6 @@ import torch
 
 import qadapt
 from qadapt.adapters.lora import LoraLinear
-from qadapt.adapters.loading import build_adapter  # noqa: F401 - the loader under test
 from qadapt.quant import native
 
 from models import make_adapter, tiny_hf, write_quantized
@@ -77,6 +76,15 @@ def test_adapter_factors_are_held_once(base, kernels):
         m.decoder(torch.tensor([[2], [3], [4]]), torch.full((3, 1), 5), cache, ctx=ctx, last_only=True)
     wrappers = [w for w in m.decoder.modules() if isinstance(w, LoraLinear) and w.adapters]
     assert wrappers
+    # the reference: the float32 tensors PEFT wrote, whose bytes the held factors add up to exactly
+    from safetensors import safe_open
+
+    file_bytes = 0
+    for folder in ads.values():
+        with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+            file_bytes += sum(f.get_slice(k).get_shape()[0] * f.get_slice(k).get_shape()[1] * 4 for k in f.keys())
+    held_bytes = sum(n for w in wrappers for n in _tensor_storages(w).values())
+    assert held_bytes == file_bytes, (held_bytes, file_bytes)
     for w in wrappers:
         want = {}
         for name, f in w.adapters.items():

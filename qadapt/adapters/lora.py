@@ -138,10 +138,13 @@ class LoraLinear(nn.Module):
 
     def delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """``scale * B(A(x))`` for one adapter, in the factors' dtype."""
-        f = self.adapters[name]
-        x2d = x.reshape(-1, self.in_features)
-        h = F.linear(x2d if x2d.dtype == f.A.dtype else x2d.to(f.A.dtype), f.A)
-        return torch.mm(h, self._bt[name]).mul_(f.scale).view(*x.shape[:-1], self.out_features)
+        h = self._down(x.reshape(-1, self.in_features), name)
+        return torch.mm(h, self._bt[name]).mul_(self.adapters[name].scale).view(*x.shape[:-1], self.out_features)
+
+    def _down(self, x2d: torch.Tensor, name: str) -> torch.Tensor:
+        """``A x`` [N, r] in the factors' dtype."""
+        A = self.adapters[name].A
+        return F.linear(x2d if x2d.dtype == A.dtype else x2d.to(A.dtype), A)
 
     def forward(self, x: torch.Tensor, ctx: AdapterContext | None = None) -> torch.Tensor:
         return self.add_deltas(x, self.base.forward(x), ctx)  # not __call__: see decoder.call_linear
@@ -172,11 +175,8 @@ class LoraLinear(nn.Module):
                 plan = plans[m] = lora_plan([(i, A, Bt, s) for i in range(m) for A, Bt, s in factors])
             lib.lora_rows(y2d, x2d, plan)
             return y
-        y2d = y.reshape(-1, self.out_features)
         for name in names:
-            f = self.adapters[name]
-            h = F.linear(x2d if x2d.dtype == f.A.dtype else x2d.to(f.A.dtype), f.A)
-            y2d = _add_delta(y2d, h, self._bt[name], f.scale)
+            y2d = _add_delta(y2d, self._down(x2d, name), self._bt[name], self.adapters[name].scale)
         return y2d.view(y.shape)
 
     def _rows_forward(self, x: torch.Tensor, y: torch.Tensor, ctx: AdapterContext) -> torch.Tensor:
@@ -186,16 +186,16 @@ class LoraLinear(nn.Module):
         if not names:
             return y
         lib = self._native()
-        if lib is not None and row_stride(x) is not None and row_stride(y) is not None \
-                and all(self._fits_native(n) for n in names):
+        if lib is not None and row_stride(x) is not None and row_stride(y) is not None:
             # the q8 runtime, one token per row: one native call, each row only its own adapters' factors
             key = ("_native_rows", id(self))
-            cached = ctx.extra.get(key)
-            if cached is None:  # per forward and layer
-                cached = ctx.extra[key] = lora_plan(
+            if key not in ctx.extra:  # per context and layer (None: a factor the kernel does not take)
+                ctx.extra[key] = lora_plan(
                     [(i, self.adapters[n].A, self._bt[n], self.adapters[n].scale)
-                     for i, row in enumerate(ctx.rows) for n in row if n in self.adapters])
-            return lib.lora_rows(y, x, cached)
+                     for i, row in enumerate(ctx.rows) for n in row if n in self.adapters]
+                ) if all(self._fits_native(n) for n in names) else None
+            if ctx.extra[key] is not None:
+                return lib.lora_rows(y, x, ctx.extra[key])
         for name in names:
             ix = groups[name]
             if len(ix) == x.shape[0]:  # every row: no gather
