@@ -123,6 +123,11 @@ def write_json(path: str | os.PathLike, obj: Any, *, force: bool = False) -> Pat
     return atomic_write(path, json.dumps(obj, indent=2) + "\n", force=force)
 
 
+def read_fd(path: str | os.PathLike) -> int:
+    """A read-only descriptor (close-on-exec) for ``os.pread``-style reads; the caller closes it."""
+    return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+
+
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     """Parse a JSON file; errors name the file and the line/column of a syntax error."""
     path = Path(path)

@@ -136,3 +136,34 @@ def test_q8_load_releases_the_file_pages(base, tmp_path):
             assert not inner.any(), f"{name}: {int(inner.sum())} of its pages still resident"
             checked += len(inner)
     assert checked > 100 and m.decoder.blocks[0].linears["q"].path == "q8"
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="/proc/self/pagemap is Linux's")
+@pytest.mark.parametrize("kernels", ["exact", "q8"])
+def test_token_lookups_read_rows_not_pages(base, tmp_path, kernels):
+    """Looking tokens up reads their rows from the file: a read through the mapping would keep the
+    kernel's 64 KiB fault-around of every row resident (tens of MB over a few hundred scattered
+    tokens on a real vocabulary). The rows must still be gguf-py's dequantization of the table,
+    bit for bit (both follow gguf-py's float order), also once the file is gone."""
+    path = tmp_path / "own.gguf"
+    shutil.copy(base[0], path)
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    t = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    off, n = int(t.data_offset), int(t.n_bytes)
+    table = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+    del reader, t
+    gc.collect()
+    m = qadapt.load(path, kernels=kernels)
+    embed = m.decoder.embed
+    ids = torch.arange(3, table.shape[0], 7).view(1, -1)
+    with torch.inference_mode():
+        got = embed(ids)
+        m.decoder(ids[:, :16], torch.arange(16).view(1, -1))
+    assert torch.equal(got[0], table[ids[0]])
+    inner = _resident(path.resolve())[-(-off // 4096) + 1:(off + n) // 4096 - 1]
+    assert len(inner) > 4 and not inner.any(), f"{int(inner.sum())} of the table's {len(inner)} pages resident"
+    path.unlink()
+    with torch.inference_mode():
+        assert torch.equal(embed(ids[:, ::3])[0], table[ids[0, ::3]])

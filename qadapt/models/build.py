@@ -93,7 +93,8 @@ class GGUFSource:
         from ..quant.ggml import dequantize_array
 
         t = self.gf.tensor(name)
-        return dequantize_array(t.data, t.qtype, t.shape).float().reshape(-1)
+        # a copy, never a view of the mapping: reading a few KB there keeps 64 KiB resident (fault-around)
+        return dequantize_array(t.data, t.qtype, t.shape).float().reshape(-1).clone()
 
     def embedding(self, name, shape):
         from ..quant.ggml import make_embedding

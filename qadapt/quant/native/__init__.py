@@ -279,6 +279,29 @@ def lora_plan(entries) -> torch.Tensor:
                          for row, A, Bt, s in entries], dtype=torch.int64).view(-1, 5)
 
 
+def _memmap_root(data):
+    """The ``numpy.memmap`` of a file that ``data`` views (through any chain of views), else None."""
+    import numpy as np
+
+    base, root = data, None
+    while isinstance(base, np.ndarray):
+        if isinstance(base, np.memmap):
+            root = base
+        base = base.base
+    return root if root is not None and getattr(root, "filename", None) else None
+
+
+def mapped_file(data) -> tuple[str, int] | None:
+    """(path, byte offset in the file) of ``data`` when it views a memory-mapped file, else None."""
+    import numpy as np
+
+    root = _memmap_root(data)
+    if root is None:
+        return None
+    addr = np.asarray(data).__array_interface__["data"][0]
+    return str(root.filename), addr - root.__array_interface__["data"][0] + int(root.offset)
+
+
 def release_pages(data) -> bool:
     """Drop this process's mapping of the whole pages under ``data`` when it is a view of a
     memory-mapped file (``numpy.memmap``), so they stop counting in its resident set; a later
@@ -286,13 +309,7 @@ def release_pages(data) -> bool:
     (private copies, tensors) is left alone: madvise would zero anonymous memory. Linux only."""
     import numpy as np
 
-    base, is_map = data, False
-    while base is not None:
-        if isinstance(base, np.memmap):
-            is_map = True
-            break
-        base = getattr(base, "base", None)
-    if not is_map or not hasattr(ctypes, "CDLL") or platform.system() != "Linux":
+    if _memmap_root(data) is None or not hasattr(ctypes, "CDLL") or platform.system() != "Linux":
         return False
     arr = np.asarray(data)
     start = arr.__array_interface__["data"][0]
