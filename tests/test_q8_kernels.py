@@ -255,6 +255,28 @@ def test_q8_model_and_adapter_match_the_rule_on_peft(tiny_models, tmp_path, qtyp
         _assert_q8_close(m.logits(ids), peft_logits(rq, {"a": folder}, ["a"], ids))
 
 
+def test_q8_decode_with_grouped_deltas_matches_peft(tiny_models, tmp_path):
+    """Decode steps add every q/k/v (and o) delta inside the layer's grouped native call. Two adapters active
+    at once, one on q and v only: the deltas of one output run in order, the others side by side; each
+    step's logits against PEFT with both adapters on the q8-rule model (one forward over the prefix)."""
+    ref, path, hf = tiny_models("Q4_0")
+    folders = {"a": make_adapter(hf, tmp_path / "a", seed=30, target_modules=["q_proj", "v_proj"]),
+               "b": make_adapter(hf, tmp_path / "b", seed=31, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])}
+    m = qadapt.load(path, kernels="q8", adapters={n: str(f) for n, f in folders.items()})
+    from qadapt.adapters.lora import AdapterContext
+
+    ctx = AdapterContext(active=("a", "b"))
+    ids = torch.randint(1, hf.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(32))
+    want = peft_logits(q8_reference(ref), folders, ["a", "b"], ids)
+    with torch.inference_mode():
+        cache = m.new_cache(8)
+        got = [m.decoder(ids[:, p:p + 1], torch.tensor([[p]]), cache, ctx=ctx).logits[0, -1] for p in range(6)]
+    lora_plans = m.decoder.blocks[0]._groups[("lora", ("q", "k", "v"))][1]
+    assert any(p is not None and p.shape[0] == 5 for p in lora_plans.values())  # a q, a v, b q, b k, b v
+    for p in range(6):
+        _assert_q8_close(got[p], want[0, p])
+
+
 def test_q8_greedy_decode_follows_its_own_forward(tiny_models):
     """Token by token (native attention, grouped q/k/v and gate/up calls) against one full forward per
     step of the same q8 model: the same arithmetic per row, so the greedy tokens agree."""
@@ -304,7 +326,7 @@ def test_q8_rows_on_different_adapters_match_one_at_a_time(tiny_models, tmp_path
     _, path, hf = tiny_models("Q4_0")
     folders = {n: make_adapter(hf, tmp_path / n, seed=20 + i) for i, n in enumerate("abc")}
     m = qadapt.load(path, kernels="q8", adapters={n: str(f) for n, f in folders.items()})
-    rows = (("a",), ("b",), ("c",), ())
+    rows = (("a",), ("b", "c"), ("c",), ())  # a row with two adapters: its deltas on one output run in order
     ids = torch.randint(1, hf.config.vocab_size, (4, 1), generator=torch.Generator().manual_seed(16))
     with torch.inference_mode():
         cache = m.new_cache(4, batch=4)

@@ -100,6 +100,8 @@ class LoraLinear(nn.Module):
         #: ctx.active -> (the names present here, the native call's (A, Bt, scale) per adapter and plans per
         #: token count, or None)
         self._plans: dict[tuple[str, ...], tuple] = {}
+        #: bumped when an adapter is added or removed: plans that hold factor addresses key on it
+        self.version = 0
 
     def _native(self) -> Any:
         """The native kernels when the base runs the q8 path (its decode steps are native calls too)."""
@@ -130,11 +132,31 @@ class LoraLinear(nn.Module):
         self.adapters[name] = f
         self._bt[name] = bt
         self._plans = {}
+        self.version += 1
 
     def remove(self, name: str) -> None:
         self.adapters.pop(name, None)
         self._bt.pop(name, None)
         self._plans = {}
+        self.version += 1
+
+    def native_entries(self, ctx: AdapterContext | None, m: int) -> list[tuple] | None:
+        """This layer's deltas on ``m`` rows under ``ctx`` as native LoRA entries (row, A, Bt, scale), for a
+        call shared with the layers beside it (:meth:`~qadapt.models.decoder.Block._same_input`); None
+        when the native kernel cannot take them (X-LoRA, no q8 base, a factor it does not take)."""
+        if ctx is None:
+            return []
+        if ctx.xlora is not None or self._native() is None:
+            return None
+        if ctx.rows is not None:
+            if len(ctx.rows) != m:
+                return None
+            pairs = [(i, n) for i, row in enumerate(ctx.rows) for n in row if n in self.adapters]
+        else:
+            pairs = [(i, n) for i in range(m) for n in ctx.active if n in self.adapters]
+        if not all(self._fits_native(n) for _, n in pairs):
+            return None
+        return [(i, self.adapters[n].A, self._bt[n], self.adapters[n].scale) for i, n in pairs]
 
     def delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """``scale * B(A(x))`` for one adapter, in the factors' dtype."""

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quant.native import lora_plan, row_stride
 from ..runtime.kv_cache import KVCache
 from .config import ModelConfig
 from .family import FamilySpec
@@ -165,7 +166,7 @@ class Block(nn.Module):
             kc, vc = cache.k[self.layer_idx], cache.v[self.layer_idx]
             a = self.native.attn_decode(q.contiguous(), k.contiguous(), v.contiguous(), step.cos, step.sin, kc, vc,
                                         step.native_pos, step.native_first, H, Hkv, D).view(B, 1, H * D)
-            return self._mlp(x + call_linear(lin["o"], a, ctx), ctx)
+            return self._mlp(x + self._same_input(("o",), a, ctx)[0], ctx)  # o and its deltas: one call
         q = q.view(B, T, H, D)
         k = k.view(B, T, Hkv, D)
         v = v.view(B, T, Hkv, D)
@@ -207,13 +208,46 @@ class Block(nn.Module):
                 group = self._groups[roles] = (mods, _x8_group(self.native, mods))
             if group[1] is not None:
                 plan, total, splits = group[1]
-                y = self.native.matmul_x8_multi(plan, total, h.shape[-1], h.reshape(-1, h.shape[-1]))
+                h2d = h.reshape(-1, h.shape[-1])
+                lora = self._group_lora(roles, mods, splits, ctx, h2d)
+                if lora is not None:  # every wrapper's deltas in the same native call (or none to add)
+                    y = self.native.matmul_x8_multi(plan, total, h.shape[-1], h2d, lora if lora.shape[0] else None)
+                    return [part.view(*h.shape[:-1], part.shape[-1]) for part in y.split(splits, dim=1)]
+                y = self.native.matmul_x8_multi(plan, total, h.shape[-1], h2d)
                 outs = []
                 for m, part in zip(mods, y.split(splits, dim=1)):
                     part = part.view(*h.shape[:-1], part.shape[-1])
                     outs.append(m.add_deltas(h, part, ctx) if hasattr(m, "add_deltas") else part)
                 return outs
         return [call_linear(lin[r], h, ctx) for r in roles]
+
+    def _group_lora(self, roles: tuple[str, ...], mods: tuple[nn.Module, ...], splits: list[int], ctx: Any,
+                    h2d: torch.Tensor) -> torch.Tensor | None:
+        """One native LoRA plan for the deltas of all of ``mods`` on a grouped call's output (each entry at
+        its layer's columns), cached per adapter set and row count until an adapter is added or removed;
+        None when one wrapper's deltas cannot run natively (then each adds its own)."""
+        m = h2d.shape[0]
+        if m > 8 or row_stride(h2d) is None:  # more rows: the per-adapter matmuls win
+            return None
+        versions = tuple(getattr(mod, "version", 0) for mod in mods)
+        key = (ctx.rows if ctx is not None and ctx.rows is not None else
+               (ctx.active if ctx is not None else ()), m, getattr(ctx, "xlora", None) is not None)
+        cache = self._groups.get(("lora", roles))
+        if cache is None or cache[0] != versions or len(cache[1]) > 256:  # a server's ever-new row mixes
+            cache = self._groups[("lora", roles)] = (versions, {})
+        if key in cache[1]:
+            return cache[1][key]
+        entries, col = [], 0
+        for mod, n in zip(mods, splits):
+            got = mod.native_entries(ctx, m) if hasattr(mod, "native_entries") else []
+            if got is None:
+                cache[1][key] = None
+                return None
+            entries += [(*e, col) for e in got]
+            col += n
+        entries.sort(key=lambda e: (e[0], e[4]))  # (row, col) increasing: disjoint outputs run in parallel
+        plan = cache[1][key] = lora_plan(entries)
+        return plan
 
     def _mlp(self, x: torch.Tensor, ctx: Any) -> torch.Tensor:
         lin, _, mlp_norm = self._fast

@@ -86,8 +86,8 @@ class NativeKernels:
         self._matmul_x8 = lib.qa_matmul_x8
         self._matmul_x8.argtypes = [_int, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _int]
         self._matmul_x8.restype = _int
-        self._multi = lib.qa_matmul_x8_multi
-        self._multi.argtypes = [_int, _ptr, _i64, _ptr, _i64, _i64, _ptr, _i64, _int]
+        self._multi = lib.qa_matmul_x8_lora
+        self._multi.argtypes = [_int, _ptr, _i64, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _int]
         self._multi.restype = _int
         self._mlp = lib.qa_mlp_x8
         self._mlp.argtypes = [_ptr, _i64, _i64, _ptr, ctypes.c_float, _ptr, _i64, _int, _ptr, _ptr, _int]
@@ -102,7 +102,7 @@ class NativeKernels:
                                     _ptr, _ptr, _int]
         self._attn_rows.restype = _int
         self._lora_rows = lib.qa_lora_rows
-        self._lora_rows.argtypes = [_i64, _ptr, _ptr, _i64, _i64, _ptr, _i64, _i64, _int]
+        self._lora_rows.argtypes = [_i64, _ptr, _ptr, _i64, _i64, _ptr, _i64, _int]
         self._lora_rows.restype = _int
         self._q8_types = frozenset(q for q in TYPES if lib.qa_q8_supported(_type_id(q)))
         self.simd = bool(lib.qa_simd())
@@ -141,14 +141,16 @@ class NativeKernels:
         return self._file_layout_matmul(self._matmul_q8, "8-bit matmul", raw, qtype, in_features, x2d)
 
     def matmul_x8_multi(self, plan: torch.Tensor, out_features: int, in_features: int,
-                        x2d: torch.Tensor) -> torch.Tensor:
+                        x2d: torch.Tensor, lora: torch.Tensor | None = None) -> torch.Tensor:
         """Several 8-row-layout weights on one input: ``plan`` int64 [n, 3] = (type id, layout address,
-        rows) per weight (:meth:`x8_plan`), float32 [m, sum of rows] with the outputs side by side."""
+        rows) per weight (:meth:`x8_plan`), float32 [m, sum of rows] with the outputs side by side; plus,
+        when given, the LoRA deltas of a :func:`lora_plan` on the same input and output, in the same call."""
         x = x2d if x2d.dtype == torch.float32 and x2d.is_contiguous() else x2d.to(torch.float32).contiguous()
         m = x.shape[0]
         y = torch.empty(m, out_features, dtype=torch.float32)
+        nl = 0 if lora is None else lora.shape[0]
         rc = self._multi(plan.shape[0], plan.data_ptr(), in_features, x.data_ptr(), in_features, m, y.data_ptr(),
-                         out_features, torch.get_num_threads())
+                         out_features, nl, lora.data_ptr() if nl else None, torch.get_num_threads())
         if rc:
             raise ValueError(f"native grouped matmul refused its plan (code {rc})")
         return y
@@ -197,7 +199,7 @@ class NativeKernels:
         x, y float32 rows [rows, in] / [rows, out] (or [rows, 1, features]) with unit stride along features
         (:func:`row_stride`). The factors must stay alive while the plan is used."""
         if self._lora_rows(plan.shape[0], plan.data_ptr(), x.data_ptr(), row_stride(x), x.shape[-1], y.data_ptr(),
-                           row_stride(y), y.shape[-1], torch.get_num_threads()):
+                           row_stride(y), torch.get_num_threads()):
             raise ValueError("native LoRA refused a rank above 256")
         return y
 
@@ -273,10 +275,16 @@ def row_stride(t: torch.Tensor) -> int | None:
 
 
 def lora_plan(entries) -> torch.Tensor:
-    """The plan of :meth:`NativeKernels.lora_rows` from (row, A [r, in], Bt [r, out], scale) entries:
-    int64 [n, 5] of row, the two factors' addresses, rank, and the scale's double bits."""
-    return torch.tensor([[row, A.data_ptr(), Bt.data_ptr(), A.shape[0], struct.unpack("<q", struct.pack("<d", s))[0]]
-                         for row, A, Bt, s in entries], dtype=torch.int64).view(-1, 5)
+    """The plan of :meth:`NativeKernels.lora_rows` from (row, A [r, in], Bt [r, out], scale[, col]) entries:
+    int64 [n, 7] of row, the two factors' addresses, rank, the scale's double bits, and where the entry's
+    outputs start in y's row (col, default 0) and how many (out)."""
+    rows = []
+    for e in entries:
+        row, A, Bt, s = e[:4]
+        col = e[4] if len(e) > 4 else 0
+        rows.append([row, A.data_ptr(), Bt.data_ptr(), A.shape[0], struct.unpack("<q", struct.pack("<d", s))[0],
+                     col, Bt.shape[1]])
+    return torch.tensor(rows, dtype=torch.int64).view(-1, 7)
 
 
 def _memmap_root(data):

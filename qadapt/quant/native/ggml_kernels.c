@@ -1709,13 +1709,21 @@ int qa_x8_convert(int type, uint8_t *w, int64_t N, int64_t K, int64_t row_bytes,
 #endif
 }
 
+static int lora_entry(const int64_t *p, const float *x, int64_t ldx, int64_t K, float *y, int64_t ldy);
+static int lora_distinct(int64_t n, const int64_t *plan);
+
 /* Several weights on the same input in one call (a layer's q, k, v or gate, up): plan[3 i ..]
  * = (type, address of the 8-row layout, rows N_i) for i < n, all with K columns; y [M, sum N_i]
- * gets each weight's outputs side by side. One activation quantization, one parallel region. */
-int qa_matmul_x8_multi(int n, const int64_t *plan, int64_t K, const float *x, int64_t ldx, int64_t M, float *y,
-                       int64_t ldy, int nthreads) {
+ * gets each weight's outputs side by side. One activation quantization, one parallel region.
+ *
+ * With nl LoRA entries (qa_lora_rows' plan, on the same x and y): entries with disjoint outputs run
+ * as work items spread among the weights' (into a zeroed buffer, added at the end), so a step's
+ * adapter factors stream from memory while the other thread multiplies (on several input rows the
+ * base pass is bound by arithmetic, not memory); others run after the weights, in order. */
+int qa_matmul_x8_lora(int n, const int64_t *plan, int64_t K, const float *x, int64_t ldx, int64_t M, float *y,
+                      int64_t ldy, int64_t nl, const int64_t *lplan, int nthreads) {
 #ifdef QA_AVX2
-    if (n < 1 || n > 8) return -1;
+    if (n < 1 || n > 8 || nl < 0) return -1;
     const x8info *xi[8];
     int64_t u0[9], col[8];
     int pair[8];
@@ -1734,12 +1742,27 @@ int qa_matmul_x8_multi(int n, const int64_t *plan, int64_t K, const float *x, in
     if (c > ldy) return -1;
     if (nthreads < 1) nthreads = 1;
     const int64_t nb = K / 32, U = u0[n];
+    /* LoRA items at positions s0 + e * step of the W = U + L work items */
+    const int64_t L = nl > 0 && nthreads > 1 && lora_distinct(nl, lplan) ? nl : 0, W = U + L;
+    const int64_t step = L ? W / L : 1, s0 = step / 2;
+    float *dl = L ? (float *)calloc((size_t)(M * ldy), sizeof(float)) : 0;
+    if (L && !dl) return -3;
     float *ds;
     xblk *xq = quantize_rows_q8(x, ldx, M, K, &ds);
-    if (!xq) return -3;
-    const int64_t chunk = U / ((int64_t)nthreads * 8) > 1 ? U / ((int64_t)nthreads * 8) : 1;
-#pragma omp parallel for schedule(dynamic, chunk) num_threads(nthreads) if (nthreads > 1)
-    for (int64_t uu = 0; uu < U; uu++) {
+    if (!xq) {
+        free(dl);
+        return -3;
+    }
+    int lrc = 0;
+    const int64_t chunk = W / ((int64_t)nthreads * 8) > 1 ? W / ((int64_t)nthreads * 8) : 1;
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(nthreads) if (nthreads > 1) reduction(| : lrc)
+    for (int64_t t = 0; t < W; t++) {
+        const int64_t before = !L || t <= s0 ? 0 : ((t - s0 - 1) / step + 1 < L ? (t - s0 - 1) / step + 1 : L);
+        if (L && t >= s0 && (t - s0) % step == 0 && (t - s0) / step < L) {
+            lrc |= lora_entry(lplan + 7 * ((t - s0) / step), x, ldx, K, dl, ldy);
+            continue;
+        }
+        const int64_t uu = t - before;
         int i = 0;
         while (uu >= u0[i + 1]) i++;
         const int64_t groups = plan[3 * i + 2] / 8, nsb = K / xi[i]->block, gbytes = nsb * xi[i]->size;
@@ -1762,11 +1785,22 @@ int qa_matmul_x8_multi(int n, const int64_t *plan, int64_t K, const float *x, in
         }
     }
     free(xq);
-    return 0;
+    if (L) {
+        for (int64_t i = 0; i < M * ldy; i++) y[i] += dl[i];
+        free(dl);
+    } else {
+        for (int64_t e = 0; e < nl; e++) lrc |= lora_entry(lplan + 7 * e, x, ldx, K, y, ldy);
+    }
+    return lrc;
 #else
-    (void)n; (void)plan; (void)K; (void)x; (void)ldx; (void)M; (void)y; (void)ldy; (void)nthreads;
+    (void)n; (void)plan; (void)K; (void)x; (void)ldx; (void)M; (void)y; (void)ldy; (void)nl; (void)lplan; (void)nthreads;
     return -2;
 #endif
+}
+
+int qa_matmul_x8_multi(int n, const int64_t *plan, int64_t K, const float *x, int64_t ldx, int64_t M, float *y,
+                       int64_t ldy, int nthreads) {
+    return qa_matmul_x8_lora(n, plan, K, x, ldx, M, y, ldy, 0, 0, nthreads);
 }
 
 /* y = x @ W^T on the 8-row layout, x quantized to 8 bits per block of 32. Return codes as qa_matmul_q8. */
@@ -1994,26 +2028,38 @@ int qa_attn_decode_rows(int64_t B, float *q, float *k, const float *v, int64_t H
  * addresses of float32 [r, K] / [r, N], scale as the bits of a double; x and y rows ldx / ldy floats apart
  * (y may be one part of a grouped output). One call serves a batch whose rows use different adapters, a
  * row with several adapters, and several tokens on one adapter. */
-static int lora_entry(const int64_t *p, const float *x, int64_t ldx, int64_t K, float *y, int64_t ldy, int64_t N) {
+/* One plan entry (row, A, Bt, r, scale bits, col, N): y[row, col .. col + N) += scale * (A x[row]) . Bt */
+static int lora_entry(const int64_t *p, const float *x, int64_t ldx, int64_t K, float *y, int64_t ldy) {
     float h[256];
-    const int64_t row = p[0], r = p[3];
+    const int64_t row = p[0], r = p[3], col = p[5], N = p[6];
     const float *A = (const float *)(intptr_t)p[1], *Bt = (const float *)(intptr_t)p[2];
     double scale;
     memcpy(&scale, &p[4], sizeof scale);
     if (r > 256) return -1;
     /* PEFT's order, B(A x) then the scale, up to where float32 rounds: the scale goes on the r values of h */
     for (int64_t j = 0; j < r; j++) h[j] = (float)(scale * dotf(A + j * K, x + row * ldx, K));
-    for (int64_t j = 0; j < r; j++) axpyf(y + row * ldy, h[j], Bt + j * N, N);
+    for (int64_t j = 0; j < r; j++) axpyf(y + row * ldy + col, h[j], Bt + j * N, N);
     return 0;
 }
 
+/* Entries whose (row, col) strictly increase write disjoint outputs (a batch with one adapter per row, the
+ * q, k and v of one grouped call): they run in parallel; otherwise (several adapters on one output) in
+ * order. */
+static int lora_distinct(int64_t n, const int64_t *plan) {
+    int distinct = 1;
+    for (int64_t e = 1; e < n && distinct; e++) {
+        const int64_t *a = plan + 7 * (e - 1), *b = plan + 7 * e;
+        distinct = b[0] > a[0] || (b[0] == a[0] && b[5] > a[5]);
+    }
+    return distinct;
+}
+
 int qa_lora_rows(int64_t n, const int64_t *plan, const float *x, int64_t ldx, int64_t K, float *y, int64_t ldy,
-                 int64_t N, int nthreads) {
-    int distinct = 1; /* entries on distinct rows (a batch, one adapter per row) run in parallel */
-    for (int64_t e = 1; e < n && distinct; e++) distinct = plan[5 * e] > plan[5 * (e - 1)];
+                 int nthreads) {
+    const int distinct = lora_distinct(n, plan);
     int rc = 0;
-#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && distinct && n > 1) reduction(| : rc)
-    for (int64_t e = 0; e < n; e++) rc |= lora_entry(plan + 5 * e, x, ldx, K, y, ldy, N);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1 && distinct && n > 1) reduction(| : rc)
+    for (int64_t e = 0; e < n; e++) rc |= lora_entry(plan + 7 * e, x, ldx, K, y, ldy);
     return rc;
 }
 
