@@ -273,6 +273,8 @@ def test_q8_decode_with_grouped_deltas_matches_peft(tiny_models, tmp_path):
         got = [m.decoder(ids[:, p:p + 1], torch.tensor([[p]]), cache, ctx=ctx).logits[0, -1] for p in range(6)]
     lora_plans = m.decoder.blocks[0]._groups[("lora", ("q", "k", "v"))][1]
     assert any(p is not None and p.shape[0] == 5 for p in lora_plans.values())  # a q, a v, b q, b k, b v
+    # the steps ran as one native call through all layers (NativeKernels.decode_layers)
+    assert [v is not None for v in cache._native_steps.values()] == [True]
     for p in range(6):
         _assert_q8_close(got[p], want[0, p])
 

@@ -8,6 +8,7 @@ families is the spec (norm, activation, positions) and which roles exist.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.native import lora_plan, row_stride
+from ..quant.native import _type_id as native_type_id, lora_plan, row_stride
 from ..runtime.kv_cache import KVCache
 from .config import ModelConfig
 from .family import FamilySpec
@@ -202,14 +203,11 @@ class Block(nn.Module):
         (one activation quantization, one parallel region), then each wrapper's deltas."""
         lin = self._fast[0]
         if self.native is not None:
-            mods = tuple(lin[r] for r in roles)
-            group = self._groups.get(roles)
-            if group is None or group[0] != mods:
-                group = self._groups[roles] = (mods, _x8_group(self.native, mods))
-            if group[1] is not None:
-                plan, total, splits = group[1]
+            mods, group = self._x8_group(roles)
+            if group is not None:
+                plan, total, splits = group
                 h2d = h.reshape(-1, h.shape[-1])
-                lora = self._group_lora(roles, mods, splits, ctx, h2d)
+                lora = self._group_lora(roles, mods, splits, ctx, h2d.shape[0]) if row_stride(h2d) is not None else None
                 if lora is not None:  # every wrapper's deltas in the same native call (or none to add)
                     y = self.native.matmul_x8_multi(plan, total, h.shape[-1], h2d, lora if lora.shape[0] else None)
                     return [part.view(*h.shape[:-1], part.shape[-1]) for part in y.split(splits, dim=1)]
@@ -221,13 +219,21 @@ class Block(nn.Module):
                 return outs
         return [call_linear(lin[r], h, ctx) for r in roles]
 
+    def _x8_group(self, roles: tuple[str, ...]) -> tuple[tuple[nn.Module, ...], tuple | None]:
+        """The linears ``roles`` and their grouped native plan (:func:`_x8_group`), cached until one is wrapped."""
+        lin = self._fast[0]
+        mods = tuple(lin[r] for r in roles)
+        group = self._groups.get(roles)
+        if group is None or group[0] != mods:
+            group = self._groups[roles] = (mods, _x8_group(self.native, mods))
+        return group
+
     def _group_lora(self, roles: tuple[str, ...], mods: tuple[nn.Module, ...], splits: list[int], ctx: Any,
-                    h2d: torch.Tensor) -> torch.Tensor | None:
-        """One native LoRA plan for the deltas of all of ``mods`` on a grouped call's output (each entry at
-        its layer's columns), cached per adapter set and row count until an adapter is added or removed;
-        None when one wrapper's deltas cannot run natively (then each adds its own)."""
-        m = h2d.shape[0]
-        if m > 8 or row_stride(h2d) is None:  # more rows: the per-adapter matmuls win
+                    m: int) -> torch.Tensor | None:
+        """One native LoRA plan for the deltas of all of ``mods`` on a grouped call's output of ``m`` rows (each
+        entry at its layer's columns), cached per adapter set and row count until an adapter is added or
+        removed; None when one wrapper's deltas cannot run natively (then each adds its own)."""
+        if m > 8:  # more rows: the per-adapter matmuls win
             return None
         versions = tuple(getattr(mod, "version", 0) for mod in mods)
         key = (ctx.rows if ctx is not None and ctx.rows is not None else
@@ -249,6 +255,31 @@ class Block(nn.Module):
         plan = cache[1][key] = lora_plan(entries)
         return plan
 
+    def native_step_fields(self, ctx: Any, B: int, cache: KVCache) -> tuple[list[int], list] | None:
+        """This layer's row of :meth:`NativeKernels.decode_layers`' plan for a decode step of ``B`` rows
+        (and the tensors it points into, to keep alive), or None when the layer does not have that shape:
+        RMS norms, separate q/k/v and o and the fused MLP all on 8-row q8 layouts, deltas the kernel takes."""
+        lin, attn_norm, mlp_norm = self._fast
+        if self.native is None or "qkv" in lin or not isinstance(attn_norm, RMSNorm) \
+                or not all(r in lin for r in ("q", "k", "v", "o")):
+            return None
+        fused = self._fused_mlp()
+        (qkv_mods, qkv), (o_mods, o) = self._x8_group(("q", "k", "v")), self._x8_group(("o",))
+        if fused is None or qkv is None or o is None:
+            return None
+        lq = self._group_lora(("q", "k", "v"), qkv_mods, qkv[2], ctx, B)
+        lo = self._group_lora(("o",), o_mods, o[2], ctx, B)
+        if lq is None or lo is None:
+            return None
+        gate_up, ff, down = fused
+        kc, vc = cache.k[self.layer_idx], cache.v[self.layer_idx]
+        fields = [attn_norm.weight.data_ptr(), _bits(attn_norm.eps), qkv[0].data_ptr(), *qkv[2],
+                  lq.shape[0], lq.data_ptr() if lq.shape[0] else 0, o[0].data_ptr(),
+                  lo.shape[0], lo.data_ptr() if lo.shape[0] else 0, kc.data_ptr(), vc.data_ptr(), kc.shape[-2],
+                  mlp_norm.weight.data_ptr(), _bits(mlp_norm.eps), gate_up.data_ptr(), ff, native_type_id(down.qtype),
+                  down._x8.data_ptr()]
+        return fields, [qkv[0], o[0], lq, lo, gate_up, kc, vc]
+
     def _mlp(self, x: torch.Tensor, ctx: Any) -> torch.Tensor:
         lin, _, mlp_norm = self._fast
         if self.native is not None and x.shape[-2] == 1 and x.dtype == torch.float32 and x.is_contiguous():
@@ -266,6 +297,11 @@ class Block(nn.Module):
         else:
             h = _act(self.spec.act, call_linear(lin["up"], h, ctx))
         return x + call_linear(lin["down"], h, ctx)
+
+
+def _bits(v: float) -> int:
+    """A float's double bits as an int64 (how the native plans carry floats)."""
+    return struct.unpack("<q", struct.pack("<d", v))[0]
 
 
 def _fused_mlp_plan(blk: "Block"):
@@ -413,13 +449,45 @@ class Decoder(nn.Module):
                 w = self.cfg.sliding_window
                 step.native_first = (step.native_pos - (w - 1)).clamp_(min=0) if w else torch.zeros_like(step.native_pos)
                 step.cos, step.sin = step.cos.contiguous(), step.sin.contiguous()
-        for blk in self.blocks:
-            x = blk.forward(x, step, cache, ctx)
+        plans = self._native_step(ctx, B, cache) if step.native_pos is not None else None
+        if plans is not None:  # every layer in one native call (the same calls as the loop below)
+            cfg = self.cfg
+            x = self.native.decode_layers(plans, x.reshape(B, -1).contiguous(), cfg.num_attention_heads,
+                                          cfg.num_key_value_heads, cfg.head_dim, step.cos, step.sin,
+                                          step.native_pos, step.native_first).view(B, 1, -1)
+        else:
+            for blk in self.blocks:
+                x = blk.forward(x, step, cache, ctx)
         x = self.final_norm.forward(x)
         if last_only:
             x = x[:, -1:]
         out = call_linear(self.lm_head, x, ctx).float() if logits else None
         return ForwardOutput(out, x)
+
+    def _native_step(self, ctx: Any, B: int, cache: KVCache) -> torch.Tensor | None:
+        """The plan of :meth:`NativeKernels.decode_layers` for a decode step of ``B`` rows under ``ctx`` on
+        ``cache``, or None (X-LoRA, a layer of another shape, no native kernels). Kept on the cache, keyed by
+        the adapter set and every linear's identity and adapter version (a load, an unload, a wrap)."""
+        if getattr(ctx, "xlora", None) is not None or self.pos_embed is not None:
+            return None
+        sig = tuple((id(m), getattr(m, "version", 0)) for blk in self.blocks for m in blk._fast[0].values())
+        key = (ctx.rows if ctx is not None and ctx.rows is not None else (ctx.active if ctx is not None else ()),
+               B, sig)
+        plans = cache.__dict__.setdefault("_native_steps", {})
+        if key not in plans:
+            if len(plans) > 16:
+                plans.clear()
+            rows, keep = [], []
+            for blk in self.blocks:
+                got = blk.native_step_fields(ctx, B, cache)
+                if got is None:
+                    plans[key] = None
+                    return None
+                rows.append(got[0])
+                keep += got[1]
+            plans[key] = (torch.tensor(rows, dtype=torch.int64), keep)
+        got = plans[key]
+        return None if got is None else got[0]
 
     # ---- the module tree as the layer map names it
     def linear_slots(self):

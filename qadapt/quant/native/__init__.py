@@ -97,6 +97,9 @@ class NativeKernels:
         self._attn = lib.qa_attn_decode
         self._attn.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _int]
         self._attn.restype = _int
+        self._layers = lib.qa_decode_layers
+        self._layers.argtypes = [_i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _int]
+        self._layers.restype = _int
         self._attn_rows = lib.qa_attn_decode_rows
         self._attn_rows.argtypes = [_i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr,
                                     _ptr, _ptr, _int]
@@ -193,6 +196,20 @@ class NativeKernels:
         if rc:
             raise ValueError(f"native attention refused H={H} Hkv={Hkv} D={D} pos={pos.tolist()}")
         return out
+
+    #: int64 fields per layer of :meth:`decode_layers`' plan (QA_LAYER_FIELDS in the C source)
+    LAYER_FIELDS = 20
+
+    def decode_layers(self, plans: torch.Tensor, x: torch.Tensor, H: int, Hkv: int, D: int, cos: torch.Tensor,
+                      sin: torch.Tensor, pos: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """One decode step through every layer of ``plans`` (int64 [layers, LAYER_FIELDS], built by the
+        decoder): x float32 contiguous [B, K] (one new token per row) is updated in place and returned."""
+        B, K = x.shape[0], x.shape[-1]
+        rc = self._layers(plans.shape[0], plans.data_ptr(), x.data_ptr(), B, K, H, Hkv, D, cos.shape[-1],
+                          cos.data_ptr(), sin.data_ptr(), pos.data_ptr(), first.data_ptr(), torch.get_num_threads())
+        if rc:
+            raise ValueError(f"native decode step refused its plan (code {rc})")
+        return x
 
     def lora_rows(self, y: torch.Tensor, x: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
         """``y[row] += scale * (x[row] A^T) Bt`` in place for each entry of ``plan`` (see :func:`lora_plan`);

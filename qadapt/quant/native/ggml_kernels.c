@@ -2063,6 +2063,63 @@ int qa_lora_rows(int64_t n, const int64_t *plan, const float *x, int64_t ldx, in
     return rc;
 }
 
+/* One decode step (each of B rows one new token) through nl Llama-style layers in one call, x [B, K]
+ * updated in place: per layer, RMS norm, q/k/v with their LoRA deltas (one grouped call), rotary + cache
+ * write + attention, o with its deltas, the residual, and the fused MLP block. The same calls, in the same
+ * order and on the same numbers, as the per-layer path of the decoder; only the ~100 returns to the
+ * interpreter per token are gone. Per layer, QA_LAYER_FIELDS int64 (doubles as their bits):
+ *   0 attn norm weight, 1 its eps, 2 q/k/v x8 plan (3 weights), 3 q rows, 4 k rows, 5 v rows,
+ *   6 q/k/v LoRA entries, 7 their plan, 8 o x8 plan (1 weight), 9 o LoRA entries, 10 their plan,
+ *   11 key cache [B, Hkv, s_max, D], 12 value cache, 13 s_max, 14 mlp norm weight, 15 its eps,
+ *   16 gate/up x8 plan, 17 ff, 18 down type, 19 down layout.
+ * cos/sin [B, rope_dim], pos/first [B] as qa_attn_decode_rows. Returns 0, or the failing call's code. */
+#define QA_LAYER_FIELDS 20
+int qa_decode_layers(int64_t nl, const int64_t *plans, float *x, int64_t B, int64_t K, int64_t H, int64_t Hkv,
+                     int64_t D, int64_t rope_dim, const float *cos, const float *sin, const int64_t *pos,
+                     const int64_t *first, int nthreads) {
+    int64_t nqkv_max = 0;
+    for (int64_t l = 0; l < nl; l++) {
+        const int64_t *p = plans + l * QA_LAYER_FIELDS;
+        if (p[3] != H * D || p[4] != Hkv * D || p[5] != Hkv * D) return -1;
+        const int64_t n = p[3] + p[4] + p[5];
+        nqkv_max = n > nqkv_max ? n : nqkv_max;
+    }
+    /* h: the norm's output; qkv: the grouped output; q/k/v: each row's contiguous copies; a: attention; y: o */
+    const int64_t HD = H * D, KD = Hkv * D;
+    float *buf = (float *)malloc((size_t)B * (size_t)(K + nqkv_max + HD + 2 * KD + HD + K) * sizeof(float));
+    if (!buf) return -3;
+    float *h = buf, *qkv = h + B * K, *q = qkv + B * nqkv_max, *k = q + B * HD, *v = k + B * KD, *a = v + B * KD,
+          *y = a + B * HD;
+    int rc = 0;
+    for (int64_t l = 0; l < nl && !rc; l++) {
+        const int64_t *p = plans + l * QA_LAYER_FIELDS;
+        double eps;
+        memcpy(&eps, &p[1], sizeof eps);
+        qa_rms_norm(x, B, K, (const float *)(intptr_t)p[0], (float)eps, h);
+        const int64_t nqkv = p[3] + p[4] + p[5];
+        rc = qa_matmul_x8_lora(3, (const int64_t *)(intptr_t)p[2], K, h, K, B, qkv, nqkv, p[6],
+                               (const int64_t *)(intptr_t)p[7], nthreads);
+        if (rc) break;
+        for (int64_t b = 0; b < B; b++) {
+            memcpy(q + b * HD, qkv + b * nqkv, (size_t)HD * sizeof(float));
+            memcpy(k + b * KD, qkv + b * nqkv + HD, (size_t)KD * sizeof(float));
+            memcpy(v + b * KD, qkv + b * nqkv + HD + KD, (size_t)KD * sizeof(float));
+        }
+        rc = qa_attn_decode_rows(B, q, k, v, H, Hkv, D, rope_dim, cos, sin, (float *)(intptr_t)p[11],
+                                 (float *)(intptr_t)p[12], p[13], pos, first, a, nthreads);
+        if (rc) break;
+        rc = qa_matmul_x8_lora(1, (const int64_t *)(intptr_t)p[8], HD, a, HD, B, y, K, p[9],
+                               (const int64_t *)(intptr_t)p[10], nthreads);
+        if (rc) break;
+        for (int64_t i = 0; i < B * K; i++) x[i] += y[i];
+        memcpy(&eps, &p[15], sizeof eps);
+        rc = qa_mlp_x8(x, B, K, (const float *)(intptr_t)p[14], (float)eps, (const int64_t *)(intptr_t)p[16], p[17],
+                       (int)p[18], (const uint8_t *)(intptr_t)p[19], x, nthreads);
+    }
+    free(buf);
+    return rc;
+}
+
 /* ------------------------------------------------------------------ entry points */
 
 /* 1 when this build has the AVX2/FMA dot products, 0 for the portable loops. */
