@@ -1946,11 +1946,11 @@ int qa_rms_norm(const float *x, int64_t rows, int64_t n, const float *w, float e
  * sign-folded sin rows [rope_dim], rope_dim <= D; x * cos + swap_halves(x) * sin, as the torch
  * path), k and v written to the caches [Hkv, S_max, D] at pos, then softmax(q k^T / sqrt(D)) v
  * over keys first..pos (first > 0: a sliding window) into out [H, D]. H % Hkv == 0. */
-int qa_attn_decode(float *q, float *k, const float *v, int64_t H, int64_t Hkv, int64_t D, int64_t rope_dim,
-                   const float *cos, const float *sin, float *kc, float *vc, int64_t s_max, int64_t pos,
-                   int64_t first, float *out, int nthreads) {
+/* Rotary on one row's q [H, D] and k [Hkv, D] (in place), and its k/v written to the caches at pos. */
+static int attn_prep(float *q, float *k, const float *v, int64_t H, int64_t Hkv, int64_t D, int64_t rope_dim,
+                     const float *cos, const float *sin, float *kc, float *vc, int64_t s_max, int64_t pos, int64_t first) {
     if (H % Hkv || pos >= s_max || first > pos || rope_dim > D || rope_dim % 2) return -1;
-    const int64_t half = rope_dim / 2, rep = H / Hkv, S = pos + 1 - first;
+    const int64_t half = rope_dim / 2;
     for (int64_t h = 0; h < H + Hkv; h++) {
         float *x = h < H ? q + h * D : k + (h - H) * D;
         for (int64_t i = 0; i < half; i++) {
@@ -1964,64 +1964,80 @@ int qa_attn_decode(float *q, float *k, const float *v, int64_t H, int64_t Hkv, i
         memcpy(kc + (g * s_max + pos) * D, k + g * D, (size_t)D * sizeof(float));
         memcpy(vc + (g * s_max + pos) * D, v + g * D, (size_t)D * sizeof(float));
     }
+    return 0;
+}
+
+/* Query head h of one row over its keys first..pos: softmax(q k / sqrt(D)) v into out [D]. */
+static void attn_head(const float *q, int64_t h, int64_t H, int64_t Hkv, int64_t D, const float *kc, const float *vc,
+                      int64_t s_max, int64_t pos, int64_t first, float *out) {
+    const int64_t rep = H / Hkv, S = pos + 1 - first;
     const float scale = 1.0f / sqrtf((float)D);
-    if (nthreads < 1) nthreads = 1;
-#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && S * H * D > 65536)
-    for (int64_t h = 0; h < H; h++) {
-        const float *qh = q + h * D, *kh = kc + ((h / rep) * s_max + first) * D, *vh = vc + ((h / rep) * s_max + first) * D;
-        float *p = (float *)malloc((size_t)S * sizeof(float));
-        float mx = -INFINITY;
+    const float *qh = q + h * D, *kh = kc + ((h / rep) * s_max + first) * D, *vh = vc + ((h / rep) * s_max + first) * D;
+    float *p = (float *)malloc((size_t)S * sizeof(float));
+    float mx = -INFINITY;
 #ifdef QA_AVX2
-        if (D == 64) scores64(qh, kh, S, scale, p);
-        else
+    if (D == 64) scores64(qh, kh, S, scale, p);
+    else
 #endif
-            for (int64_t s = 0; s < S; s++) p[s] = dotf(qh, kh + s * D, D) * scale;
-        for (int64_t s = 0; s < S; s++) mx = p[s] > mx ? p[s] : mx;
-        float sum = 0.0f;
-        int64_t s = 0;
+        for (int64_t s = 0; s < S; s++) p[s] = dotf(qh, kh + s * D, D) * scale;
+    for (int64_t s = 0; s < S; s++) mx = p[s] > mx ? p[s] : mx;
+    float sum = 0.0f;
+    int64_t s = 0;
 #ifdef QA_AVX2
-        __m256 sv = _mm256_setzero_ps();
-        const __m256 mv = _mm256_set1_ps(mx);
-        for (; s + 8 <= S; s += 8) {
-            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + s), mv));
-            _mm256_storeu_ps(p + s, e);
-            sv = _mm256_add_ps(sv, e);
-        }
-        sum = hsum(sv);
+    __m256 sv = _mm256_setzero_ps();
+    const __m256 mv = _mm256_set1_ps(mx);
+    for (; s + 8 <= S; s += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + s), mv));
+        _mm256_storeu_ps(p + s, e);
+        sv = _mm256_add_ps(sv, e);
+    }
+    sum = hsum(sv);
 #endif
-        for (; s < S; s++) {
-            p[s] = expf(p[s] - mx);
-            sum += p[s];
-        }
-        float *o = out + h * D;
-        const float inv = 1.0f / sum;
+    for (; s < S; s++) {
+        p[s] = expf(p[s] - mx);
+        sum += p[s];
+    }
+    float *o = out + h * D;
+    const float inv = 1.0f / sum;
 #ifdef QA_AVX2
-        if (D == 64) {
-            values64(p, vh, S, inv, o);
-            free(p);
-            continue;
-        }
-#endif
-        for (int64_t i = 0; i < D; i++) o[i] = 0.0f;
-        for (s = 0; s < S; s++) axpyf(o, p[s], vh + s * D, D);
-        for (int64_t i = 0; i < D; i++) o[i] *= inv;
+    if (D == 64) {
+        values64(p, vh, S, inv, o);
         free(p);
+        return;
+    }
+#endif
+    for (int64_t i = 0; i < D; i++) o[i] = 0.0f;
+    for (s = 0; s < S; s++) axpyf(o, p[s], vh + s * D, D);
+    for (int64_t i = 0; i < D; i++) o[i] *= inv;
+    free(p);
+}
+
+int qa_attn_decode_rows(int64_t B, float *q, float *k, const float *v, int64_t H, int64_t Hkv, int64_t D,
+                        int64_t rope_dim, const float *cos, const float *sin, float *kc, float *vc, int64_t s_max,
+                        const int64_t *pos, const int64_t *first, float *out, int nthreads) {
+    int64_t work = 0;
+    for (int64_t b = 0; b < B; b++) {
+        const int rc = attn_prep(q + b * H * D, k + b * Hkv * D, v + b * Hkv * D, H, Hkv, D, rope_dim,
+                                 cos + b * rope_dim, sin + b * rope_dim, kc + b * Hkv * s_max * D,
+                                 vc + b * Hkv * s_max * D, s_max, pos[b], first[b]);
+        if (rc) return rc;
+        work += (pos[b] + 1 - first[b]) * H * D;
+    }
+    if (nthreads < 1) nthreads = 1;
+    /* every row's heads in one parallel region (a batch's rows are independent) */
+#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads) if (nthreads > 1 && work > 65536)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+        const int64_t b = bh / H;
+        attn_head(q + b * H * D, bh % H, H, Hkv, D, kc + b * Hkv * s_max * D, vc + b * Hkv * s_max * D, s_max,
+                  pos[b], first[b], out + b * H * D);
     }
     return 0;
 }
 
-/* qa_attn_decode for B rows, each one new token at its own position: q [B, H*D], k and v [B, Hkv*D],
- * cos/sin [B, rope_dim], caches [B, Hkv, s_max, D], pos/first [B], out [B, H*D]. */
-int qa_attn_decode_rows(int64_t B, float *q, float *k, const float *v, int64_t H, int64_t Hkv, int64_t D,
-                        int64_t rope_dim, const float *cos, const float *sin, float *kc, float *vc, int64_t s_max,
-                        const int64_t *pos, const int64_t *first, float *out, int nthreads) {
-    for (int64_t b = 0; b < B; b++) {
-        const int rc = qa_attn_decode(q + b * H * D, k + b * Hkv * D, v + b * Hkv * D, H, Hkv, D, rope_dim,
-                                      cos + b * rope_dim, sin + b * rope_dim, kc + b * Hkv * s_max * D,
-                                      vc + b * Hkv * s_max * D, s_max, pos[b], first[b], out + b * H * D, nthreads);
-        if (rc) return rc;
-    }
-    return 0;
+int qa_attn_decode(float *q, float *k, const float *v, int64_t H, int64_t Hkv, int64_t D, int64_t rope_dim,
+                   const float *cos, const float *sin, float *kc, float *vc, int64_t s_max, int64_t pos,
+                   int64_t first, float *out, int nthreads) {
+    return qa_attn_decode_rows(1, q, k, v, H, Hkv, D, rope_dim, cos, sin, kc, vc, s_max, &pos, &first, out, nthreads);
 }
 
 /* y[row] += scale * (x[row] A^T) Bt for each (row, A, Bt, r, scale) of plan: 5 int64 per entry, A and Bt as
