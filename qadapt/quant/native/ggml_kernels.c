@@ -863,9 +863,11 @@ DEFINE_PAIR(4, 1)
 typedef struct {
     float d;        /* amax / 127 (0 for an all-zero block) */
     int32_t s;      /* sum of q */
-    int32_t ns8, ns128; /* -8 s, -128 s: the Q4_0 / Q8_0 8-row kernels' offset terms, read by a broadcast
-                         * (an integer multiply and broadcast from a register per block and input row cost
-                         * those kernels ~10% at 8 rows) */
+    /* terms the 8-row kernels read by a broadcast from memory (an integer or float multiply and a broadcast
+     * from a register per block and input row cost them ~10% at 8 rows): */
+    int32_t ns8, ns128; /* -8 s, -128 s: the Q4_0 / Q8_0 offsets' */
+    int32_t nh32[2];    /* -32 h: Q6_K's per half-block */
+    float ds;           /* d * s: the K-quants' minimums' */
     int16_t h[2];   /* sums of q over elements 0..15 and 16..31 */
     int8_t q[32];
 } xblk;
@@ -922,6 +924,9 @@ static void quantize_row_q8(const float *x, int64_t K, xblk *out, float *ds) {
         o->s = o->h[0] + o->h[1];
         o->ns8 = -8 * o->s;
         o->ns128 = -128 * o->s;
+        o->nh32[0] = -32 * o->h[0];
+        o->nh32[1] = -32 * o->h[1];
+        o->ds = o->d * (float)o->s;
         ds[b] = o->d * (float)o->s;
         const __m256i q = _mm256_permutevar8x32_epi32(
             _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3)), perm);
@@ -1449,8 +1454,8 @@ AI void x8_q4_k(const uint8_t *grp, int64_t nsb, const xblk *x, int64_t ldx, flo
                 const xblk *x0 = x + m * ldx + b * 8 + 2 * r, *x1 = x0 + 1;
                 f[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp32(lo, x0->q)), _mm256_mul_ps(sc0, _mm256_set1_ps(x0->d)), f[m]);
                 f[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp32(hi, x1->q)), _mm256_mul_ps(sc1, _mm256_set1_ps(x1->d)), f[m]);
-                c[m] = _mm256_fmadd_ps(mn0, _mm256_set1_ps(x0->d * (float)x0->s), c[m]);
-                c[m] = _mm256_fmadd_ps(mn1, _mm256_set1_ps(x1->d * (float)x1->s), c[m]);
+                c[m] = _mm256_fmadd_ps(mn0, _mm256_set1_ps(x0->ds), c[m]);
+                c[m] = _mm256_fmadd_ps(mn1, _mm256_set1_ps(x1->ds), c[m]);
             }
         }
         for (int m = 0; m < MT; m++) acc[m] = _mm256_fmadd_ps(d, f[m], _mm256_fnmadd_ps(dmin, c[m], acc[m]));
@@ -1535,12 +1540,12 @@ AI void q6_k_sb_many(const uint8_t *blk, const xblk *x, int64_t ldx, int64_t b, 
                 /* four short chains rather than two long ones: the dot products' latency, not their
                  * count, bounds a one-row pass */
                 const __m256i z = _mm256_setzero_si256();
-                __m256i p0 = dp4(dp4(z, u[0], xb->q), u[1], xb->q + 4);
+                __m256i p0 = dp4(dp4(_mm256_set1_epi32(xb->nh32[0]), u[0], xb->q), u[1], xb->q + 4);
                 __m256i p2 = dp4(dp4(z, u[2], xb->q + 8), u[3], xb->q + 12);
-                __m256i p1 = dp4(dp4(z, u[4], xb->q + 16), u[5], xb->q + 20);
+                __m256i p1 = dp4(dp4(_mm256_set1_epi32(xb->nh32[1]), u[4], xb->q + 16), u[5], xb->q + 20);
                 __m256i p3 = dp4(dp4(z, u[6], xb->q + 24), u[7], xb->q + 28);
-                p0 = _mm256_mullo_epi32(_mm256_sub_epi32(_mm256_add_epi32(p0, p2), _mm256_set1_epi32(32 * xb->h[0])), s0);
-                p1 = _mm256_mullo_epi32(_mm256_sub_epi32(_mm256_add_epi32(p1, p3), _mm256_set1_epi32(32 * xb->h[1])), s1);
+                p0 = _mm256_mullo_epi32(_mm256_add_epi32(p0, p2), s0);
+                p1 = _mm256_mullo_epi32(_mm256_add_epi32(p1, p3), s1);
                 f[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)), _mm256_set1_ps(xb->d), f[m]);
             }
         }
@@ -1609,8 +1614,8 @@ AI void x16_q4_k(const uint8_t *ga, const uint8_t *gb, int64_t nsb, const xblk *
                 const xblk *x0 = x + m * ldx + b * 8 + 2 * r, *x1 = x0 + 1;
                 f[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp32x16(lo, x0->q)), _mm512_mul_ps(sc0, _mm512_set1_ps(x0->d)), f[m]);
                 f[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp32x16(hi, x1->q)), _mm512_mul_ps(sc1, _mm512_set1_ps(x1->d)), f[m]);
-                c[m] = _mm512_fmadd_ps(mn0, _mm512_set1_ps(x0->d * (float)x0->s), c[m]);
-                c[m] = _mm512_fmadd_ps(mn1, _mm512_set1_ps(x1->d * (float)x1->s), c[m]);
+                c[m] = _mm512_fmadd_ps(mn0, _mm512_set1_ps(x0->ds), c[m]);
+                c[m] = _mm512_fmadd_ps(mn1, _mm512_set1_ps(x1->ds), c[m]);
             }
         }
         for (int m = 0; m < MT; m++) acc[m] = _mm512_fmadd_ps(d, f[m], _mm512_fnmadd_ps(dmin, c[m], acc[m]));
