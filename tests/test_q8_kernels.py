@@ -279,6 +279,44 @@ def test_q8_decode_with_grouped_deltas_matches_peft(tiny_models, tmp_path):
         _assert_q8_close(got[p], want[0, p])
 
 
+def test_q8_decode_rows_in_a_sliding_window_match_peft(tmp_path):
+    """The one-call decode step on Mistral with a 4-token window, two rows on different adapters at
+    different positions (continuous batching): each row's logits against PEFT with its adapter on the
+    q8-rule model over that row's own prefix (transformers applies the window in its mask)."""
+    from qadapt.adapters.lora import AdapterContext
+
+    hf = tiny_hf("mistral", seed=40, hidden_size=256, intermediate_size=512, sliding_window=4)
+    ref = write_quantized(hf, tmp_path / "m.gguf", "Q8_0", seed=41)
+    folders = {n: make_adapter(hf, tmp_path / n, seed=42 + i) for i, n in enumerate("ab")}
+    m = qadapt.load(tmp_path / "m.gguf", kernels="q8", adapters={n: str(f) for n, f in folders.items()})
+    rq = q8_reference(ref)
+    ids = torch.randint(1, hf.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(43))
+    starts = (3, 6)  # prompt lengths: row 0 has 3 prompt tokens, row 1 six
+    ctx = AdapterContext(rows=(("a",), ("b",)))
+    with torch.inference_mode():
+        cache = m.new_cache(16, batch=2)
+        for r, n in enumerate(starts):  # each row's prompt on its own (the cache row is the row's)
+            one = m.new_cache(16)
+            m.decoder(ids[r:r + 1, :n], None, one, ctx=AdapterContext(active=ctx.rows[r]))
+            for layer in range(len(cache.k)):
+                cache.k[layer][r].copy_(one.k[layer][0])
+                cache.v[layer][r].copy_(one.v[layer][0])
+        got = {0: [], 1: []}
+        for s_ in range(3):
+            pos = torch.tensor([[starts[0] + s_], [starts[1] + s_]])
+            step = torch.stack([ids[0, starts[0] + s_], ids[1, min(starts[1] + s_, 8)]]).view(2, 1)
+            out = m.decoder(step, pos, cache, ctx=ctx).logits[:, -1]
+            for r in (0, 1):
+                got[r].append(out[r])
+    assert any(v is not None for v in cache._native_steps.values())
+    for r, name in enumerate("ab"):
+        seq = torch.cat([ids[r, :starts[r]], torch.stack([ids[0, starts[0] + s_] if r == 0 else ids[1, min(starts[1] + s_, 8)]
+                                                          for s_ in range(3)])]).view(1, -1)
+        want = peft_logits(rq, folders, [name], seq)[0, starts[r]:]
+        for s_ in range(3):
+            _assert_q8_close(got[r][s_], want[s_])
+
+
 def test_q8_greedy_decode_follows_its_own_forward(tiny_models):
     """Token by token (native attention, grouped q/k/v and gate/up calls) against one full forward per
     step of the same q8 model: the same arithmetic per row, so the greedy tokens agree."""

@@ -265,28 +265,42 @@ class Block(nn.Module):
             return None
         fused = self._fused_mlp()
         (qkv_mods, qkv), (o_mods, o) = self._x8_group(("q", "k", "v")), self._x8_group(("o",))
-        if fused is None or qkv is None or o is None:
+        cfg = self.cfg
+        heads = [cfg.num_attention_heads * cfg.head_dim] + [cfg.num_key_value_heads * cfg.head_dim] * 2
+        if fused is None or qkv is None or o is None or list(qkv[2]) != heads:
             return None
         lq = self._group_lora(("q", "k", "v"), qkv_mods, qkv[2], ctx, B)
         lo = self._group_lora(("o",), o_mods, o[2], ctx, B)
-        if lq is None or lo is None:
+        lm = self._mlp_lora(fused, ctx, B)
+        if lq is None or lo is None or lm is None:
             return None
-        gate_up, ff, down = fused
+        gate_up, ff, down, _ = fused
         kc, vc = cache.k[self.layer_idx], cache.v[self.layer_idx]
         fields = [attn_norm.weight.data_ptr(), _bits(attn_norm.eps), qkv[0].data_ptr(), *qkv[2],
                   lq.shape[0], lq.data_ptr() if lq.shape[0] else 0, o[0].data_ptr(),
                   lo.shape[0], lo.data_ptr() if lo.shape[0] else 0, kc.data_ptr(), vc.data_ptr(), kc.shape[-2],
                   mlp_norm.weight.data_ptr(), _bits(mlp_norm.eps), gate_up.data_ptr(), ff, native_type_id(down.qtype),
                   down._x8.data_ptr()]
-        return fields, [qkv[0], o[0], lq, lo, gate_up, kc, vc]
+        for plan in lm:
+            fields += [plan.shape[0], plan.data_ptr() if plan.shape[0] else 0]
+        return fields, [qkv[0], o[0], lq, lo, gate_up, kc, vc, *lm]
+
+    def _mlp_lora(self, fused: tuple, ctx: Any, m: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The native LoRA plans of the fused MLP's gate/up and down for ``m`` rows, or None (not native)."""
+        _, ff, down, mods = fused
+        lgu = self._group_lora(("gate", "up"), mods[:2], [ff, ff], ctx, m)
+        ld = self._group_lora(("down",), mods[2:], [down.out_features], ctx, m)
+        return None if lgu is None or ld is None else (lgu, ld)
 
     def _mlp(self, x: torch.Tensor, ctx: Any) -> torch.Tensor:
         lin, _, mlp_norm = self._fast
         if self.native is not None and x.shape[-2] == 1 and x.dtype == torch.float32 and x.is_contiguous():
             fused = self._fused_mlp()
-            if fused is not None:  # norm, gate/up, silu * up, down and the residual: one native call
-                plan, ff, down = fused
-                return self.native.mlp_x8(x, mlp_norm.weight, mlp_norm.eps, plan, ff, down.qtype, down._x8)
+            lora = None if fused is None else self._mlp_lora(fused, ctx, x.numel() // x.shape[-1])
+            if lora is not None:  # norm, gate/up, silu * up, down, their deltas and the residual: one native call
+                plan, ff, down, _ = fused
+                return self.native.mlp_x8(x, mlp_norm.weight, mlp_norm.eps, plan, ff, down.qtype, down._x8,
+                                          lora[0] if lora[0].shape[0] else None, lora[1] if lora[1].shape[0] else None)
         h = mlp_norm.forward(x)
         if "gate_up" in lin:
             gate, up = call_linear(lin["gate_up"], h, ctx).chunk(2, dim=-1)
@@ -305,19 +319,18 @@ def _bits(v: float) -> int:
 
 
 def _fused_mlp_plan(blk: "Block"):
-    """(gate/up plan, ff, down) when a block's MLP can run as one native call: RMS norm, SiLU gate, and
-    gate, up, down all plain 8-row q8 layers (no adapter on them, no bias); else None."""
+    """(gate/up plan, ff, down's base layer, the three linears) when a block's MLP can run as one native call:
+    RMS norm, SiLU gate, and gate, up, down 8-row q8 layers without bias (adapter wrappers around them
+    included: their deltas go in the same call, :meth:`Block._mlp_lora`); else None."""
     lin = blk.linears
     if blk.spec.act != "silu" or not isinstance(blk.mlp_norm, RMSNorm) or not all(r in lin for r in ("gate", "up", "down")):
         return None
     mods = (lin["gate"], lin["up"], lin["down"])
-    if any(hasattr(m, "add_deltas") for m in mods):
-        return None
     group = _x8_group(blk.native, mods[:2])
-    down = mods[2]
+    down = getattr(mods[2], "base", mods[2])
     if group is None or getattr(down, "_x8", None) is None or down.bias is not None:
         return None
-    return group[0], mods[0].out_features, down
+    return group[0], mods[0].out_features, down, mods
 
 
 def _x8_group(lib: Any, mods: tuple[nn.Module, ...]):

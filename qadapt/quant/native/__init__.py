@@ -89,8 +89,9 @@ class NativeKernels:
         self._multi = lib.qa_matmul_x8_lora
         self._multi.argtypes = [_int, _ptr, _i64, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _int]
         self._multi.restype = _int
-        self._mlp = lib.qa_mlp_x8
-        self._mlp.argtypes = [_ptr, _i64, _i64, _ptr, ctypes.c_float, _ptr, _i64, _int, _ptr, _ptr, _int]
+        self._mlp = lib.qa_mlp_x8_lora
+        self._mlp.argtypes = [_ptr, _i64, _i64, _ptr, ctypes.c_float, _ptr, _i64, _int, _ptr, _i64, _ptr, _i64, _ptr,
+                              _ptr, _int]
         self._mlp.restype = _int
         self._rms = lib.qa_rms_norm
         self._rms.argtypes = [_ptr, _i64, _i64, _ptr, ctypes.c_float, _ptr]
@@ -159,13 +160,18 @@ class NativeKernels:
         return y
 
     def mlp_x8(self, x: torch.Tensor, norm_w: torch.Tensor, eps: float, gate_up: torch.Tensor, ff: int,
-               down_qtype: str, down: torch.Tensor) -> torch.Tensor:
+               down_qtype: str, down: torch.Tensor, lora_gate_up: torch.Tensor | None = None,
+               lora_down: torch.Tensor | None = None) -> torch.Tensor:
         """``x + down(silu(gate(h)) * up(h))``, h = rms_norm(x), in one call (float32 contiguous x [..., K];
-        ``gate_up``: the :meth:`x8_plan` of gate then up, ``down``: the 8-row layout of the [K, ff] weight)."""
+        ``gate_up``: the :meth:`x8_plan` of gate then up, ``down``: the 8-row layout of the [K, ff] weight),
+        with the LoRA deltas of :func:`lora_plan`s on gate/up's outputs and on down's when given."""
         K = x.shape[-1]
         out = torch.empty_like(x)
+        ngu = 0 if lora_gate_up is None else lora_gate_up.shape[0]
+        nd = 0 if lora_down is None else lora_down.shape[0]
         rc = self._mlp(x.data_ptr(), x.numel() // K, K, norm_w.data_ptr(), eps, gate_up.data_ptr(), ff,
-                       _type_id(down_qtype), down.data_ptr(), out.data_ptr(), torch.get_num_threads())
+                       _type_id(down_qtype), down.data_ptr(), ngu, lora_gate_up.data_ptr() if ngu else None,
+                       nd, lora_down.data_ptr() if nd else None, out.data_ptr(), torch.get_num_threads())
         if rc:
             raise ValueError(f"native MLP refused its weights (code {rc})")
         return out
@@ -198,7 +204,7 @@ class NativeKernels:
         return out
 
     #: int64 fields per layer of :meth:`decode_layers`' plan (QA_LAYER_FIELDS in the C source)
-    LAYER_FIELDS = 20
+    LAYER_FIELDS = 24
 
     def decode_layers(self, plans: torch.Tensor, x: torch.Tensor, H: int, Hkv: int, D: int, cos: torch.Tensor,
                       sin: torch.Tensor, pos: torch.Tensor, first: torch.Tensor) -> torch.Tensor:

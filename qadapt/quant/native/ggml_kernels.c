@@ -1816,25 +1816,33 @@ int qa_matmul_x8(int type, const uint8_t *wx, int64_t N, int64_t K, const float 
 }
 
 /* A gated MLP block on rows of x [M, K] in one call: out = x + down(silu(gate(h)) * up(h)), h = rms_norm(x),
- * gate/up/down in the 8-row layout (gate_up: the grouped plan of gate then up, each F rows; down: [K, F]).
+ * gate/up/down in the 8-row layout (gate_up: the grouped plan of gate then up, each F rows; down: [K, F]),
+ * with LoRA deltas (qa_lora_rows' plans: ngu entries on gate/up's outputs, nd on down's; 0 for none).
  * out may be x. Returns as qa_matmul_x8. */
 int qa_rms_norm(const float *x, int64_t rows, int64_t n, const float *w, float eps, float *out);
 static void silu_mul(const float *g, const float *u, int64_t n, float *out);
-int qa_mlp_x8(const float *x, int64_t M, int64_t K, const float *norm_w, float eps, const int64_t *gate_up,
-              int64_t F, int down_type, const uint8_t *down, float *out, int nthreads) {
+int qa_mlp_x8_lora(const float *x, int64_t M, int64_t K, const float *norm_w, float eps, const int64_t *gate_up,
+                   int64_t F, int down_type, const uint8_t *down, int64_t ngu, const int64_t *lgu, int64_t nd,
+                   const int64_t *ld, float *out, int nthreads) {
     float *h = (float *)malloc((size_t)M * (size_t)(K + 3 * F) * sizeof(float));
     if (!h) return -3;
     float *gu = h + M * K, *a = gu + M * 2 * F;
     qa_rms_norm(x, M, K, norm_w, eps, h);
-    int rc = qa_matmul_x8_multi(2, gate_up, K, h, K, M, gu, 2 * F, nthreads);
+    int rc = qa_matmul_x8_lora(2, gate_up, K, h, K, M, gu, 2 * F, ngu, lgu, nthreads);
     if (!rc) {
         for (int64_t m = 0; m < M; m++) silu_mul(gu + m * 2 * F, gu + m * 2 * F + F, F, a + m * F);
-        rc = qa_matmul_x8(down_type, down, K, F, a, F, M, h, K, nthreads); /* h now holds down's output */
+        const int64_t dplan[3] = {down_type, (int64_t)(intptr_t)down, K};
+        rc = qa_matmul_x8_lora(1, dplan, F, a, F, M, h, K, nd, ld, nthreads); /* h now holds down's output */
     }
     if (!rc)
         for (int64_t i = 0; i < M * K; i++) out[i] = x[i] + h[i];
     free(h);
     return rc;
+}
+
+int qa_mlp_x8(const float *x, int64_t M, int64_t K, const float *norm_w, float eps, const int64_t *gate_up,
+              int64_t F, int down_type, const uint8_t *down, float *out, int nthreads) {
+    return qa_mlp_x8_lora(x, M, K, norm_w, eps, gate_up, F, down_type, down, 0, 0, 0, 0, out, nthreads);
 }
 
 /* ------------------------------------------------------------------ small decode-step ops
@@ -2092,9 +2100,10 @@ int qa_lora_rows(int64_t n, const int64_t *plan, const float *x, int64_t ldx, in
  *   0 attn norm weight, 1 its eps, 2 q/k/v x8 plan (3 weights), 3 q rows, 4 k rows, 5 v rows,
  *   6 q/k/v LoRA entries, 7 their plan, 8 o x8 plan (1 weight), 9 o LoRA entries, 10 their plan,
  *   11 key cache [B, Hkv, s_max, D], 12 value cache, 13 s_max, 14 mlp norm weight, 15 its eps,
- *   16 gate/up x8 plan, 17 ff, 18 down type, 19 down layout.
+ *   16 gate/up x8 plan, 17 ff, 18 down type, 19 down layout, 20 gate/up LoRA entries, 21 their plan,
+ *   22 down LoRA entries, 23 their plan.
  * cos/sin [B, rope_dim], pos/first [B] as qa_attn_decode_rows. Returns 0, or the failing call's code. */
-#define QA_LAYER_FIELDS 20
+#define QA_LAYER_FIELDS 24
 int qa_decode_layers(int64_t nl, const int64_t *plans, float *x, int64_t B, int64_t K, int64_t H, int64_t Hkv,
                      int64_t D, int64_t rope_dim, const float *cos, const float *sin, const int64_t *pos,
                      const int64_t *first, int nthreads) {
@@ -2134,8 +2143,9 @@ int qa_decode_layers(int64_t nl, const int64_t *plans, float *x, int64_t B, int6
         if (rc) break;
         for (int64_t i = 0; i < B * K; i++) x[i] += y[i];
         memcpy(&eps, &p[15], sizeof eps);
-        rc = qa_mlp_x8(x, B, K, (const float *)(intptr_t)p[14], (float)eps, (const int64_t *)(intptr_t)p[16], p[17],
-                       (int)p[18], (const uint8_t *)(intptr_t)p[19], x, nthreads);
+        rc = qa_mlp_x8_lora(x, B, K, (const float *)(intptr_t)p[14], (float)eps, (const int64_t *)(intptr_t)p[16], p[17],
+                            (int)p[18], (const uint8_t *)(intptr_t)p[19], p[20], (const int64_t *)(intptr_t)p[21], p[22],
+                            (const int64_t *)(intptr_t)p[23], x, nthreads);
     }
     free(buf);
     return rc;
