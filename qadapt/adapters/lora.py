@@ -24,6 +24,15 @@ from ..quant.native import lora_plan, row_stride
 log = logging.getLogger(__name__)
 
 
+_EPOCH = [0]
+
+
+def adapters_epoch() -> int:
+    """Bumped whenever any layer gains or loses an adapter (or a wrapper): plans holding factor addresses
+    built for a whole model (the decoder's one-call decode step) key on it."""
+    return _EPOCH[0]
+
+
 @dataclass(frozen=True)
 class LoraFactors:
     """One adapter on one layer: ``delta(x) = scale * B(A(x))``."""
@@ -102,6 +111,7 @@ class LoraLinear(nn.Module):
         self._plans: dict[tuple[str, ...], tuple] = {}
         #: bumped when an adapter is added or removed: plans that hold factor addresses key on it
         self.version = 0
+        _EPOCH[0] += 1
 
     def _native(self) -> Any:
         """The native kernels when the base runs the q8 path (its decode steps are native calls too)."""
@@ -133,12 +143,14 @@ class LoraLinear(nn.Module):
         self._bt[name] = bt
         self._plans = {}
         self.version += 1
+        _EPOCH[0] += 1
 
     def remove(self, name: str) -> None:
         self.adapters.pop(name, None)
         self._bt.pop(name, None)
         self._plans = {}
         self.version += 1
+        _EPOCH[0] += 1
 
     def native_entries(self, ctx: AdapterContext | None, m: int) -> list[tuple] | None:
         """This layer's deltas on ``m`` rows under ``ctx`` as native LoRA entries (row, A, Bt, scale), for a

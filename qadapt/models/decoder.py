@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..adapters.lora import adapters_epoch
 from ..quant.native import _type_id as native_type_id, lora_plan, row_stride
 from ..runtime.kv_cache import KVCache
 from .config import ModelConfig
@@ -480,12 +481,11 @@ class Decoder(nn.Module):
     def _native_step(self, ctx: Any, B: int, cache: KVCache) -> torch.Tensor | None:
         """The plan of :meth:`NativeKernels.decode_layers` for a decode step of ``B`` rows under ``ctx`` on
         ``cache``, or None (X-LoRA, a layer of another shape, no native kernels). Kept on the cache, keyed by
-        the adapter set and every linear's identity and adapter version (a load, an unload, a wrap)."""
+        the adapter set and :func:`adapters_epoch` (a load, an unload, a wrap anywhere)."""
         if getattr(ctx, "xlora", None) is not None or self.pos_embed is not None:
             return None
-        sig = tuple((id(m), getattr(m, "version", 0)) for blk in self.blocks for m in blk._fast[0].values())
         key = (ctx.rows if ctx is not None and ctx.rows is not None else (ctx.active if ctx is not None else ()),
-               B, sig)
+               B, adapters_epoch())
         plans = cache.__dict__.setdefault("_native_steps", {})
         if key not in plans:
             if len(plans) > 16:
