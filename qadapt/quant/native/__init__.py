@@ -95,9 +95,6 @@ class NativeKernels:
         self._mlp.restype = _int
         self._rms = lib.qa_rms_norm
         self._rms.argtypes = [_ptr, _i64, _i64, _ptr, ctypes.c_float, _ptr]
-        self._attn = lib.qa_attn_decode
-        self._attn.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _int]
-        self._attn.restype = _int
         self._layers = lib.qa_decode_layers
         self._layers.argtypes = [_i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _int]
         self._layers.restype = _int

@@ -1803,16 +1803,12 @@ int qa_matmul_x8_lora(int n, const int64_t *plan, int64_t K, const float *x, int
 #endif
 }
 
-int qa_matmul_x8_multi(int n, const int64_t *plan, int64_t K, const float *x, int64_t ldx, int64_t M, float *y,
-                       int64_t ldy, int nthreads) {
-    return qa_matmul_x8_lora(n, plan, K, x, ldx, M, y, ldy, 0, 0, nthreads);
-}
 
 /* y = x @ W^T on the 8-row layout, x quantized to 8 bits per block of 32. Return codes as qa_matmul_q8. */
 int qa_matmul_x8(int type, const uint8_t *wx, int64_t N, int64_t K, const float *x, int64_t ldx, int64_t M,
                  float *y, int64_t ldy, int nthreads) {
     const int64_t plan[3] = {type, (int64_t)(intptr_t)wx, N};
-    return qa_matmul_x8_multi(1, plan, K, x, ldx, M, y, ldy, nthreads);
+    return qa_matmul_x8_lora(1, plan, K, x, ldx, M, y, ldy, 0, 0, nthreads);
 }
 
 /* A gated MLP block on rows of x [M, K] in one call: out = x + down(silu(gate(h)) * up(h)), h = rms_norm(x),
@@ -1840,10 +1836,6 @@ int qa_mlp_x8_lora(const float *x, int64_t M, int64_t K, const float *norm_w, fl
     return rc;
 }
 
-int qa_mlp_x8(const float *x, int64_t M, int64_t K, const float *norm_w, float eps, const int64_t *gate_up,
-              int64_t F, int down_type, const uint8_t *down, float *out, int nthreads) {
-    return qa_mlp_x8_lora(x, M, K, norm_w, eps, gate_up, F, down_type, down, 0, 0, 0, 0, out, nthreads);
-}
 
 /* ------------------------------------------------------------------ small decode-step ops
  * The q8 runtime's one-row helpers (one call instead of a dozen torch ops each). float32. */
@@ -2047,11 +2039,6 @@ int qa_attn_decode_rows(int64_t B, float *q, float *k, const float *v, int64_t H
     return 0;
 }
 
-int qa_attn_decode(float *q, float *k, const float *v, int64_t H, int64_t Hkv, int64_t D, int64_t rope_dim,
-                   const float *cos, const float *sin, float *kc, float *vc, int64_t s_max, int64_t pos,
-                   int64_t first, float *out, int nthreads) {
-    return qa_attn_decode_rows(1, q, k, v, H, Hkv, D, rope_dim, cos, sin, kc, vc, s_max, &pos, &first, out, nthreads);
-}
 
 /* y[row] += scale * (x[row] A^T) Bt for each (row, A, Bt, r, scale) of plan: 5 int64 per entry, A and Bt as
  * addresses of float32 [r, K] / [r, N], scale as the bits of a double; x and y rows ldx / ldy floats apart
