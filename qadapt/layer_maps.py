@@ -108,7 +108,11 @@ def evaluate(expr: str, env: Mapping[str, Any]) -> int:
                 raise _Missing(key)
             return int(value)
         if isinstance(node, ast.BinOp):
-            return _BINOPS[type(node.op)](ev(node.left), ev(node.right))
+            left, right = ev(node.left), ev(node.right)
+            if right == 0 and isinstance(node.op, (ast.FloorDiv, ast.Mod)):
+                raise FormatError(f"shape expression {expr!r} divides by zero: {ast.unparse(node.right)} is 0 "
+                                  f"in the model's config (a head count or size of 0?)")
+            return _BINOPS[type(node.op)](left, right)
         raise ValueError(expr)
 
     try:

@@ -12,7 +12,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from qadapt.errors import QadaptError
@@ -55,6 +55,7 @@ def mutate(data: bytes, muts) -> bytes:
 
 @FAST
 @given(muts=st.lists(mutation, min_size=1, max_size=4))
+@example(muts=[(252, "u32", 0)])  # attention.head_count = 0: a shape expression divided by it (found at 20,000)
 def test_gguf_reader_mutations(gguf_bytes, tmp_path, muts):
     """Mutated GGUF files (bytes, huge u32/u64 counts and lengths, truncation): result or QadaptError."""
     p = tmp_path / "m.gguf"
