@@ -109,9 +109,7 @@ class LoraLinear(nn.Module):
         #: ctx.active -> (the names present here, the native call's (A, Bt, scale) per adapter and plans per
         #: token count, or None)
         self._plans: dict[tuple[str, ...], tuple] = {}
-        #: bumped when an adapter is added or removed: plans that hold factor addresses key on it
-        self.version = 0
-        _EPOCH[0] += 1
+        _EPOCH[0] += 1  # a new wrapper: plans that hold factor addresses key on the epoch
 
     def _native(self) -> Any:
         """The native kernels when the base runs the q8 path (its decode steps are native calls too)."""
@@ -142,14 +140,12 @@ class LoraLinear(nn.Module):
         self.adapters[name] = f
         self._bt[name] = bt
         self._plans = {}
-        self.version += 1
         _EPOCH[0] += 1
 
     def remove(self, name: str) -> None:
         self.adapters.pop(name, None)
         self._bt.pop(name, None)
         self._plans = {}
-        self.version += 1
         _EPOCH[0] += 1
 
     def native_entries(self, ctx: AdapterContext | None, m: int) -> list[tuple] | None:

@@ -236,12 +236,12 @@ class Block(nn.Module):
         removed; None when one wrapper's deltas cannot run natively (then each adds its own)."""
         if m > 8:  # more rows: the per-adapter matmuls win
             return None
-        versions = tuple(getattr(mod, "version", 0) for mod in mods)
+        epoch = adapters_epoch()
         key = (ctx.rows if ctx is not None and ctx.rows is not None else
                (ctx.active if ctx is not None else ()), m, getattr(ctx, "xlora", None) is not None)
         cache = self._groups.get(("lora", roles))
-        if cache is None or cache[0] != versions or len(cache[1]) > 256:  # a server's ever-new row mixes
-            cache = self._groups[("lora", roles)] = (versions, {})
+        if cache is None or cache[0] != epoch or len(cache[1]) > 256:  # a server's ever-new row mixes
+            cache = self._groups[("lora", roles)] = (epoch, {})
         if key in cache[1]:
             return cache[1][key]
         entries, col = [], 0
