@@ -22,6 +22,7 @@ COLUMNS = (
     ("decode_tps", 2, "+2 adapters", 2),
     ("switch_ms", 1, "switch ms", 3),
     ("batched_tps", 8, "8 rows x 8 adapters tok/s", 2),
+    ("batched_over_single", 8, "8 rows / 1 row, +1 adapter (same round)", 2),
     ("peak_rss_mb", 8, "peak RSS MB", 0),
     ("rss_over_files", 8, "RSS added / (file + adapters)", 2),
     ("rss_over_files_one_load", 8, "same, one load + one round", 2),
@@ -196,7 +197,9 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
         "the format's bound = read bandwidth / bytes of weights a decode step reads (every tensor of the file but "
         "the embedding table, of which one row; KV-cache reads not counted). `qadapt dequantize` expands the "
         "weights to float32 on load, so it reads 4 bytes per weight whatever the file's format. `switch ms` makes a "
-        "different single adapter active. Peak RSS is the worker process's VmHWM over its loads and runs, "
+        "different single adapter active. `8 rows / 1 row` is the median over rounds of each round's batched rate "
+        "over its own one-row rate with one adapter (taken seconds apart, so the machine's drift between rounds "
+        "does not enter the ratio). Peak RSS is the worker process's VmHWM over its loads and runs, "
         "with 8 adapters loaded; `RSS added / (file + adapters)` is that peak less the RSS with the libraries "
         "imported, over the GGUF file plus the 8 adapter files, for the timed worker (6 loads, 6 rounds in one "
         "process) and for a fresh process alone on the machine that loads once and runs one round.",

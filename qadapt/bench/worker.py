@@ -71,6 +71,10 @@ def one_round(engine: Engine, files: BenchFiles, cmd: dict) -> dict:
         prompts = [prompt_ids(vocab, cmd["batch_prompt_tokens"], 1 + r) for r in range(B)]
         t = engine.batched(prompts, cmd["batch_decode_tokens"], files.adapter_names[:B])
         out.append({"metric": "batched_tps", "adapters": B, "value": B * cmd["batch_decode_tokens"] / t})
+        # the batched rate over this round's one-row rate with one adapter: a ratio of two figures taken
+        # seconds apart, which a machine's drift between rounds cannot skew the way a ratio of medians can
+        single = next(m["value"] for m in out if m["metric"] == "decode_tps" and m["adapters"] == 1)
+        out.append({"metric": "batched_over_single", "adapters": B, "value": out[-1]["value"] / single})
     except Unsupported as e:
         skipped["batched_tps"] = str(e)
     return {"metrics": out, "skipped": skipped}
