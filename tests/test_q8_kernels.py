@@ -80,11 +80,12 @@ def test_activation_quantization_matches_the_rule():
 
 
 @pytest.mark.parametrize("qtype", Q8_TYPES)
-@pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 16])
 @pytest.mark.parametrize("N", [64, 72])
 def test_q8_matmul_within_the_rounding_bounds(qtype, rows, N):
-    """Rows and outputs cover every pass: one and several input rows, a last tile of one row (9), two
-    tiles (16), and output groups of 8 taken in pairs (the 512-bit passes, 64) or with one left over (72)."""
+    """Rows and outputs cover every pass: one and several input rows (from 4 on, the 16-row passes take
+    their steps outermost: 5, 8), a last tile of one row (9), two tiles (16), and output groups of 8
+    taken in pairs (the 512-bit passes, 64) or with one left over (72)."""
     K = 512
     raw = torch.from_numpy(_blocks(qtype, N, K, seed=1)).view(torch.uint8).reshape(N, -1)
     w = torch.from_numpy(quants.dequantize(raw.numpy(), GT[qtype])).reshape(N, K).double()

@@ -1606,19 +1606,12 @@ AI __m512i dp4x16(__m512i acc, __m512i u, const int8_t *q4) {
     memcpy(&v, q4, 4);
     return _mm512_dpbusd_epi32(acc, u, _mm512_set1_epi32(v));
 }
-AI __m512i dp32x16(const __m512i *u, const int8_t *q) {
-    __m512i p0 = _mm512_setzero_si512(), p1 = _mm512_setzero_si512();
-    for (int j = 0; j < 8; j += 2) {
-        p0 = dp4x16(p0, u[j], q + 4 * j);
-        p1 = dp4x16(p1, u[j + 1], q + 4 * j + 4);
-    }
-    return _mm512_add_epi32(p0, p1);
-}
 
-/* x8_q4_k on two groups. Per super-block the scales and mins go to float once, times d and dmin (on the
- * stack: with the 8 input rows' sums and accumulators, 16 code vectors would spill the registers); each
- * sub-block then takes its 8 code vectors, and from 4 input rows on its steps go outermost with one
- * chain per input row (as x16_rows). */
+/* x8_q4_k on two groups. Per super-block the scales and mins go to float once, times d and dmin (the
+ * compiler keeps them on the stack); per run of 64 elements its 8 code vectors give both sub-blocks'
+ * codes, and each input row's two sums run as four chains. Against one float step per sub-block on
+ * f and c per input row (16 accumulators beside 16 code vectors: spills), an 8-row pass ~10% faster
+ * (Zen 4, 2 threads). */
 AI void x16_q4_k(const uint8_t *ga, const uint8_t *gb, int64_t nsb, const xblk *x, int64_t ldx, float *out, const int MT) {
     __m512 acc[X8_MAX_ROWS];
     for (int m = 0; m < MT; m++) acc[m] = _mm512_setzero_ps();
@@ -1633,24 +1626,27 @@ AI void x16_q4_k(const uint8_t *ga, const uint8_t *gb, int64_t nsb, const xblk *
             scd[j] = _mm512_mul_ps(_mm512_cvtepi32_ps(u8x16(ba + 32 + 8 * j, bb + 32 + 8 * j)), d);
             mnd[j] = _mm512_mul_ps(_mm512_cvtepi32_ps(u8x16(ba + 96 + 8 * j, bb + 96 + 8 * j)), dmin);
         }
-        for (int j = 0; j < 8; j++) { /* sub-block j: run j / 2, low nibbles for even j */
-            __m512i u[8];
+        for (int r = 0; r < 4; r++) { /* run r: sub-blocks 2r (low nibbles) and 2r + 1 (high) */
+            __m512i lo[8], hi[8];
             for (int jj = 0; jj < 8; jj++) {
-                const __m512i v = load2x32(ba + 160 + ((j / 2) * 8 + jj) * 32, bb + 160 + ((j / 2) * 8 + jj) * 32);
-                u[jj] = j % 2 ? _mm512_and_si512(_mm512_srli_epi16(v, 4), m4) : _mm512_and_si512(v, m4);
-            }
-            __m512i p[X8_MAX_ROWS];
-            if (MT < 4) {
-                for (int m = 0; m < MT; m++) p[m] = dp32x16(u, x[m * ldx + b * 8 + j].q);
-            } else {
-                for (int m = 0; m < MT; m++) p[m] = _mm512_setzero_si512();
-                for (int jj = 0; jj < 8; jj++)
-                    for (int m = 0; m < MT; m++) p[m] = dp4x16(p[m], u[jj], x[m * ldx + b * 8 + j].q + 4 * jj);
+                const __m512i v = load2x32(ba + 160 + (r * 8 + jj) * 32, bb + 160 + (r * 8 + jj) * 32);
+                lo[jj] = _mm512_and_si512(v, m4);
+                hi[jj] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
             }
             for (int m = 0; m < MT; m++) {
-                const xblk *xb = x + m * ldx + b * 8 + j;
-                acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p[m]), _mm512_mul_ps(scd[j], _mm512_set1_ps(xb->d)), acc[m]);
-                acc[m] = _mm512_fnmadd_ps(mnd[j], _mm512_set1_ps(xb->ds), acc[m]);
+                const xblk *x0 = x + m * ldx + b * 8 + 2 * r, *x1 = x0 + 1;
+                __m512i p0 = _mm512_setzero_si512(), p1 = _mm512_setzero_si512(), p2 = _mm512_setzero_si512(),
+                        p3 = _mm512_setzero_si512();
+                for (int jj = 0; jj < 8; jj += 2) {
+                    p0 = dp4x16(p0, lo[jj], x0->q + 4 * jj);
+                    p1 = dp4x16(p1, lo[jj + 1], x0->q + 4 * jj + 4);
+                    p2 = dp4x16(p2, hi[jj], x1->q + 4 * jj);
+                    p3 = dp4x16(p3, hi[jj + 1], x1->q + 4 * jj + 4);
+                }
+                acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(p0, p1)), _mm512_mul_ps(scd[2 * r], _mm512_set1_ps(x0->d)), acc[m]);
+                acc[m] = _mm512_fnmadd_ps(mnd[2 * r], _mm512_set1_ps(x0->ds), acc[m]);
+                acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(p2, p3)), _mm512_mul_ps(scd[2 * r + 1], _mm512_set1_ps(x1->d)), acc[m]);
+                acc[m] = _mm512_fnmadd_ps(mnd[2 * r + 1], _mm512_set1_ps(x1->ds), acc[m]);
             }
         }
     }
@@ -2042,7 +2038,20 @@ static void attn_prep(float *q, float *k, const float *v, int64_t H, int64_t Hkv
     const int64_t half = rope_dim / 2;
     for (int64_t h = 0; h < H + Hkv; h++) {
         float *x = h < H ? q + h * D : k + (h - H) * D;
-        for (int64_t i = 0; i < half; i++) {
+        int64_t i = 0;
+#ifdef QA_AVX2
+        /* the same products and sums as the loop below, 8 lanes at a time (the scalar loop was ~1/3 of an
+         * 8-row step's attention) */
+        for (; i + 8 <= half; i += 8) {
+            const __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + half);
+            const __m256 ra = _mm256_mul_ps(a, _mm256_loadu_ps(cos + i)), rb = _mm256_mul_ps(b, _mm256_loadu_ps(sin + i));
+            const __m256 sa = _mm256_mul_ps(b, _mm256_loadu_ps(cos + i + half)),
+                         sb = _mm256_mul_ps(a, _mm256_loadu_ps(sin + i + half));
+            _mm256_storeu_ps(x + i, _mm256_add_ps(ra, rb));
+            _mm256_storeu_ps(x + i + half, _mm256_add_ps(sa, sb));
+        }
+#endif
+        for (; i < half; i++) {
             const float a = x[i], b = x[i + half];
             const float ra = a * cos[i], rb = b * sin[i], sa = b * cos[i + half], sb = a * sin[i + half];
             x[i] = ra + rb;
