@@ -1384,11 +1384,12 @@ AI void x16_q8_0(const uint8_t *ga, const uint8_t *gb, int64_t nb, const xblk *x
 }
 #endif
 
-/* Q4_K, per group of 8 rows and super-block of 256: d[8], dmin[8] (fp16), the 6-bit scales and
- * mins unpacked to bytes sc[8 sub-blocks][8 rows], mn[8][8], then for each run of 64 elements
- * (r = 0..3) and 4-byte step jj = 0..7 the 8 rows' bytes qs[32 r + 4 jj ..] side by side (low
- * nibbles: sub-block 2r, high: 2r + 1). 1184 bytes (the file: 8 * 144). */
-#define X8_Q4_K_SIZE 1184
+/* Q4_K, per group of 8 rows and super-block of 256: d[8], dmin[8] (fp16), the file's 12 bytes of 6-bit
+ * scales and mins per row as three 32-bit words, word-major (w[k][8 rows], unpacked by q4k_scales on 8
+ * or 16 rows at once), then for each run of 64 elements (r = 0..3) and 4-byte step jj = 0..7 the 8
+ * rows' bytes qs[32 r + 4 jj ..] side by side (low nibbles: sub-block 2r, high: 2r + 1). 1152 bytes,
+ * as the file (8 * 144): resident memory stays the file's size. */
+#define X8_Q4_K_SIZE 1152
 /* Q6_K: d[8] (fp16), scales[16 groups][8 rows] (int8), then ql runs (r = 0..1, half h = 0..1,
  * jj = 0..7: the 8 rows' ql[64 r + 32 h + 4 jj ..]) and qh runs (r, jj: qh[32 r + 4 jj ..]).
  * 1680 bytes, as the file. */
@@ -1400,14 +1401,9 @@ static void repack_q4_k_x8(const uint8_t *w, int64_t row_bytes, int64_t nsb, uin
             const uint8_t *blk = w + i * row_bytes + b * 144;
             memcpy(out + 2 * i, blk, 2);
             memcpy(out + 16 + 2 * i, blk + 2, 2);
-            float sc[8], mn[8];
-            k_scale_min(blk + 4, sc, mn);
-            for (int t = 0; t < 8; t++) {
-                out[32 + t * 8 + i] = (uint8_t)sc[t];
-                out[96 + t * 8 + i] = (uint8_t)mn[t];
-            }
+            for (int k = 0; k < 3; k++) memcpy(out + 32 + (k * 8 + i) * 4, blk + 4 + 4 * k, 4);
             for (int r = 0; r < 4; r++)
-                for (int jj = 0; jj < 8; jj++) memcpy(out + 160 + (r * 8 + jj) * 32 + i * 4, blk + 16 + 32 * r + 4 * jj, 4);
+                for (int jj = 0; jj < 8; jj++) memcpy(out + 128 + (r * 8 + jj) * 32 + i * 4, blk + 16 + 32 * r + 4 * jj, 4);
         }
     }
 }
@@ -1418,18 +1414,9 @@ static void unrepack_q4_k_x8(const uint8_t *in, int64_t row_bytes, int64_t nsb, 
             uint8_t *blk = w + i * row_bytes + b * 144;
             memcpy(blk, in + 2 * i, 2);
             memcpy(blk + 2, in + 16 + 2 * i, 2);
-            uint8_t sc[8], mn[8];
-            for (int t = 0; t < 8; t++) {
-                sc[t] = in[32 + t * 8 + i];
-                mn[t] = in[96 + t * 8 + i];
-            }
-            for (int t = 0; t < 4; t++) { /* the inverse of k_scale_min: all 96 bits are used */
-                blk[4 + t] = (uint8_t)(sc[t] | ((sc[4 + t] >> 4) << 6));
-                blk[8 + t] = (uint8_t)(mn[t] | ((mn[4 + t] >> 4) << 6));
-                blk[12 + t] = (uint8_t)((sc[4 + t] & 0x0F) | ((mn[4 + t] & 0x0F) << 4));
-            }
+            for (int k = 0; k < 3; k++) memcpy(blk + 4 + 4 * k, in + 32 + (k * 8 + i) * 4, 4);
             for (int r = 0; r < 4; r++)
-                for (int jj = 0; jj < 8; jj++) memcpy(blk + 16 + 32 * r + 4 * jj, in + 160 + (r * 8 + jj) * 32 + i * 4, 4);
+                for (int jj = 0; jj < 8; jj++) memcpy(blk + 16 + 32 * r + 4 * jj, in + 128 + (r * 8 + jj) * 32 + i * 4, 4);
         }
     }
 }
@@ -1454,6 +1441,21 @@ static void q6_k_x8_convert(uint8_t *in, int64_t row_bytes, int64_t nsb, uint8_t
 static void repack_q6_k_x8(const uint8_t *w, int64_t rb, int64_t nsb, uint8_t *out) { q6_k_x8_convert(out, rb, nsb, (uint8_t *)w, 0); }
 static void unrepack_q6_k_x8(const uint8_t *in, int64_t rb, int64_t nsb, uint8_t *w) { q6_k_x8_convert((uint8_t *)in, rb, nsb, w, 1); }
 
+/* The 6-bit scales and mins of a super-block from its words w0..w2 (bytes 0..3, 4..7, 8..11 of each row's
+ * 12; lane = row), as llama.cpp unpacks them: u[0] = scales 0..3, u[1] = scales 4..7, u[2] = mins 0..3,
+ * u[3] = mins 4..7, one byte per value; q4k_value(u[t], k) = byte k of each lane in float. */
+AI void q4k_scales(__m256i w0, __m256i w1, __m256i w2, __m256i *u) {
+    const __m256i k1 = _mm256_set1_epi32(0x3f3f3f3f), k2 = _mm256_set1_epi32(0x0f0f0f0f), k3 = _mm256_set1_epi32(0x03030303);
+    u[0] = _mm256_and_si256(w0, k1);
+    u[2] = _mm256_and_si256(w1, k1);
+    u[1] = _mm256_or_si256(_mm256_and_si256(w2, k2), _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(w0, 6), k3), 4));
+    u[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(w2, 4), k2),
+                           _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(w1, 6), k3), 4));
+}
+AI __m256 q4k_value(__m256i u, int k) {
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(u, 8 * k), _mm256_set1_epi32(0xFF)));
+}
+
 AI void x8_q4_k(const uint8_t *grp, int64_t nsb, const xblk *x, int64_t ldx, float *out, const int MT) {
     __m256 acc[X8_MAX_ROWS];
     for (int m = 0; m < MT; m++) acc[m] = _mm256_setzero_ps();
@@ -1465,16 +1467,16 @@ AI void x8_q4_k(const uint8_t *grp, int64_t nsb, const xblk *x, int64_t ldx, flo
         const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)));
         __m256 f[X8_MAX_ROWS], c[X8_MAX_ROWS];
         for (int m = 0; m < MT; m++) f[m] = c[m] = _mm256_setzero_ps();
+        __m256i u[4];
+        q4k_scales(load32(blk + 32), load32(blk + 64), load32(blk + 96), u);
         for (int r = 0; r < 4; r++) {
             /* this run's two sub-blocks' scales and mins only: all eight would not fit the registers beside
              * the 16 code vectors */
-#define SCALE8(off) _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + (off)))))
-            const __m256 sc0 = SCALE8(32 + 16 * r), sc1 = SCALE8(40 + 16 * r);
-            const __m256 mn0 = SCALE8(96 + 16 * r), mn1 = SCALE8(104 + 16 * r);
-#undef SCALE8
+            const __m256 sc0 = q4k_value(u[r / 2], (2 * r) % 4), sc1 = q4k_value(u[r / 2], (2 * r + 1) % 4);
+            const __m256 mn0 = q4k_value(u[2 + r / 2], (2 * r) % 4), mn1 = q4k_value(u[2 + r / 2], (2 * r + 1) % 4);
             __m256i lo[8], hi[8];
             for (int jj = 0; jj < 8; jj++) {
-                const __m256i v = load32(blk + 160 + (r * 8 + jj) * 32);
+                const __m256i v = load32(blk + 128 + (r * 8 + jj) * 32);
                 lo[jj] = _mm256_and_si256(v, m4);
                 hi[jj] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
             }
@@ -1597,10 +1599,6 @@ AI void x8_q6_k(const uint8_t *grp, int64_t nsb, const xblk *x, int64_t ldx, flo
 }
 
 #ifdef QA_X16
-/* 8 bytes of group a then 8 of group b, widened to 16 int32 lanes */
-AI __m512i u8x16(const uint8_t *a, const uint8_t *b) {
-    return _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)a), _mm_loadl_epi64((const __m128i *)b)));
-}
 AI __m512i dp4x16(__m512i acc, __m512i u, const int8_t *q4) {
     int32_t v;
     memcpy(&v, q4, 4);
@@ -1622,14 +1620,26 @@ AI void x16_q4_k(const uint8_t *ga, const uint8_t *gb, int64_t nsb, const xblk *
         prefetch_ahead(bb, X8_Q4_K_SIZE, MT);
         const __m512 d = scales2(ba, bb), dmin = scales2(ba + 16, bb + 16);
         __m512 scd[8], mnd[8];
-        for (int j = 0; j < 8; j++) {
-            scd[j] = _mm512_mul_ps(_mm512_cvtepi32_ps(u8x16(ba + 32 + 8 * j, bb + 32 + 8 * j)), d);
-            mnd[j] = _mm512_mul_ps(_mm512_cvtepi32_ps(u8x16(ba + 96 + 8 * j, bb + 96 + 8 * j)), dmin);
+        {
+            /* q4k_scales on both groups' words */
+            const __m512i w0 = load2x32(ba + 32, bb + 32), w1 = load2x32(ba + 64, bb + 64), w2 = load2x32(ba + 96, bb + 96);
+            const __m512i k1 = _mm512_set1_epi32(0x3f3f3f3f), k2 = _mm512_set1_epi32(0x0f0f0f0f),
+                          k3 = _mm512_set1_epi32(0x03030303), ff = _mm512_set1_epi32(0xFF);
+            __m512i u[4];
+            u[0] = _mm512_and_si512(w0, k1);
+            u[2] = _mm512_and_si512(w1, k1);
+            u[1] = _mm512_or_si512(_mm512_and_si512(w2, k2), _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(w0, 6), k3), 4));
+            u[3] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(w2, 4), k2),
+                                   _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(w1, 6), k3), 4));
+            for (int j = 0; j < 8; j++) {
+                scd[j] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(u[j / 4], 8 * (j % 4)), ff)), d);
+                mnd[j] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(u[2 + j / 4], 8 * (j % 4)), ff)), dmin);
+            }
         }
         for (int r = 0; r < 4; r++) { /* run r: sub-blocks 2r (low nibbles) and 2r + 1 (high) */
             __m512i lo[8], hi[8];
             for (int jj = 0; jj < 8; jj++) {
-                const __m512i v = load2x32(ba + 160 + (r * 8 + jj) * 32, bb + 160 + (r * 8 + jj) * 32);
+                const __m512i v = load2x32(ba + 128 + (r * 8 + jj) * 32, bb + 128 + (r * 8 + jj) * 32);
                 lo[jj] = _mm512_and_si512(v, m4);
                 hi[jj] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
             }
