@@ -1780,6 +1780,19 @@ static void silu_mul(const float *g, const float *u, int64_t n, float *out);
  * as work items spread among the weights' (into a zeroed buffer, added at the end), so a step's
  * adapter factors stream from memory while the other thread multiplies (on several input rows the
  * base pass is bound by arithmetic, not memory); others run after the weights, in order. */
+#ifdef QA_AVX2
+/* Row m's prologue and quantization (and its zeroed delta row, with dl). */
+static void pre_row(const x8_pre *pre, float *x, int64_t ldx, int64_t K, int64_t m, xblk *xq, float *ds, float *dl,
+                    int64_t ldy) {
+    const int64_t nb = K / 32;
+    float *xm = x + m * ldx;
+    if (pre->kind == PRE_NORM) rms_row(pre->src + m * K, K, pre->w, pre->eps, xm);
+    else if (pre->kind == PRE_SILU) silu_mul(pre->src + m * 2 * K, pre->src + m * 2 * K + K, K, xm);
+    quantize_row_q8(xm, K, xq + m * nb, ds + m * nb);
+    if (dl) memset(dl + m * ldy, 0, (size_t)ldy * sizeof(float));
+}
+#endif
+
 static int x8_lora_run(int n, const int64_t *plan, int64_t K, float *x, int64_t ldx, int64_t M, float *y,
                        int64_t ldy, int64_t nl, const int64_t *lplan, int nthreads, const x8_pre *pre) {
 #ifdef QA_AVX2
@@ -1815,15 +1828,16 @@ static int x8_lora_run(int n, const int64_t *plan, int64_t K, float *x, int64_t 
     }
     int lrc = 0;
     const int64_t chunk = W / ((int64_t)nthreads * 8) > 1 ? W / ((int64_t)nthreads * 8) : 1;
+    /* rows' prologue and the deltas' sum in the region only when every thread gets a row: with fewer rows
+     * (a batch-1 step) they run on this thread, around the region, and the step has two fewer barriers */
+    const int rows_par = nthreads > 1 && M >= nthreads;
+    if (!rows_par)
+        for (int64_t m = 0; m < M; m++) pre_row(pre, x, ldx, K, m, xq, ds, dl, ldy);
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1) reduction(| : lrc)
     {
+        if (rows_par) {
 #pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; m++) {
-            float *xm = x + m * ldx;
-            if (pre->kind == PRE_NORM) rms_row(pre->src + m * K, K, pre->w, pre->eps, xm);
-            else if (pre->kind == PRE_SILU) silu_mul(pre->src + m * 2 * K, pre->src + m * 2 * K + K, K, xm);
-            quantize_row_q8(xm, K, xq + m * nb, ds + m * nb);
-            if (L) memset(dl + m * ldy, 0, (size_t)ldy * sizeof(float));
+            for (int64_t m = 0; m < M; m++) pre_row(pre, x, ldx, K, m, xq, ds, dl, ldy);
         }
 #pragma omp for schedule(dynamic, chunk)
         for (int64_t t = 0; t < W; t++) {
@@ -1854,12 +1868,14 @@ static int x8_lora_run(int n, const int64_t *plan, int64_t K, float *x, int64_t 
                 }
             }
         }
-        if (L) {
+        if (L && rows_par) {
 #pragma omp for schedule(static)
             for (int64_t m = 0; m < M; m++)
                 for (int64_t i = 0; i < ldy; i++) y[m * ldy + i] += dl[m * ldy + i];
         }
     }
+    if (L && !rows_par)
+        for (int64_t i = 0; i < M * ldy; i++) y[i] += dl[i];
     free(xq);
     free(dl);
     if (!L)
@@ -2133,12 +2149,19 @@ int qa_attn_decode_rows(int64_t B, float *q, float *k, const float *v, int64_t H
     int rc = 0;
     /* one parallel region: the rows' rotary and cache writes, then every row's heads (a batch's rows are
      * independent) */
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && work > 65536) reduction(| : rc)
-    {
-#pragma omp for schedule(static)
+    const int rows_par = nthreads > 1 && B >= nthreads && work > 65536; /* as in x8_lora_run */
+    if (!rows_par)
         for (int64_t b = 0; b < B; b++)
             attn_prep(q + b * H * D, k + b * Hkv * D, v + b * Hkv * D, H, Hkv, D, rope_dim, cos + b * rope_dim,
                       sin + b * rope_dim, kc + b * Hkv * s_max * D, vc + b * Hkv * s_max * D, s_max, pos[b]);
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && work > 65536) reduction(| : rc)
+    {
+        if (rows_par) {
+#pragma omp for schedule(static)
+            for (int64_t b = 0; b < B; b++)
+                attn_prep(q + b * H * D, k + b * Hkv * D, v + b * Hkv * D, H, Hkv, D, rope_dim, cos + b * rope_dim,
+                          sin + b * rope_dim, kc + b * Hkv * s_max * D, vc + b * Hkv * s_max * D, s_max, pos[b]);
+        }
 #pragma omp for schedule(dynamic, 4)
         for (int64_t bh = 0; bh < B * H; bh++) {
             const int64_t b = bh / H;
