@@ -19,9 +19,9 @@ from qadapt.errors import QadaptError
 
 from fuzz_targets import TARGETS, run_one, seed_gguf
 
-# the suite's default run is derandomized: every CI run checks the same inputs (one random run drove the
-# process to 24 GB and an OOM kill, not reproduced in 9,000 more examples); tools/fuzz.py (which sets
-# QADAPT_FUZZ_EXAMPLES) keeps exploring with fresh random inputs
+# the suite's default run is derandomized: every CI run checks the same inputs; tools/fuzz.py (which sets
+# QADAPT_FUZZ_EXAMPLES) keeps exploring with fresh random inputs. (One random run once drove the process to
+# 24 GB: gguf-py looping over a huge array count past the end of the file; now refused, tests below.)
 FAST = settings(max_examples=int(os.environ.get("QADAPT_FUZZ_EXAMPLES", "120")), deadline=None,
                 derandomize="QADAPT_FUZZ_EXAMPLES" not in os.environ,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -170,3 +170,45 @@ def test_huge_element_count_refused_before_allocation(tmp_path):
     p.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
     with pytest.raises(QadaptError, match="offsets"):
         TARGETS["safetensors"](p)
+
+
+def _count_offset(data: bytes, key: str) -> int:
+    """Offset of the u64 element count of metadata array `key` (after the key, its value type and item type)."""
+    k = key.encode()
+    at = data.index(struct.pack("<Q", len(k)) + k) + 8 + len(k)
+    assert struct.unpack_from("<II", data, at)[0] == 9  # GGUF value type 9: array
+    return at + 8
+
+
+@pytest.mark.parametrize("key", ["tokenizer.ggml.scores", "tokenizer.ggml.tokens"])
+def test_gguf_array_count_past_the_end_is_refused(gguf_bytes, tmp_path, key):
+    """A metadata array claiming 2^60 items in a small file (floats, and strings) is refused from the header,
+    naming the key: gguf-py reads past the end as empty arrays and would loop over every claimed item
+    (found by tools/fuzz.py: the process grew ~120 MB/s until the OOM killer)."""
+    b = bytearray(gguf_bytes)
+    struct.pack_into("<Q", b, _count_offset(gguf_bytes, key), 1 << 60)
+    p = tmp_path / "huge.gguf"
+    p.write_bytes(bytes(b))
+    with pytest.raises(QadaptError, match=rf"metadata `{key}`: an array of {1 << 60} items .* past the end of the file"):
+        TARGETS["gguf"](p)
+
+
+def test_gguf_string_length_past_the_end_is_refused(gguf_bytes, tmp_path):
+    """One vocabulary string claiming more bytes than the file holds: refused, naming the item."""
+    b = bytearray(gguf_bytes)
+    first = _count_offset(gguf_bytes, "tokenizer.ggml.tokens") + 8  # tokens[0]'s length
+    second = first + 8 + struct.unpack_from("<Q", b, first)[0]
+    struct.pack_into("<Q", b, second, 1 << 40)
+    p = tmp_path / "long.gguf"
+    p.write_bytes(bytes(b))
+    with pytest.raises(QadaptError, match=r"metadata `tokenizer.ggml.tokens`: the value\[1\]"):
+        TARGETS["gguf"](p)
+
+
+def test_gguf_tensor_count_past_the_end_is_refused(gguf_bytes, tmp_path):
+    b = bytearray(gguf_bytes)
+    struct.pack_into("<Q", b, 8, 1 << 50)  # the header's tensor count
+    p = tmp_path / "tensors.gguf"
+    p.write_bytes(bytes(b))
+    with pytest.raises(QadaptError, match=rf"tensor infos: {1 << 50} tensor infos needs"):
+        TARGETS["gguf"](p)

@@ -41,6 +41,84 @@ def _field_value(field) -> Any:
         return None
 
 
+#: bytes of each GGUF metadata scalar type (value type id -> size); 8 = string, 9 = array
+_SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def _check_layout(path: Path, size: int) -> None:
+    """Walk the header's key/value and tensor-info sections without reading them into objects, and refuse
+    a count or length that runs past the end of the file. gguf-py reads past the end as empty arrays and
+    loops over an array's claimed count element by element: a 2^60-element array in a 200-byte file ran
+    until memory ran out (found by tools/fuzz.py). Strings and arrays are walked (a 32k-token vocabulary
+    takes ~10 ms); fixed-size arrays are skipped by their size."""
+    import mmap
+    import struct
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        (version,) = struct.unpack_from("<I", mm, 4) if size >= 8 else (0,)
+        if version not in (2, 3) and (version & 0xFFFF) == 0:
+            order = ">"  # a big-endian file (gguf-py detects it the same way)
+        elif version in (2, 3):
+            order = "<"
+        else:
+            return  # an unsupported version: gguf-py's own error names it
+        where = "header"
+
+        def need(off: int, n: int, what: str) -> None:
+            if n < 0 or off + n > size:
+                raise FormatError(f"{path}: {where}: {what} needs {n} bytes at offset {off}, past the end of the "
+                                  f"file ({size} bytes)")
+
+        def u(off: int, fmt: str, what: str) -> int:
+            need(off, struct.calcsize(fmt), what)
+            return struct.unpack_from(order + fmt, mm, off)[0]
+
+        def string(off: int, what: str) -> int:
+            n = u(off, "Q", f"the length of {what}")
+            need(off + 8, n, f"{what} ({n} bytes)")
+            return off + 8 + n
+
+        def value(off: int, vtype: int, what: str) -> int:
+            if vtype in _SCALAR_SIZE:
+                need(off, _SCALAR_SIZE[vtype], what)
+                return off + _SCALAR_SIZE[vtype]
+            if vtype == 8:
+                return string(off, what)
+            if vtype != 9:
+                raise FormatError(f"{path}: {where}: {what} has unknown value type {vtype}")
+            itype, count = u(off, "I", f"the item type of {what}"), u(off + 4, "Q", f"the length of {what}")
+            off += 12
+            if itype in _SCALAR_SIZE:
+                need(off, count * _SCALAR_SIZE[itype], f"an array of {count} items")
+                return off + count * _SCALAR_SIZE[itype]
+            need(off, count * (8 if itype == 8 else 12), f"an array of {count} items")
+            if itype == 8:  # strings (a vocabulary): the walk inlined, ~0.3 us a string
+                length = struct.Struct(order + "Q").unpack_from
+                for i in range(count):
+                    if off + 8 > size or off + 8 + length(mm, off)[0] > size:
+                        string(off, f"{what}[{i}]")  # raises, naming the item
+                    off += 8 + length(mm, off)[0]
+                return off
+            for i in range(count):
+                off = value(off, itype, f"{what}[{i}]")
+            return off
+
+        n_tensors, n_kv = u(8, "Q", "the tensor count"), u(16, "Q", "the metadata count")
+        off = 24
+        need(off, n_kv * 12, f"{n_kv} metadata entries")
+        for i in range(n_kv):
+            key_end = string(off, f"metadata key {i}")
+            where = f"metadata `{bytes(mm[off + 8:key_end]).decode('utf-8', 'replace')}`"
+            off = value(key_end + 4, u(key_end, "I", "the value type"), "the value")
+        where = "tensor infos"
+        need(off, n_tensors * 24, f"{n_tensors} tensor infos")
+        for i in range(n_tensors):
+            off = string(off, f"tensor {i}'s name")
+            n_dims = u(off, "I", f"tensor {i}'s dimension count")
+            need(off + 4, n_dims * 8 + 12, f"tensor {i}'s {n_dims} dimensions, type and offset")
+            off += 4 + n_dims * 8 + 12
+
+
 class GGUFFile:
     """A validated, memory-mapped GGUF file."""
 
@@ -57,6 +135,7 @@ class GGUFFile:
             raise FormatError(f"{self.path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
         import gguf
 
+        _check_layout(self.path, size)
         try:
             self._reader = gguf.GGUFReader(self.path, "r")
         except (ValueError, IndexError, KeyError, OverflowError, MemoryError, UnicodeDecodeError) as e:
