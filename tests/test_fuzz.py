@@ -180,35 +180,31 @@ def _count_offset(data: bytes, key: str) -> int:
     return at + 8
 
 
+def _refused(data: bytes, tmp_path: Path, offset: int, value: int, match: str) -> None:
+    """The GGUF with the u64 at offset set to value is refused by a QadaptError matching match."""
+    b = bytearray(data)
+    struct.pack_into("<Q", b, offset, value)
+    p = tmp_path / "patched.gguf"
+    p.write_bytes(bytes(b))
+    with pytest.raises(QadaptError, match=match):
+        TARGETS["gguf"](p)
+
+
 @pytest.mark.parametrize("key", ["tokenizer.ggml.scores", "tokenizer.ggml.tokens"])
 def test_gguf_array_count_past_the_end_is_refused(gguf_bytes, tmp_path, key):
     """A metadata array claiming 2^60 items in a small file (floats, and strings) is refused from the header,
     naming the key: gguf-py reads past the end as empty arrays and would loop over every claimed item
     (found by tools/fuzz.py: the process grew ~120 MB/s until the OOM killer)."""
-    b = bytearray(gguf_bytes)
-    struct.pack_into("<Q", b, _count_offset(gguf_bytes, key), 1 << 60)
-    p = tmp_path / "huge.gguf"
-    p.write_bytes(bytes(b))
-    with pytest.raises(QadaptError, match=rf"metadata `{key}`: an array of {1 << 60} items .* past the end of the file"):
-        TARGETS["gguf"](p)
+    _refused(gguf_bytes, tmp_path, _count_offset(gguf_bytes, key), 1 << 60,
+             rf"metadata `{key}`: an array of {1 << 60} items .* past the end of the file")
 
 
 def test_gguf_string_length_past_the_end_is_refused(gguf_bytes, tmp_path):
     """One vocabulary string claiming more bytes than the file holds: refused, naming the item."""
-    b = bytearray(gguf_bytes)
     first = _count_offset(gguf_bytes, "tokenizer.ggml.tokens") + 8  # tokens[0]'s length
-    second = first + 8 + struct.unpack_from("<Q", b, first)[0]
-    struct.pack_into("<Q", b, second, 1 << 40)
-    p = tmp_path / "long.gguf"
-    p.write_bytes(bytes(b))
-    with pytest.raises(QadaptError, match=r"metadata `tokenizer.ggml.tokens`: the value\[1\]"):
-        TARGETS["gguf"](p)
+    second = first + 8 + struct.unpack_from("<Q", gguf_bytes, first)[0]
+    _refused(gguf_bytes, tmp_path, second, 1 << 40, r"metadata `tokenizer.ggml.tokens`: the value\[1\]")
 
 
 def test_gguf_tensor_count_past_the_end_is_refused(gguf_bytes, tmp_path):
-    b = bytearray(gguf_bytes)
-    struct.pack_into("<Q", b, 8, 1 << 50)  # the header's tensor count
-    p = tmp_path / "tensors.gguf"
-    p.write_bytes(bytes(b))
-    with pytest.raises(QadaptError, match=rf"tensor infos: {1 << 50} tensor infos needs"):
-        TARGETS["gguf"](p)
+    _refused(gguf_bytes, tmp_path, 8, 1 << 50, rf"tensor infos: {1 << 50} tensor infos needs")  # the tensor count
