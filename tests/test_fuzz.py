@@ -208,3 +208,13 @@ def test_gguf_string_length_past_the_end_is_refused(gguf_bytes, tmp_path):
 
 def test_gguf_tensor_count_past_the_end_is_refused(gguf_bytes, tmp_path):
     _refused(gguf_bytes, tmp_path, 8, 1 << 50, rf"tensor infos: {1 << 50} tensor infos needs")  # the tensor count
+
+
+def test_gguf_deeply_nested_arrays_are_refused(tmp_path):
+    """Arrays of arrays 100,000 deep (1.2 MB): a FormatError naming the key, not a RecursionError."""
+    key = b"general.deep"
+    body = struct.pack("<Q", len(key)) + key + struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) * 100_000
+    p = tmp_path / "deep.gguf"
+    p.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + body + struct.pack("<IQ", 4, 0))
+    with pytest.raises(QadaptError, match="metadata `general.deep`: .* nests arrays more than 8 deep"):
+        TARGETS["gguf"](p)

@@ -43,23 +43,28 @@ def _field_value(field) -> Any:
 
 #: bytes of each GGUF metadata scalar type (value type id -> size); 8 = string, 9 = array
 _SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+#: arrays of arrays deeper than this are refused (real files use one level; gguf-py recurses per level)
+_MAX_NESTING = 8
 
 
 def _check_layout(path: Path, size: int) -> None:
     """Walk the header's key/value and tensor-info sections without reading them into objects, and refuse
     a count or length that runs past the end of the file. gguf-py reads past the end as empty arrays and
-    loops over an array's claimed count element by element: a 2^60-element array in a 200-byte file ran
+    loops over an array's claimed count element by element: a 2^60-element array in a 2 KB file ran
     until memory ran out (found by tools/fuzz.py). Strings and arrays are walked (a 32k-token vocabulary
-    takes ~10 ms); fixed-size arrays are skipped by their size."""
+    takes ~5 ms); fixed-size arrays are skipped by their size; arrays nest at most _MAX_NESTING deep
+    (gguf-py recurses per level)."""
     import mmap
     import struct
 
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        (version,) = struct.unpack_from("<I", mm, 4) if size >= 8 else (0,)
-        if version not in (2, 3) and (version & 0xFFFF) == 0:
-            order = ">"  # a big-endian file (gguf-py detects it the same way)
-        elif version in (2, 3):
+        if size < 24:
+            raise FormatError(f"{path}: truncated GGUF header ({size} bytes, the fixed part alone is 24)")
+        (version,) = struct.unpack_from("<I", mm, 4)
+        if version in (2, 3):
             order = "<"
+        elif struct.unpack_from(">I", mm, 4)[0] in (2, 3):
+            order = ">"  # a big-endian file
         else:
             return  # an unsupported version: gguf-py's own error names it
         where = "header"
@@ -78,7 +83,7 @@ def _check_layout(path: Path, size: int) -> None:
             need(off + 8, n, f"{what} ({n} bytes)")
             return off + 8 + n
 
-        def value(off: int, vtype: int, what: str) -> int:
+        def value(off: int, vtype: int, what: str, depth: int = 0) -> int:
             if vtype in _SCALAR_SIZE:
                 need(off, _SCALAR_SIZE[vtype], what)
                 return off + _SCALAR_SIZE[vtype]
@@ -86,6 +91,8 @@ def _check_layout(path: Path, size: int) -> None:
                 return string(off, what)
             if vtype != 9:
                 raise FormatError(f"{path}: {where}: {what} has unknown value type {vtype}")
+            if depth >= _MAX_NESTING:
+                raise FormatError(f"{path}: {where}: {what} nests arrays more than {_MAX_NESTING} deep")
             itype, count = u(off, "I", f"the item type of {what}"), u(off + 4, "Q", f"the length of {what}")
             off += 12
             if itype in _SCALAR_SIZE:
@@ -95,12 +102,13 @@ def _check_layout(path: Path, size: int) -> None:
             if itype == 8:  # strings (a vocabulary): the walk inlined, ~0.3 us a string
                 length = struct.Struct(order + "Q").unpack_from
                 for i in range(count):
-                    if off + 8 > size or off + 8 + length(mm, off)[0] > size:
+                    end = off + 8 + length(mm, off)[0] if off + 8 <= size else size + 1
+                    if end > size:
                         string(off, f"{what}[{i}]")  # raises, naming the item
-                    off += 8 + length(mm, off)[0]
+                    off = end
                 return off
             for i in range(count):
-                off = value(off, itype, f"{what}[{i}]")
+                off = value(off, itype, f"{what}[{i}]", depth + 1)
             return off
 
         n_tensors, n_kv = u(8, "Q", "the tensor count"), u(16, "Q", "the metadata count")
