@@ -253,10 +253,10 @@ class LlamaCppEngine(Engine):
             raise RuntimeError(f"llama.cpp could not load the LoRA adapter {lora_gguf}")
         self.adapters[name] = a
 
-    def _set(self, names: Sequence[str]) -> None:
+    def _set(self, names: Sequence[str], ctx=None) -> None:
         import llama_cpp
 
-        ctx = self.llm.ctx
+        ctx = ctx or self.llm.ctx
         if hasattr(llama_cpp, "llama_set_adapters_lora"):  # newer API: the whole set at once
             n = len(names)
             arr = (llama_cpp.llama_adapter_lora_p_ctypes * max(n, 1))(*[self.adapters[a] for a in names])
@@ -295,8 +295,58 @@ class LlamaCppEngine(Engine):
         self._set([name])
 
     def batched(self, prompts, n, adapters):
-        raise Unsupported("llama.cpp applies one adapter set per context: it cannot batch sequences on "
-                          "different adapters")
+        return self.batched_tokens(prompts, n, adapters)[0]
+
+    def batched_tokens(self, prompts: list[list[int]], n: int, adapters: list[str]) -> tuple[float, list[list[int]]]:
+        """Seconds for ``n`` steps of all rows in one ``llama_decode`` each (one sequence id per row, in a context
+        made for that many sequences, with the model context's settings), and each row's greedy tokens.
+
+        llama.cpp applies one adapter set per context, so the rows must share theirs (the bench's
+        "8 rows x 1 shared adapter")."""
+        import llama_cpp
+        import numpy as np
+
+        if len(set(adapters)) > 1:
+            raise Unsupported("llama.cpp applies one adapter set per context: it cannot batch sequences on "
+                              "different adapters")
+        B, T = len(prompts), len(prompts[0])
+        cp = llama_cpp.llama_context_params.from_buffer_copy(self.llm.context_params)
+        cp.n_seq_max = B
+        cp.n_ctx = B * -(-(T + n + 1) // 256) * 256  # each sequence's own part of the cache, padded as llama.cpp pads
+        cp.n_batch = cp.n_ubatch = B * T
+        ctx = llama_cpp.llama_init_from_model(self.llm.model, cp)
+        if not ctx:
+            raise RuntimeError(f"llama.cpp could not make a context for {B} sequences")
+        batch = llama_cpp.llama_batch_init(B * T, 0, B)
+        nv = self.llm.n_vocab()
+
+        def decode(items):  # (token, position, sequence, wants logits)
+            batch.n_tokens = len(items)
+            for i, (tok, pos, seq, out) in enumerate(items):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, 1, out
+                batch.seq_id[i][0] = seq
+            if llama_cpp.llama_decode(ctx, batch) != 0:
+                raise RuntimeError(f"llama_decode failed on a batch of {len(items)} tokens")
+
+        def argmax(rows):
+            return [int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(nv,)).argmax())
+                    for i in rows]
+
+        try:
+            self._set(adapters[:1], ctx)
+            decode([(p[t], t, b, t == T - 1) for b, p in enumerate(prompts) for t in range(T)])
+            tok = argmax([b * T + T - 1 for b in range(B)])
+            out = [[t] for t in tok]
+            t0 = time.perf_counter()
+            for s in range(n):
+                decode([(tok[b], T + s, b, True) for b in range(B)])
+                tok = argmax(range(B))
+                for b in range(B):
+                    out[b].append(tok[b])
+            return time.perf_counter() - t0, out
+        finally:
+            llama_cpp.llama_batch_free(batch)
+            llama_cpp.llama_free(ctx)
 
 
 class HFEngine(Engine):

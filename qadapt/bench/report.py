@@ -23,14 +23,16 @@ COLUMNS = (
     ("switch_ms", 1, "switch ms", 3),
     ("batched_tps", 8, "8 rows x 8 adapters tok/s", 2),
     ("batched_over_single", 8, "8 rows / 1 row, +1 adapter (same round)", 2),
+    ("batched_tps", 1, "8 rows x 1 shared adapter tok/s", 2),
+    ("batched_over_single", 1, "shared: 8 rows / 1 row (same round)", 2),
     ("peak_rss_mb", 8, "peak RSS MB", 0),
     ("rss_over_files", 8, "RSS added / (file + adapters)", 2),
     ("rss_over_files_one_load", 8, "same, one load + one round", 2),
     ("adapter_load_ms", 1, "adapter load ms", 1),
     ("decode_fraction_of_bound", 0, "decode / bound", 2),
 )
-RATIO_METRICS = (("prefill_tps", 0), ("decode_tps", 0), ("decode_tps", 1), ("decode_tps", 2), ("load_s", 0),
-                 ("peak_rss_mb", 8))
+RATIO_METRICS = (("prefill_tps", 0), ("decode_tps", 0), ("decode_tps", 1), ("decode_tps", 2), ("batched_tps", 1),
+                 ("load_s", 0), ("peak_rss_mb", 8))
 #: the summary's GGUF formats, and the transformers peer of each: full precision beside F16 / Q8_0,
 #: bitsandbytes 4-bit beside the 4-bit formats
 SUMMARY_FORMATS = ("F16", "Q8_0", "Q4_K_M", "Q4_0")
@@ -164,7 +166,7 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
         f"{mod['num_attention_heads']} heads, {mod['num_key_value_heads']} KV heads); LoRA rank 16 on q, k, v, o.  ",
         f"Medians of {s['runs']} runs after {s['warmup']} warm-up run(s); prompt {s['prompt_tokens']} tokens, "
         f"decode {s['decode_tokens']} tokens (batch 1, greedy); batched: {s['batch']} sequences on {s['batch']} "
-        f"different adapters, {s['batch_prompt_tokens']}-token prompts.  ",
+        f"different adapters, and on one shared adapter, {s['batch_prompt_tokens']}-token prompts.  ",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + ".",
     ]
     if command:
@@ -199,7 +201,8 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
         "weights to float32 on load, so it reads 4 bytes per weight whatever the file's format. `switch ms` makes a "
         "different single adapter active. `8 rows / 1 row` is the median over rounds of each round's batched rate "
         "over its own one-row rate with one adapter (taken seconds apart, so the machine's drift between rounds "
-        "does not enter the ratio). Peak RSS is the worker process's VmHWM over its loads and runs, "
+        "does not enter the ratio); `shared` is the same with every row on the same adapter, the one batched form "
+        "llama.cpp has (one adapter set per context). Peak RSS is the worker process's VmHWM over its loads and runs, "
         "with 8 adapters loaded; `RSS added / (file + adapters)` is that peak less the RSS with the libraries "
         "imported, over the GGUF file plus the 8 adapter files, for the timed worker (6 loads, 6 rounds in one "
         "process) and for a fresh process alone on the machine that loads once and runs one round.",
@@ -216,7 +219,8 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
 def _ratio_table(idx: dict, res: list[dict]) -> str:
     """qadapt in place over llama.cpp (same file) and over transformers bf16 + PEFT, per metric."""
     titles = {("prefill_tps", 0): "prefill", ("decode_tps", 0): "decode", ("decode_tps", 1): "decode +1",
-              ("decode_tps", 2): "decode +2", ("load_s", 0): "load time", ("peak_rss_mb", 8): "peak RSS"}
+              ("decode_tps", 2): "decode +2", ("batched_tps", 1): "8 rows, shared adapter", ("load_s", 0): "load time",
+              ("peak_rss_mb", 8): "peak RSS"}
     head = ["ratio", "format"] + [titles[k] for k in RATIO_METRICS]
     out = ["Ratios (> 1: qadapt is faster, or uses more time / memory for load time and RSS):", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -67,16 +67,20 @@ def one_round(engine: Engine, files: BenchFiles, cmd: dict) -> dict:
         engine.switch(files.adapter_names[i % 2])
     out.append({"metric": "switch_ms", "adapters": 1, "value": (time.perf_counter() - t0) / SWITCH_REPEATS * 1e3})
     B = cmd["batch"]
-    try:
-        prompts = [prompt_ids(vocab, cmd["batch_prompt_tokens"], 1 + r) for r in range(B)]
-        t = engine.batched(prompts, cmd["batch_decode_tokens"], files.adapter_names[:B])
-        out.append({"metric": "batched_tps", "adapters": B, "value": B * cmd["batch_decode_tokens"] / t})
-        # the batched rate over this round's one-row rate with one adapter: a ratio of two figures taken
-        # seconds apart, which a machine's drift between rounds cannot skew the way a ratio of medians can
-        single = next(m["value"] for m in out if m["metric"] == "decode_tps" and m["adapters"] == 1)
-        out.append({"metric": "batched_over_single", "adapters": B, "value": out[-1]["value"] / single})
-    except Unsupported as e:
-        skipped["batched_tps"] = str(e)
+    prompts = [prompt_ids(vocab, cmd["batch_prompt_tokens"], 1 + r) for r in range(B)]
+    # the batched rates over this round's one-row rate with one adapter: ratios of two figures taken seconds
+    # apart, which a machine's drift between rounds cannot skew the way a ratio of medians can
+    single = next(m["value"] for m in out if m["metric"] == "decode_tps" and m["adapters"] == 1)
+    # B rows on B different adapters (adapters=B), then on one shared adapter (adapters=1: what a peer that
+    # applies one adapter set per batch, llama.cpp, can run)
+    for k, names in ((B, files.adapter_names[:B]), (1, files.adapter_names[:1] * B)):
+        try:
+            t = engine.batched(prompts, cmd["batch_decode_tokens"], names)
+        except Unsupported as e:
+            skipped["batched_tps" if k == B else "batched_tps, shared adapter"] = str(e)
+            continue
+        out.append({"metric": "batched_tps", "adapters": k, "value": B * cmd["batch_decode_tokens"] / t})
+        out.append({"metric": "batched_over_single", "adapters": k, "value": out[-1]["value"] / single})
     return {"metrics": out, "skipped": skipped}
 
 
