@@ -58,7 +58,8 @@ def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup,
     Makes (once, cached) a random ~0.8B Llama as GGUF F16/Q8_0/Q4_0/Q4_K_M and a transformers
     checkpoint, with rank-16 LoRA adapters and an X-LoRA checkpoint over four of them; then measures
     load time, prefill and decode tokens/s (no / one / two adapters), adapter switch latency, 8
-    sequences on 8 adapters and on one shared adapter, peak memory, and qadapt's X-LoRA decode (granular and non-granular).
+    sequences on 8 adapters and on one shared adapter, peak memory, and qadapt's X-LoRA decode
+    (granular and non-granular).
     \b
     Examples:
       qadapt bench --quick --out /tmp/bench
