@@ -42,6 +42,7 @@ class Model:
         self._active: tuple[str, ...] = ()
         self._merged: tuple[str, ...] = ()
         self._xlora: Any = None  # adapters.xlora.XLora once an X-LoRA checkpoint is loaded
+        self.chat_template: str | None = None  # overrides the tokenizer's (load(..., chat_template=...))
 
     @property
     def config(self) -> ModelConfig:
@@ -211,6 +212,39 @@ class Model:
             return self.decoder(ids, positions, cache.real, ctx=ctx, last_only=True).logits[:, -1]
         return self.decoder(ids, positions, cache, ctx=self._context(), last_only=True).logits[:, -1]
 
+    # ------------------------------------------------------------------ text
+    def _tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise InputError(f"{self.source} has no tokenizer; pass token ids instead of text")
+        return self.tokenizer
+
+    def _fits_vocab(self, ids: list[int], what: str) -> list[int]:
+        """``ids`` from the tokenizer, refused by name where one falls outside the model's embedding (a
+        tokenizer may hold more tokens than the model has rows: an added token typed in the text)."""
+        n = self.config.vocab_size
+        bad = [i for i in ids if not 0 <= i < n]
+        if bad:
+            text = self.tokenizer.decode([bad[0]], skip_special=False) if self.tokenizer else ""
+            raise InputError(f"{what} holds token {bad[0]} ({text!r}), outside the model's vocabulary of {n} "
+                             "(the tokenizer has tokens the model's embedding lacks)")
+        return ids
+
+    def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Prompt ids as the model's tokenizer gives them (BOS where it adds one; special-token text parsed,
+        as llama.cpp's server and transformers do), checked against the model's vocabulary."""
+        return self._fits_vocab(self._tokenizer().encode(text, add_special, parse_special), "the prompt")
+
+    def encode_chat(self, messages: list[dict[str, Any]], chat_template: str | None = None) -> list[int]:
+        """The ids of ``messages`` rendered by the chat template (``chat_template``, else the one given to
+        :func:`load`, else the model's), as transformers' ``apply_chat_template(..., add_generation_prompt=True)``."""
+        ids = self._tokenizer().encode_chat(messages, chat_template or self.chat_template)
+        return self._fits_vocab(ids, "the chat")
+
+    def chat(self, messages: list[dict[str, Any]], *, chat_template: str | None = None,
+             **kwargs: Any) -> Generation | Iterator[str]:
+        """:meth:`generate` on the rendered chat (``messages``: ``[{"role": ..., "content": ...}, ...]``)."""
+        return self.generate(self.encode_chat(messages, chat_template), **kwargs)
+
     def generate(
         self,
         prompt: str | list[int],
@@ -229,9 +263,7 @@ class Model:
         iterator of text pieces when ``stream=True``.
         """
         if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise InputError(f"{self.source} has no tokenizer; pass token ids instead of text")
-            ids = self.tokenizer.encode(prompt)
+            ids = self.encode(prompt)
         else:
             ids = [int(i) for i in prompt]
             self._check_ids(torch.tensor(ids))
@@ -259,6 +291,12 @@ class _IdTokenizer:
         self.eos_ids = tuple(eos)
 
     def decode(self, ids, skip_special=True):
+        return ""
+
+    def stream(self, context=()):
+        return self
+
+    def push(self, token_id):
         return ""
 
 
@@ -311,6 +349,7 @@ def load(
     quant: str | None = None,
     double_quant: bool = False,
     kernels: str = "exact",
+    chat_template: str | os.PathLike | None = None,
     **kwargs: Any,
 ) -> Model:
     """Load a base model: a GGUF file (local, or ``org/repo`` + ``gguf_file`` on the Hub).
@@ -337,6 +376,9 @@ def load(
     AVX2) computes as llama.cpp does: activations quantized to 8 bits per block of 32, integer dot
     products; several times faster, with an activation-rounding error (bounded, see
     ``qadapt/quant/native/ggml_kernels.c``) that ``kernels="exact"`` (the default) does not have.
+
+    ``chat_template``: a Jinja chat template (a string, or a ``.jinja`` / ``tokenizer_config.json`` file) used
+    by :meth:`Model.chat` instead of the model's own; a model with neither refuses chat.
     """
     from .models.loader import load_base
 
@@ -355,6 +397,8 @@ def load(
     if kernels == "q8":
         _use_native_ops(base.decoder)
     model = Model(base.decoder, base.tokenizer, base.layer_map, str(path), mode, base.base_format, base.info)
+    if chat_template is not None:
+        model.chat_template = _chat_template(chat_template)
     if xlora is not None:
         _attach_xlora(model, xlora, ordering, adapter_model_id, tgt_non_granular_index, adapters, activate, merge)
         native.trim_heap()
@@ -366,6 +410,16 @@ def load(
         model.merge_adapters()
     native.trim_heap()
     return model
+
+
+def _chat_template(value: str | os.PathLike) -> str:
+    """A template given as a file path (``.jinja``, ``.json``) or as the template text itself."""
+    from .tokenizer import read_template
+
+    text = str(value)
+    if "{{" in text or "{%" in text:
+        return text
+    return read_template(value)  # a path: a clear error when it does not exist
 
 
 def _use_native_ops(decoder: Decoder) -> None:

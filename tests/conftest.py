@@ -9,3 +9,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("QADAPT_NO_PROGRESS", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def llama_root(request) -> Path:
+    """vendor/llama.cpp of the llama-cpp-python sdist (downloaded once into pytest's cache; tests/llama_sdist.py)."""
+    from llama_sdist import sdist_root
+
+    return sdist_root(Path(request.config.cache.mkdir("llama-sdist")))

@@ -45,7 +45,7 @@ def tokenizer_metadata(vocab_size: int) -> dict:
     types = [3 if t.startswith("<") and t.endswith(">") and len(t) > 2 else 1 for t in tokens]
     return {
         "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": "default",
+        "tokenizer.ggml.pre": "gpt-2",  # byte-level BPE with GPT-2's split regex (tiny_bpe's)
         "tokenizer.ggml.tokens": tokens,
         "tokenizer.ggml.token_type": types,
         "tokenizer.ggml.merges": merges,
@@ -53,6 +53,17 @@ def tokenizer_metadata(vocab_size: int) -> dict:
         "tokenizer.ggml.eos_token_id": 0,
         "tokenizer.ggml.add_bos_token": True,
     }
+
+
+#: a ChatML chat template for the tiny models (which, like many base models, carry none)
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def chatml_file(folder: Path) -> Path:
+    path = folder / "chatml.jinja"
+    path.write_text(CHATML)
+    return path
 
 
 def tiny_hf(arch: str = "llama", seed: int = 0, **overrides):

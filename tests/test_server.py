@@ -26,7 +26,7 @@ import httpx  # noqa: E402
 
 import qadapt  # noqa: E402
 
-from models import tiny_hf, write_quantized  # noqa: E402
+from models import CHATML, chatml_file, tiny_hf, write_quantized  # noqa: E402
 from server_helpers import ServerProc, metric, write_peft_adapter  # noqa: E402
 
 pytest_plugins = ["fixtures_s3"]
@@ -58,14 +58,15 @@ def env(tmp_path_factory, moto_server):
               "AWS_ENDPOINT_URL": moto_server.url, "QADAPT_CACHE": str(d / "cache")}
     main = ServerProc.spawn([str(gguf), "--adapter", f"a={ads['a']}", "--adapter", f"b={ads['b']}",
                              "--api-key", KEY, "--allow-runtime-adapters", "--adapter-root", str(root),
-                             "--max-batch", "8", "--max-adapters", "4", "--max-rank", "8"],
+                             "--max-batch", "8", "--max-adapters", "4", "--max-rank", "8",
+                             "--chat-template", str(chatml_file(d))],
                             free_port(), d / "main.log", env=s3_env, verbose=True)
     small = ServerProc.spawn([str(gguf), "--adapter", f"a={ads['a']}", "--max-batch", "1", "--max-queue", "1",
                               "--served-model-name", "tiny-small"], free_port(), d / "small.log")
     try:
         main.wait_ready()
         small.wait_ready()
-        model = qadapt.load(gguf, adapters={n: str(p) for n, p in ads.items()}, activate=[])
+        model = qadapt.load(gguf, adapters={n: str(p) for n, p in ads.items()}, activate=[], chat_template=chatml_file(d))
         yield {"main": main, "small": small, "model": model, "ads": ads, "root": root, "outside": outside,
                "moto": moto_server, "dir": d}
     finally:
@@ -80,7 +81,7 @@ def ref(env, adapters, prompt, n=N):
     if key not in cache:
         m = env["model"]
         m.activate_adapters(list(adapters))
-        cache[key] = m.generate(prompt, max_new_tokens=n)
+        cache[key] = m.generate(list(prompt) if isinstance(prompt, tuple) else prompt, max_new_tokens=n)
     return cache[key]
 
 
@@ -159,14 +160,17 @@ def test_completions_match_python_api_per_adapter_and_base(env):
 
 
 def test_chat_uses_template_and_matches(env):
-    """Chat (the tiny GGUF has no template: the plain fallback), streamed and not."""
+    """Chat through the server's --chat-template (the tiny GGUF has none), streamed and not, against the Python
+    API on the same rendered ids; the server started without a template refuses chat by name (400)."""
     client = oai(env)
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello cat"}]
-    text = env["model"].tokenizer.apply_chat_template(messages)
+    ids = env["model"].encode_chat(messages)
+    assert env["model"].tokenizer.render_chat(messages, CHATML).startswith("<|im_start|>system\nbe brief")
     for model, active in (("b", ("b",)), ("base", ())):
-        want = ref(env, active, text)
+        want = ref(env, active, tuple(ids))
         got = client.chat.completions.create(model=model, messages=messages, max_tokens=N, temperature=0)
         assert got.choices[0].message.content == want.text
+        assert got.usage.prompt_tokens == len(ids)
         assert got.choices[0].message.role == "assistant"
         stream = client.chat.completions.create(model=model, messages=messages, max_tokens=N, temperature=0,
                                                 stream=True)
@@ -174,6 +178,8 @@ def test_chat_uses_template_and_matches(env):
     seeded = [client.chat.completions.create(model="a", messages=messages, max_tokens=N, temperature=0.9,
                                              seed=7).choices[0].message.content for _ in range(2)]
     assert seeded[0] == seeded[1]  # a seed makes sampling reproducible
+    r = post(env, "/v1/chat/completions", {"model": "a", "messages": messages}, server="small", headers={})
+    assert r.status_code == 400 and "chat template" in r.text and "--chat-template" in r.text
 
 
 def test_models_endpoint(env):

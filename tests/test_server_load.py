@@ -28,7 +28,7 @@ def tiny(tmp_path_factory):
     """The tiny model and adapters, built once: (model path, ["name=path", ...])."""
     d = tmp_path_factory.mktemp("model")
     gguf, ads = loadtest.tiny_model(d)
-    return str(gguf), [f"{n}={p}" for n, p in ads.items()]
+    return str(gguf), [f"{n}={p}" for n, p in ads.items()], str(loadtest._chatml(d))
 
 
 def check_shutdown(rep: dict) -> None:
@@ -45,9 +45,9 @@ def check_shutdown(rep: dict) -> None:
 def test_load_then_sigint_and_sigterm_shutdowns(tiny, tmp_path):
     """Two servers side by side (halves the start-up time): 20 mixed clients then SIGINT on one; SIGTERM
     (what systemd and Kubernetes send) with requests in flight, no load phase, on the other."""
-    model, adapters = tiny
+    model, adapters, template = tiny
     # exit_slack: the bound catches a hang; a loaded 2-core CI machine needs ~10 s for teardown under load
-    common = dict(model=model, model_adapters=adapters, max_queue=4, shutdown_timeout=0.5, shutdown_tokens=128,
+    common = dict(model=model, model_adapters=adapters, chat_template=template, max_queue=4, shutdown_timeout=0.5, shutdown_tokens=128,
                   exit_slack=30)
     load_cfg = loadtest.LoadConfig(clients=20, duration=5, max_tokens=8, prompts=2, max_batch=4, signal="INT",
                                    seed=1, workdir=str(tmp_path / "int"), **common)

@@ -1,8 +1,8 @@
-"""GGUF tokenizers: qadapt's short path to transformers' converter gives the ids and text of the long one.
+"""Tokenizer details the conformance files do not reach: small vocabularies written by our tests, streaming.
 
-The reference is ``AutoTokenizer.from_pretrained(folder, gguf_file=...)``, the path transformers
-documents. qadapt calls the two conversion functions it ends in directly (about 100 MB and a
-second less at load); these tests fail if a transformers release makes the two differ.
+References: the ``tokenizers`` library (the BPE the tiny vocabulary was trained with, and the demo's),
+transformers' ``decode``, and llama.cpp's detokenizer through llama_cpp_tokenizer.json.gz. Ids and texts
+are compared exactly.
 """
 
 from __future__ import annotations
@@ -13,32 +13,18 @@ import gguf
 import numpy as np
 import pytest
 
-from models import tokenizer_metadata
+from models import save_tokenizer, tiny_bpe, tokenizer_metadata
 from qadapt.formats.gguf import GGUFFile
 from qadapt.formats.gguf_export import _add_kv
-from qadapt.tokenizer import Tokenizer, _lean_gguf_tokenizer
+from qadapt.tokenizer import StreamDecoder, Tokenizer
 
 DEMO = Path(__file__).resolve().parents[1] / "qadapt" / "data" / "demo" / "qadapt-demo.Q4_0.gguf"
-
 TEXTS = ["Hello world, the cat sat on a mat.", "  two leading spaces\nnew line\ttab", "ünïcödé 日本語 🙂",
-         "<s>inside</s> <|endoftext|> text", "", " ", "lora adapter quant model"]
-
-
-def _sentencepiece_metadata() -> dict:
-    """A llama-style (SentencePiece BPE) vocabulary: specials, the 256 byte fallbacks, scored pieces, no merges."""
-    pieces = ["\u2581", "\u2581t", "he", "\u2581the", "\u2581c", "at", "\u2581cat", "\u2581s", "\u2581sat", "\u2581o",
-              "n", "\u2581on", "\u2581a", "\u2581m", "\u2581mat", "l", "o", "r", "a", "d", "p", "e", "q", "u", "h",
-              "w", "c", "m", "s", "t", "."]
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
-    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
-    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
-    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
-            "tokenizer.ggml.token_type": types, "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
-            "tokenizer.ggml.unknown_token_id": 0}
+         "<s>inside</s> <|endoftext|> text", "", " ", "lora adapter quant model", "x  y   z \n\n "]
 
 
 def _write(path: Path, meta: dict) -> Path:
-    """A GGUF holding only the tokenizer metadata (and one tensor, as every GGUF has)."""
+    """A GGUF holding only the tokenizer metadata (and one tensor, as every model file has)."""
     w = gguf.GGUFWriter(str(path), "llama")
     for key, value in meta.items():
         _add_kv(w, key, value)
@@ -50,28 +36,78 @@ def _write(path: Path, meta: dict) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "demo"])
-def test_short_path_matches_autotokenizer(tmp_path, kind):
+def _tokenizers_bpe():
+    """The tiny vocabulary as the ``tokenizers`` library's byte-level BPE (GPT-2's regex), specials added."""
+    from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers
+
+    tokens, merges = tiny_bpe()
+    tok = HFTok(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ")) for m in merges]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>", "<s>"])
+    return tok
+
+
+def test_gguf_bpe_equals_tokenizers_library(tmp_path):
+    """A byte-level BPE written to GGUF as `gpt-2` tokenizes as the `tokenizers` library it was trained with,
+    BOS added by the file's `add_bos_token`, specials in the text parsed (both sides)."""
+    meta = tokenizer_metadata(330)
+    tok = Tokenizer.from_gguf(GGUFFile(_write(tmp_path / "bpe.gguf", meta)))
+    ref = _tokenizers_bpe()
+    for text in TEXTS:
+        assert tok.encode(text) == [1] + ref.encode(text).ids, text
+        assert tok.encode(text, add_special=False) == ref.encode(text).ids, text
+        ids = ref.encode(text).ids
+        assert tok.decode(ids, skip_special=False) == ref.decode(ids, skip_special_tokens=False), text
+
+
+def test_demo_file_tokenizes_as_its_training_tokenizer():
+    """The demo's GGUF says `gpt-2` (its tokenizer was trained with ByteLevel's GPT-2 regex): llama.cpp's rules
+    for that name give the training tokenizer's ids (a wrong `default` split `=>` and digits differently)."""
+    from tokenizers import Tokenizer as HFTok
+
+    tok = Tokenizer.from_gguf(GGUFFile(DEMO))
+    ref = HFTok.from_file(str(DEMO.parent / "tokenizer.json"))
+    gf = GGUFFile(DEMO)
+    assert gf.get("tokenizer.ggml.pre") == "gpt-2"
+    for text in ("Q: red cow and the queen =>", "Q: 9 6 0 8 =>", "frog, bee, ship, mouse, lion", "a  b\n"):
+        assert tok.encode(text) == [gf.get("tokenizer.ggml.bos_token_id")] + ref.encode(text).ids, text
+
+
+def test_stream_pieces_join_to_the_text_never_half_a_character(llama_root):
+    """SentencePiece byte fallback splits 🦙 into four byte tokens: the stream holds them back until the character
+    is whole; joined, the pieces are llama.cpp's rendering (each token's piece, the leading space kept)."""
+    tok = Tokenizer.from_gguf(GGUFFile(llama_root / "models" / "ggml-vocab-llama-spm.gguf"))
+    text = "this is 🦙.cpp and ünï"
+    ids = tok.encode(text, add_special=False)
+    s = StreamDecoder(tok)
+    pieces = [s.push(i) for i in ids]
+    assert "".join(pieces) == " " + text  # SentencePiece's prefix space: its first piece is "▁this"
+    assert tok.decode(ids) == text  # llama_detokenize drops that space
+    assert all("\ufffd" not in p for p in pieces) and pieces.count("") >= 3
+
+
+def test_folder_stream_keeps_the_leading_space(tmp_path):
+    """transformers folders stream over a short window after the prompt: pieces join to transformers' decode
+    of prompt + generation, minus the prompt's text."""
     from transformers import AutoTokenizer
 
-    if kind == "demo":
-        path = DEMO
-    else:
-        meta = tokenizer_metadata(330) if kind == "gpt2" else _sentencepiece_metadata()
-        path = _write(tmp_path / f"{kind}.gguf", meta)
-    lean = _lean_gguf_tokenizer(path)
-    assert lean is not None, "transformers moved its GGUF tokenizer functions: qadapt takes the long path"
-    ref = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    for text in TEXTS:
-        ids = lean.encode(text, add_special_tokens=False)
-        assert ids == ref.encode(text, add_special_tokens=False), text
-        for skip in (False, True):
-            assert lean.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip), text
+    save_tokenizer(tmp_path)
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    tok = Tokenizer.from_folder(tmp_path)
+    prompt, gen = hf("the cat")["input_ids"], hf(" sat on a mat. hello world")["input_ids"]
+    s = StreamDecoder(tok, prompt)
+    joined = "".join(s.push(i) for i in gen)
+    assert joined == hf.decode(prompt + gen)[len(hf.decode(prompt)):] == " sat on a mat. hello world"
 
 
-def test_gguf_tokenizer_adds_bos_and_knows_eos():
-    tok = Tokenizer.from_gguf(GGUFFile(DEMO))
-    gf = GGUFFile(DEMO)
-    assert tok.encode("the cat")[0] == gf.get("tokenizer.ggml.bos_token_id")
-    assert gf.get("tokenizer.ggml.eos_token_id") in tok.eos_ids
-    assert tok.decode(tok.encode("the cat sat")) == "the cat sat"
+def test_vocabulary_without_tokens_or_with_bad_arrays_is_a_format_error(tmp_path):
+    from qadapt.errors import FormatError
+
+    meta = tokenizer_metadata(330)
+    bad = dict(meta, **{"tokenizer.ggml.token_type": [1, 2]})
+    with pytest.raises(FormatError, match="token_type"):
+        Tokenizer.from_gguf(GGUFFile(_write(tmp_path / "bad.gguf", bad)))
+    nomerge = {k: v for k, v in meta.items() if k != "tokenizer.ggml.merges"}
+    with pytest.raises(FormatError, match="merges"):
+        Tokenizer.from_gguf(GGUFFile(_write(tmp_path / "nomerge.gguf", nomerge)))

@@ -89,6 +89,7 @@ class LoadConfig:
     pid: int | None = None
     model: str | None = None
     model_adapters: list[str] = field(default_factory=list)  # NAME=PATH for --model
+    chat_template: str | None = None  # --chat-template for the server (the tiny model gets ChatML)
     workdir: str | None = None
 
 
@@ -129,16 +130,26 @@ def tiny_model(folder: Path) -> tuple[Path, dict[str, Path]]:
     return gguf, ads
 
 
+def _chatml(folder: Path) -> Path:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from models import chatml_file
+
+    return chatml_file(folder)
+
+
 def start_server(cfg: LoadConfig, folder: Path) -> Target:
     if cfg.model:
         model, ads = Path(cfg.model), dict(a.split("=", 1) for a in cfg.model_adapters)
+        chat = cfg.chat_template  # None: the model's own chat template
     else:
         model, ads = tiny_model(folder)
+        chat = cfg.chat_template or str(_chatml(folder))  # the tiny model has none
+    template = ["--chat-template", chat] if chat else []
     port = free_port()
     log = folder / "server.log"
     cmd = [sys.executable, "-m", "qadapt", "-v", "serve", str(model), "--port", str(port),
            "--max-batch", str(cfg.max_batch), "--max-queue", str(cfg.max_queue),
-           "--shutdown-timeout", str(cfg.shutdown_timeout)]
+           "--shutdown-timeout", str(cfg.shutdown_timeout), *template]
     for name, path in ads.items():
         cmd += ["--adapter", f"{name}={path}"]
     env = dict(os.environ)
@@ -679,6 +690,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pid", type=int, help="with --url: the server's pid (RSS, and the shutdown phase)")
     ap.add_argument("--model", help="serve this model file instead of the tiny random one")
     ap.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="with --model")
+    ap.add_argument("--chat-template", metavar="FILE", help="with --model: the server's --chat-template")
     ap.add_argument("--workdir", help="where the tiny model and the server log go (default: a temp folder)")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     ap.add_argument("--out", help="also write the JSON report here (atomically)")
@@ -689,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
                      shutdown_tokens=a.shutdown_tokens, exit_slack=a.exit_slack, signal=a.signal, seed=a.seed,
                      url=a.url, api_key=a.api_key,
                      adapters=[x for x in a.adapters.split(",") if x], pid=a.pid, model=a.model,
-                     model_adapters=a.adapter, workdir=a.workdir)
+                     model_adapters=a.adapter, chat_template=a.chat_template, workdir=a.workdir)
     rep = run(cfg)
     rep["command"] = " ".join(["python", "tools/loadtest.py", *(argv if argv is not None else sys.argv[1:])])
     if a.out:

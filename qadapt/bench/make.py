@@ -181,27 +181,16 @@ def _write_gguf(files: BenchFiles, sd, fmt: str) -> None:
     log.info("wrote %s (%.0f MB) in %.1f s", path.name, path.stat().st_size / 1e6, time.perf_counter() - t0)
 
 
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2's byte-level alphabet: one printable character per byte value."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    out, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            out[b] = chr(b)
-        else:
-            out[b] = chr(256 + extra)
-            extra += 1
-    return [out[b] for b in range(256)]
-
-
 def tokenizer_metadata(vocab_size: int) -> dict:
     """A byte-level BPE vocabulary (``gpt2`` model) padded to ``vocab_size``: llama.cpp and qadapt both load it.
 
     The benchmark feeds token ids; the vocabulary only has to be valid for both loaders.
     """
+    from ..tokenizer.llama import BYTE_TO_CHAR
+
     letters = "abcdefghijklmnopqrstuvwxyz"
     pairs = [(a, b) for a in letters[:10] for b in letters[:10]]
-    tokens = ["<|endoftext|>", "<s>"] + _bytes_to_unicode() + [a + b for a, b in pairs]
+    tokens = ["<|endoftext|>", "<s>"] + BYTE_TO_CHAR + [a + b for a, b in pairs]
     tokens += [f"<extra_{k}>" for k in range(vocab_size - len(tokens))]
     types = [3, 3] + [1] * (len(tokens) - 2)
     return {

@@ -34,7 +34,7 @@ def _adapter_options(f):
 
 def load_from_options(model, mode, dtype, gguf_file, revision, adapters=(), ordering=None,
                       adapter_model_id=None, activate=None, merge=False, quant=None, xlora=None,
-                      tgt_non_granular_index=None, kernels="exact"):
+                      tgt_non_granular_index=None, kernels="exact", chat_template=None):
     """The one place the CLI and the server turn their options into ``qadapt.load``."""
     import qadapt
     from qadapt.adapters.sources import split_source
@@ -43,10 +43,14 @@ def load_from_options(model, mode, dtype, gguf_file, revision, adapters=(), orde
     act = None if activate is None else [n for n in activate.split(",") if n]
     return qadapt.load(model, mode=mode, dtype=dtype, gguf_file=gguf_file, revision=revision, adapters=named,
                        ordering=ordering, adapter_model_id=adapter_model_id, activate=act, merge=merge,
-                       quant=quant, xlora=xlora, tgt_non_granular_index=tgt_non_granular_index, kernels=kernels)
+                       quant=quant, xlora=xlora, tgt_non_granular_index=tgt_non_granular_index, kernels=kernels,
+                       chat_template=chat_template)
 
 
 def _model_options(f):
+    f = click.option("--chat-template", default=None, type=click.Path(dir_okay=False, exists=True), metavar="FILE",
+                     help="Jinja chat template (.jinja, or a tokenizer_config.json holding `chat_template`) used "
+                          "instead of the model's own; needed for chat with a model that has none.")(f)
     f = click.option("--kernels", type=click.Choice(["exact", "q8"]), default="exact", show_default=True,
                      help="In place: exact (float32 activations, gguf-py's weights: the reference numbers) or q8 "
                           "(llama.cpp's arithmetic: activations rounded to 8 bits per block of 32, integer dot "
@@ -70,7 +74,11 @@ def _model_options(f):
 @click.option("--demo", is_flag=True,
               help="Run the shipped demo model (see `qadapt demo`) instead of MODEL; --adapter NAME then picks a "
                    "demo adapter: upper, reverse, sum, words.")
-@click.option("-p", "--prompt", required=True, help="Text to continue.")
+@click.option("-p", "--prompt", required=True, help="Text to continue (with --chat: the user's message).")
+@click.option("--chat", "as_chat", is_flag=True,
+              help="Send the prompt as a user message through the model's chat template (or --chat-template), "
+                   "as transformers' apply_chat_template(add_generation_prompt=True) renders it.")
+@click.option("--system", default=None, metavar="TEXT", help="With --chat: a system message before the prompt.")
 @click.option("-n", "--max-tokens", default=128, show_default=True, type=click.IntRange(min=0),
               help="Maximum new tokens.")
 @click.option("-t", "--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0),
@@ -81,8 +89,9 @@ def _model_options(f):
 @click.option("--seed", default=None, type=int, help="Seed for sampling.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object {text, token_ids, ...} at the end.")
-def run(model, mode, kernels, dtype, gguf_file, revision, quant, adapters, ordering, adapter_model_id, activate, merge,
-        xlora, tgt_non_granular_index, demo, prompt, max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, as_json):
+def run(model, mode, kernels, dtype, gguf_file, revision, quant, chat_template, adapters, ordering, adapter_model_id,
+        activate, merge, xlora, tgt_non_granular_index, demo, prompt, as_chat, system, max_tokens, temperature, top_k,
+        top_p, repetition_penalty, seed, stop, as_json):
     """Generate text from MODEL (a .gguf file, or org/repo with --gguf-file).
 
     \b
@@ -93,6 +102,7 @@ def run(model, mode, kernels, dtype, gguf_file, revision, quant, adapters, order
       qadapt run model.Q8_0.gguf -p "Hello" --mode dequantize --json
       qadapt run TheOrg/Repo-GGUF --gguf-file repo.Q4_K_M.gguf -p "Hi" -t 0.8 --seed 1
       qadapt run model.Q4_0.gguf --adapter upper=./adapters/upper -p "hello"
+      qadapt run model.Q4_K_M.gguf --chat --system "Be brief." -p "What is LoRA?"
       qadapt run model.Q8_0.gguf --ordering lora.json --adapter-model-id ./adapters --activate a -p "hi"
       qadapt run model.Q4_K.gguf --xlora ./my-xlora --ordering xlora.json --tgt-non-granular-index 2 -p "hi"
     """
@@ -102,11 +112,16 @@ def run(model, mode, kernels, dtype, gguf_file, revision, quant, adapters, order
         model, adapters = run_options(model, adapters)
     elif model is None:
         raise click.UsageError("Missing argument 'MODEL' (or --demo for the shipped demo model).")
+    if system is not None and not as_chat:
+        raise click.UsageError("--system needs --chat")
     m = load_from_options(model, mode, dtype, gguf_file, revision, adapters, ordering, adapter_model_id,
                           activate, merge, quant=quant, xlora=xlora,
-                          tgt_non_granular_index=tgt_non_granular_index, kernels=kernels)
+                          tgt_non_granular_index=tgt_non_granular_index, kernels=kernels, chat_template=chat_template)
     kw = dict(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
               repetition_penalty=repetition_penalty, seed=seed, stop=list(stop))
+    if as_chat:
+        messages = ([{"role": "system", "content": system}] if system is not None else [])
+        prompt = m.encode_chat(messages + [{"role": "user", "content": prompt}])
     if as_json:
         g = m.generate(prompt, **kw)
         click.echo(json.dumps({"text": g.text, "token_ids": g.token_ids, "prompt_tokens": g.prompt_tokens,

@@ -106,7 +106,7 @@ class DemoTokenizer:
     def gguf_metadata(self) -> dict[str, Any]:
         return {
             "tokenizer.ggml.model": "gpt2",
-            "tokenizer.ggml.pre": "default",
+            "tokenizer.ggml.pre": "gpt-2",  # llama.cpp's name for ByteLevel(use_regex=True): GPT-2's regex
             "tokenizer.ggml.tokens": self.tokens,
             "tokenizer.ggml.token_type": [3 if t in (EOS, BOS) else 1 for t in self.tokens],
             "tokenizer.ggml.merges": self.merges,

@@ -1,9 +1,10 @@
 """GGUF files: metadata and memory-mapped tensors, validated before anything uses them.
 
-gguf-py's reader memory-maps the file and copies nothing; this module adds the
-checks a loader needs (every tensor inside the file, a type we run, sizes that
-agree with the block geometry) and turns its failures into :class:`FormatError`
-naming the file.
+The header is read straight from a memory map, every count and length checked
+against the file's size; tensors are read-only views of the mapped file (nothing
+is copied), laid out as gguf-py lays them out (element types as arrays of their
+dtype, block types as ``[rows, bytes per row]``). Every failure is a
+:class:`FormatError` naming the file and the key or tensor.
 """
 
 from __future__ import annotations
@@ -34,97 +35,134 @@ class GGUFTensor:
     nbytes: int
 
 
-def _field_value(field) -> Any:
-    try:
-        return field.contents()
-    except Exception:  # pragma: no cover - gguf-py older than contents()
-        return None
-
-
-#: bytes of each GGUF metadata scalar type (value type id -> size); 8 = string, 9 = array
-_SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-#: arrays of arrays deeper than this are refused (real files use one level; gguf-py recurses per level)
+#: GGUF metadata value types: id -> (struct format, numpy dtype) for scalars; 8 = string, 9 = array
+_SCALARS = {0: ("B", "u1"), 1: ("b", "i1"), 2: ("H", "u2"), 3: ("h", "i2"), 4: ("I", "u4"), 5: ("i", "i4"),
+            6: ("f", "f4"), 7: ("?", "?"), 10: ("Q", "u8"), 11: ("q", "i8"), 12: ("d", "f8")}
+_SCALAR_SIZE = {k: np.dtype(v[1]).itemsize for k, v in _SCALARS.items()}
+#: arrays of arrays deeper than this are refused (real files use one level)
 _MAX_NESTING = 8
+#: numpy item types of the tensor types stored element by element; every other type is read as bytes
+_ELEMENT_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16,
+                   "I32": np.int32, "I64": np.int64}
 
 
-def _check_layout(path: Path, size: int) -> None:
-    """Walk the header's key/value and tensor-info sections without reading them into objects, and refuse
-    a count or length that runs past the end of the file. gguf-py reads past the end as empty arrays and
-    loops over an array's claimed count element by element: a 2^60-element array in a 2 KB file ran
-    until memory ran out (found by tools/fuzz.py). Strings and arrays are walked (a 32k-token vocabulary
-    takes ~5 ms); fixed-size arrays are skipped by their size; arrays nest at most _MAX_NESTING deep
-    (gguf-py recurses per level)."""
-    import mmap
+@dataclass(frozen=True)
+class _TensorInfo:
+    name: str
+    dims: tuple[int, ...]  # GGUF order (fastest-varying first)
+    type_id: int
+    offset: int  # from the start of the data section
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    metadata: dict[str, Any]
+    infos: list[_TensorInfo]
+    data_start: int
+    kv_spans: dict[str, tuple[int, int]]  # key -> byte span of its whole entry (key, type, value)
+    infos_span: tuple[int, int]  # byte span of the tensor infos
+    alignment: int
+
+
+def read_header(path: Path, mm, size: int) -> GGUFHeader:
+    """The metadata, the tensor infos and the data section's offset, read straight from the mapping.
+
+    Every count and length is checked against the file's size before it is used (a 2^60-element array
+    in a 2 KB file is refused, not looped over), arrays nest at most _MAX_NESTING deep, and string arrays
+    (a vocabulary of 128k tokens and 280k merges) decode in one pass (~0.3 s; gguf-py's reader builds a
+    numpy view per item and took 7 s for Llama 3's vocabulary)."""
     import struct
 
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        if size < 24:
-            raise FormatError(f"{path}: truncated GGUF header ({size} bytes, the fixed part alone is 24)")
-        (version,) = struct.unpack_from("<I", mm, 4)
-        if version in (2, 3):
-            order = "<"
-        elif struct.unpack_from(">I", mm, 4)[0] in (2, 3):
-            order = ">"  # a big-endian file
-        else:
-            return  # an unsupported version: gguf-py's own error names it
-        where = "header"
+    if size < 24:
+        raise FormatError(f"{path}: truncated GGUF header ({size} bytes, the fixed part alone is 24)")
+    (version,) = struct.unpack_from("<I", mm, 4)
+    if version not in (2, 3):
+        if struct.unpack_from(">I", mm, 4)[0] in (2, 3):
+            raise UnsupportedError(f"{path}: a big-endian GGUF file; qadapt reads little-endian files (as "
+                                   "llama.cpp writes them on every common machine)")
+        raise UnsupportedError(f"{path}: GGUF version {version}; qadapt reads versions 2 and 3")
+    where = "header"
 
-        def need(off: int, n: int, what: str) -> None:
-            if n < 0 or off + n > size:
-                raise FormatError(f"{path}: {where}: {what} needs {n} bytes at offset {off}, past the end of the "
-                                  f"file ({size} bytes)")
+    def need(off: int, n: int, what: str) -> None:
+        if n < 0 or off + n > size:
+            raise FormatError(f"{path}: {where}: {what} needs {n} bytes at offset {off}, past the end of the "
+                              f"file ({size} bytes)")
 
-        def u(off: int, fmt: str, what: str) -> int:
-            need(off, struct.calcsize(fmt), what)
-            return struct.unpack_from(order + fmt, mm, off)[0]
+    def u(off: int, fmt: str, what: str) -> int:
+        need(off, struct.calcsize(fmt), what)
+        return struct.unpack_from("<" + fmt, mm, off)[0]
 
-        def string(off: int, what: str) -> int:
-            n = u(off, "Q", f"the length of {what}")
-            need(off + 8, n, f"{what} ({n} bytes)")
-            return off + 8 + n
+    def text(start: int, end: int) -> str:
+        return bytes(mm[start:end]).decode("utf-8", "replace")
 
-        def value(off: int, vtype: int, what: str, depth: int = 0) -> int:
-            if vtype in _SCALAR_SIZE:
-                need(off, _SCALAR_SIZE[vtype], what)
-                return off + _SCALAR_SIZE[vtype]
-            if vtype == 8:
-                return string(off, what)
-            if vtype != 9:
-                raise FormatError(f"{path}: {where}: {what} has unknown value type {vtype}")
-            if depth >= _MAX_NESTING:
-                raise FormatError(f"{path}: {where}: {what} nests arrays more than {_MAX_NESTING} deep")
-            itype, count = u(off, "I", f"the item type of {what}"), u(off + 4, "Q", f"the length of {what}")
-            off += 12
-            if itype in _SCALAR_SIZE:
-                need(off, count * _SCALAR_SIZE[itype], f"an array of {count} items")
-                return off + count * _SCALAR_SIZE[itype]
-            need(off, count * (8 if itype == 8 else 12), f"an array of {count} items")
-            if itype == 8:  # strings (a vocabulary): the walk inlined, ~0.3 us a string
-                length = struct.Struct(order + "Q").unpack_from
-                for i in range(count):
-                    end = off + 8 + length(mm, off)[0] if off + 8 <= size else size + 1
-                    if end > size:
-                        string(off, f"{what}[{i}]")  # raises, naming the item
-                    off = end
-                return off
+    def string(off: int, what: str) -> tuple[str, int]:
+        n = u(off, "Q", f"the length of {what}")
+        need(off + 8, n, f"{what} ({n} bytes)")
+        return text(off + 8, off + 8 + n), off + 8 + n
+
+    def value(off: int, vtype: int, what: str, depth: int = 0) -> tuple[Any, int]:
+        if vtype in _SCALARS:
+            fmt = _SCALARS[vtype][0]
+            return u(off, fmt, what), off + _SCALAR_SIZE[vtype]
+        if vtype == 8:
+            return string(off, what)
+        if vtype != 9:
+            raise FormatError(f"{path}: {where}: {what} has unknown value type {vtype}")
+        if depth >= _MAX_NESTING:
+            raise FormatError(f"{path}: {where}: {what} nests arrays more than {_MAX_NESTING} deep")
+        itype, count = u(off, "I", f"the item type of {what}"), u(off + 4, "Q", f"the length of {what}")
+        off += 12
+        if itype in _SCALARS:
+            n = count * _SCALAR_SIZE[itype]
+            need(off, n, f"an array of {count} items")
+            arr = np.frombuffer(mm, dtype=np.dtype(_SCALARS[itype][1]).newbyteorder("<"), count=count, offset=off)
+            return arr.tolist(), off + n
+        need(off, count * (8 if itype == 8 else 12), f"an array of {count} items")
+        if itype == 8:  # strings (a vocabulary): one pass, each length checked before its bytes are read
+            length = struct.Struct("<Q").unpack_from
+            items = []
             for i in range(count):
-                off = value(off, itype, f"{what}[{i}]", depth + 1)
-            return off
+                end = off + 8 + length(mm, off)[0] if off + 8 <= size else size + 1
+                if end > size:
+                    string(off, f"{what}[{i}]")  # raises, naming the item
+                items.append(text(off + 8, end))
+                off = end
+            return items, off
+        items = []
+        for i in range(count):
+            item, off = value(off, itype, f"{what}[{i}]", depth + 1)
+            items.append(item)
+        return items, off
 
-        n_tensors, n_kv = u(8, "Q", "the tensor count"), u(16, "Q", "the metadata count")
-        off = 24
-        need(off, n_kv * 12, f"{n_kv} metadata entries")
-        for i in range(n_kv):
-            key_end = string(off, f"metadata key {i}")
-            where = f"metadata `{bytes(mm[off + 8:key_end]).decode('utf-8', 'replace')}`"
-            off = value(key_end + 4, u(key_end, "I", "the value type"), "the value")
-        where = "tensor infos"
-        need(off, n_tensors * 24, f"{n_tensors} tensor infos")
-        for i in range(n_tensors):
-            off = string(off, f"tensor {i}'s name")
-            n_dims = u(off, "I", f"tensor {i}'s dimension count")
-            need(off + 4, n_dims * 8 + 12, f"tensor {i}'s {n_dims} dimensions, type and offset")
-            off += 4 + n_dims * 8 + 12
+    n_tensors, n_kv = u(8, "Q", "the tensor count"), u(16, "Q", "the metadata count")
+    off = 24
+    need(off, n_kv * 12, f"{n_kv} metadata entries")
+    metadata: dict[str, Any] = {}
+    spans: dict[str, tuple[int, int]] = {}
+    for i in range(n_kv):
+        key, key_end = string(off, f"metadata key {i}")
+        where = f"metadata `{key}`"
+        if key in metadata:
+            raise FormatError(f"{path}: metadata key `{key}` appears twice")
+        start = off
+        metadata[key], off = value(key_end + 4, u(key_end, "I", "the value type"), "the value")
+        spans[key] = (start, off)
+    where = "tensor infos"
+    infos_start = off
+    need(off, n_tensors * 24, f"{n_tensors} tensor infos")
+    infos = []
+    for i in range(n_tensors):
+        name, off = string(off, f"tensor {i}'s name")
+        n_dims = u(off, "I", f"tensor {i}'s dimension count")
+        need(off + 4, n_dims * 8 + 12, f"tensor {i}'s {n_dims} dimensions, type and offset")
+        dims = struct.unpack_from(f"<{n_dims}Q", mm, off + 4)
+        type_id, t_off = struct.unpack_from("<IQ", mm, off + 4 + n_dims * 8)
+        infos.append(_TensorInfo(name, tuple(dims), type_id, t_off))
+        off += 4 + n_dims * 8 + 12
+    align = metadata.get("general.alignment", 32)
+    if not isinstance(align, int) or align <= 0 or align & (align - 1):
+        raise FormatError(f"{path}: metadata `general.alignment` is {align!r}, expected a power of two")
+    return GGUFHeader(metadata, infos, -(-off // align) * align, spans, (infos_start, off), align)
 
 
 class GGUFFile:
@@ -141,59 +179,61 @@ class GGUFFile:
             magic = f.read(4)
         if magic != GGUF_MAGIC:
             raise FormatError(f"{self.path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
-        import gguf
+        import mmap
 
-        _check_layout(self.path, size)
-        try:
-            self._reader = gguf.GGUFReader(self.path, "r")
-        except (ValueError, IndexError, KeyError, OverflowError, MemoryError, UnicodeDecodeError) as e:
-            raise FormatError(f"{self.path}: truncated or malformed GGUF header ({type(e).__name__}: {e})") from None
+        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            header = read_header(self.path, mm, size)
+        self.metadata, infos, data_start = header.metadata, header.infos, header.data_start
         self.file_size = size
-        self.metadata: dict[str, Any] = {
-            k: _field_value(f) for k, f in self._reader.fields.items() if not k.startswith("GGUF.")
-        }
         arch = self.metadata.get("general.architecture")
         if not isinstance(arch, str):
             raise FormatError(f"{self.path}: metadata has no `general.architecture` string")
         self.architecture = arch
+        # the whole file as bytes, read-only and memory-mapped: tensors are views of it, nothing is copied
+        self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
         self.tensors: dict[str, GGUFTensor] = {}
         spans = []
-        for t in self._reader.tensors:
-            if t.name in self.tensors:
-                raise FormatError(f"{self.path}: tensor `{t.name}` appears twice")
-            self.tensors[t.name] = self._check_tensor(t)
-            spans.append((int(t.data_offset), int(t.data_offset) + self.tensors[t.name].nbytes, t.name))
+        for info in infos:
+            if info.name in self.tensors:
+                raise FormatError(f"{self.path}: tensor `{info.name}` appears twice")
+            t = self.tensors[info.name] = self._check_tensor(info, data_start)
+            spans.append((data_start + info.offset, data_start + info.offset + t.nbytes, info.name))
         spans.sort()
         for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
             if s1 < e0:
                 raise FormatError(f"{self.path}: tensors `{n0}` and `{n1}` overlap (bytes {s1}..{min(e0, e1)})")
-        # the reader's fields (a few numpy views per token of the vocabulary: ~70 MB for 32k tokens) are in
-        # self.metadata now; dropped before the model is built, they do not add to the load's peak
-        self._reader.fields.clear()
 
-    def _check_tensor(self, t) -> GGUFTensor:
-        from gguf import GGML_QUANT_SIZES
+    def _check_tensor(self, info: _TensorInfo, data_start: int) -> GGUFTensor:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-        name, qtype = t.name, t.tensor_type.name
+        name = info.name
+        try:
+            qtype = GGMLQuantizationType(info.type_id).name
+        except ValueError:
+            raise UnsupportedError(f"{self.path}: tensor `{name}` has unknown type id {info.type_id}") from None
         if qtype not in GGML_TYPE_NAMES:
             raise UnsupportedError(
                 f"{self.path}: tensor `{name}` has type {qtype}; qadapt runs {', '.join(GGML_TYPE_NAMES)}"
             )
-        ne = [int(x) for x in t.shape]
-        block, type_size = GGML_QUANT_SIZES[t.tensor_type]
+        ne = list(info.dims)
+        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
         if ne and ne[0] % block:
             raise FormatError(f"{self.path}: tensor `{name}` rows of {ne[0]} are not whole {qtype} blocks of {block}")
-        n_el = int(np.prod(ne)) if ne else 1
+        n_el = int(np.prod(ne, dtype=object)) if ne else 1
         want = n_el // block * type_size
-        start = int(t.data_offset)
-        if start + want > self.file_size or int(t.n_bytes) != want:
+        start = data_start + info.offset
+        if start + want > self.file_size:
             raise FormatError(
                 f"{self.path}: tensor `{name}` ({qtype}, shape {ne[::-1]}) needs {want} bytes at offset "
                 f"{start} but the file has {self.file_size} bytes"
             )
-        if t.data.size * t.data.itemsize != want:
-            raise FormatError(f"{self.path}: tensor `{name}` data is truncated")
-        return GGUFTensor(name, qtype, tuple(ne[::-1]), t.data, want)
+        raw = self._data[start:start + want]
+        shape = tuple(ne[::-1])
+        if qtype in _ELEMENT_DTYPES:
+            data = raw.view(_ELEMENT_DTYPES[qtype]).reshape(shape)
+        else:  # [..., rows, bytes per row], as gguf-py lays out block types
+            data = raw.reshape(*shape[:-1], shape[-1] // block * type_size) if shape else raw
+        return GGUFTensor(name, qtype, shape, data, want)
 
     def release_pages(self) -> None:
         """Drop this process's resident pages of the whole mapping (once a model is built from it).
@@ -204,7 +244,7 @@ class GGUFFile:
         the model reads, not what its load touched."""
         from ..quant import native
 
-        native.release_pages(self._reader.data)
+        native.release_pages(self._data)
 
     # ------------------------------------------------------------------ metadata helpers
     def get(self, key: str, default: Any = None) -> Any:

@@ -158,3 +158,48 @@ def _add_kv(writer, key: str, value: Any) -> None:
     else:  # pragma: no cover
         raise TypeError(f"cannot write {key}={type(value).__name__} to GGUF")
     del gguf
+
+
+def set_metadata(src: str | os.PathLike, dst: str | os.PathLike, changes: Mapping[str, Any], *,
+                 force: bool = False) -> Path:
+    """Copy a GGUF file with some metadata scalars set (str, bool, int, float) or removed (``None``).
+
+    The tensor infos and data are copied byte for byte (the data section moves to the file's alignment);
+    an int keeps the integer type the key already had (uint32 for a new key), a float is float32."""
+    import mmap
+    import struct
+
+    from .gguf import read_header
+    from ..io import atomic_path
+
+    src = Path(src)
+    with open(src, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        h = read_header(src, mm, len(mm))
+        entries = {k: bytes(mm[a:b]) for k, (a, b) in h.kv_spans.items()}
+        for key, value in changes.items():
+            if value is None:
+                entries.pop(key, None)
+                continue
+            kb = key.encode("utf-8")
+            old_type = struct.unpack_from("<I", entries[key], 8 + len(kb))[0] if key in entries else None
+            if isinstance(value, bool):
+                body = struct.pack("<IB", 7, value)
+            elif isinstance(value, int):
+                ints = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 10: "Q", 11: "q"}
+                tid = old_type if old_type in ints else 4
+                body = struct.pack("<I" + ints[tid], tid, value)
+            elif isinstance(value, float):
+                body = struct.pack("<If", 6, value)
+            elif isinstance(value, str):
+                vb = value.encode("utf-8")
+                body = struct.pack("<IQ", 8, len(vb)) + vb
+            else:
+                raise InputError(f"set_metadata: {key} = {type(value).__name__} is not a scalar GGUF value")
+            entries[key] = struct.pack("<Q", len(kb)) + kb + body
+        head = bytes(mm[:8]) + struct.pack("<QQ", len(h.infos), len(entries)) + b"".join(entries.values())
+        head += bytes(mm[h.infos_span[0]:h.infos_span[1]])
+        head += b"\0" * (-len(head) % h.alignment)
+        with atomic_path(Path(dst), force=force) as tmp, open(tmp, "wb") as out:
+            out.write(head)
+            out.write(mm[h.data_start:])
+    return Path(dst)

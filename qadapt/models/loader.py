@@ -68,17 +68,13 @@ def _load_gguf(path: Path, mode: str, dtype: torch.dtype, kernels: str = "exact"
 
 
 def _gguf_tokenizer(gf) -> Tokenizer | None:
-    """The file's tokenizer; None (token ids only, with a warning) where transformers cannot build it
-    for the architecture (Qwen-1: transformers has no ``qwen`` GGUF support)."""
-    from ..errors import FormatError
-
+    """The file's tokenizer; None (token ids only, with a warning naming why) for a vocabulary llama.cpp's
+    rules cannot be followed for (an unsupported tokenizer model or pre-tokenizer)."""
     if "tokenizer.ggml.tokens" not in gf.metadata:
         return None
     try:
         return Tokenizer.from_gguf(gf)
-    except FormatError as e:
-        if "not supported" not in str(e):
-            raise
+    except UnsupportedError as e:
         log.warning("%s; the model runs on token ids only", e)
         return None
 

@@ -95,7 +95,7 @@ def generate_tokens(
     ids = torch.tensor([prompt_ids])
     pos = torch.arange(len(prompt_ids)).unsqueeze(0)
     history = list(prompt_ids)
-    decoder = StreamDecoder(tokenizer)
+    decoder = StreamDecoder(tokenizer, prompt_ids)
     for n in range(params.max_new_tokens):
         if pos[0, -1] >= cache.max_len:
             break

@@ -182,18 +182,10 @@ class Server:
             return self.registry.default
         return (model,)
 
-    def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:
-        tok = self.model.tokenizer
+    def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, list):
-            vocab = self.model.config.vocab_size
-            bad = [t for t in prompt if not 0 <= t < vocab]
-            if bad:
-                raise InputError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
-            return list(prompt)
-        add_bos = None
-        if chat and tok.bos_id is not None and prompt.startswith(tok.decode([tok.bos_id], skip_special=False)):
-            add_bos = False  # the chat template wrote the BOS token itself
-        ids = tok.encode(prompt, add_bos=add_bos)
+            return self.model._fits_vocab(list(prompt), "the prompt")
+        ids = self.model.encode(prompt)
         if not ids:
             raise InputError("the prompt is empty (no tokens)")
         return ids
@@ -264,7 +256,7 @@ class Server:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
 
         def encode() -> list[int]:
-            return self.encode(self.model.tokenizer.apply_chat_template(messages), chat=True)
+            return self.model.encode_chat(messages)
 
         return await self._openai(request, body, await asyncio.to_thread(encode), chat=True)
 

@@ -317,7 +317,7 @@ class Engine:
         row = _Row(req, slot, pos=n, history=list(req.prompt_ids))
         if req.params.seed is not None:
             row.gen = torch.Generator().manual_seed(req.params.seed)
-        row.decoder = StreamDecoder(self.model.tokenizer) if self.model.tokenizer else None
+        row.decoder = StreamDecoder(self.model.tokenizer, req.prompt_ids) if self.model.tokenizer else None
         self._rows[slot] = row
         self.metrics.prefills += 1
         self.metrics.prompt_tokens += n
