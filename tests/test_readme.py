@@ -137,3 +137,26 @@ def test_tour_python_block(capsys):
     exec(compile(code, "README.md (Tour, Python)", "exec"), {})
     out = capsys.readouterr().out
     assert "RED COW AND THE QUEEN" in out and "seven one seven" in out
+
+
+def test_real_model_commands_parse():
+    """The Hub recipe cannot run here (it downloads a 4.4 GB model): each of its `qadapt` lines must at least
+    parse against the CLI as written (every option exists and takes its value), and its curl body is JSON."""
+    from qadapt.cli import main
+
+    start = README.index("### A real model\n")
+    section = README[start: README.index("\n## ", start)]
+    lines = [" ".join(c.replace("\\\n", " ").split()) for b in _blocks(section, "bash")
+             for c in re.split(r"(?<!\\)\n", b) if c.strip()]
+    commands = [shlex.split(line.rstrip("& ")) for line in lines]
+    ran = 0
+    for words in commands:
+        if words[0] == "curl":
+            json.loads(words[words.index("-d") + 1])
+            continue
+        assert words[0] == "qadapt", words
+        ctx = main.make_context("qadapt", words[1:2])
+        sub = main.get_command(ctx, words[1])
+        sub.make_context(words[1], words[2:])
+        ran += 1
+    assert ran == 3

@@ -111,7 +111,7 @@ def _make(files: BenchFiles, formats: tuple[str, ...], seed: int, threads: int, 
     skipped = []
     if "Q4_K_M" in wanted:
         try:
-            _quantize_llama_cpp(files.gguf("F16"), files.gguf("Q4_K_M"), "Q4_K_M", threads)
+            quantize_llama_cpp(files.gguf("F16"), files.gguf("Q4_K_M"), "Q4_K_M", threads)
         except UnsupportedError as e:
             log.warning("%s", e)
             skipped.append(("Q4_K_M", str(e)))
@@ -205,7 +205,7 @@ def tokenizer_metadata(vocab_size: int) -> dict:
     }
 
 
-def _quantize_llama_cpp(src: Path, dst: Path, qtype: str, threads: int) -> None:
+def quantize_llama_cpp(src: Path, dst: Path, qtype: str, threads: int) -> None:
     """llama.cpp's own quantizer (``llama_model_quantize``): K-quants that gguf-py cannot write."""
     if dst.exists():
         return

@@ -98,7 +98,7 @@ def export_gguf(
     with atomic_path(path, force=force) as tmp:
         writer = gguf.GGUFWriter(path=tmp, arch=arch)
         writer.add_block_count(cfg.num_hidden_layers)
-        writer.add_context_length(cfg.context_length)
+        writer.add_context_length(cfg.rope.max_positions)  # the config's own; a scaling extends it on load
         writer.add_embedding_length(cfg.hidden_size)
         # the config's own value, as llama.cpp's converter writes it (Qwen-1's counts both MLP branches)
         writer.add_feed_forward_length(int(config.get("intermediate_size") or cfg.intermediate_size))
@@ -116,11 +116,8 @@ def export_gguf(
             writer.add_value_length(cfg.head_dim)
         if cfg.sliding_window:
             writer.add_sliding_window(int(cfg.sliding_window))
-        if cfg.rope_long_factor is not None:  # LongRoPE as llama.cpp's Phi-3 converter writes it
-            writer.add_rope_scaling_orig_ctx_len(int(cfg.rope_original_context))
-            writer.add_rope_scaling_attn_factors(float(cfg.rope_attn_factor))
-            tensors.append(("rope_factors_long.weight", np.asarray(cfg.rope_long_factor, np.float32)))
-            tensors.append(("rope_factors_short.weight", np.asarray(cfg.rope_short_factor, np.float32)))
+        if spec.positions == "rope":
+            tensors += _rope_scaling(writer, cfg.rope, path)
         writer.add_file_type(int(gguf.LlamaFileType.ALL_F32) if qtype == "F32" else 1)
         for key, value in (tokenizer or {}).items():
             _add_kv(writer, key, value)
@@ -140,6 +137,42 @@ def export_gguf(
         writer.write_tensors_to_file()
         writer.close()
     return path
+
+
+def _rope_scaling(writer, rope, path: Path) -> list[tuple[str, np.ndarray]]:
+    """A rope scaling's keys and tensors, as llama.cpp's converter writes them."""
+    import gguf
+
+    from ..models.rope import inv_freq, yarn_attention_factor
+
+    if rope.kind == "longrope":  # as the Phi-3 converter: factor tensors, the original context, the scale
+        writer.add_rope_scaling_orig_ctx_len(int(rope.original))
+        writer.add_rope_scaling_attn_factors(float(rope.attention_factor))
+        return [("rope_factors_long.weight", np.asarray(rope.long_factor, np.float32)),
+                ("rope_factors_short.weight", np.asarray(rope.short_factor, np.float32))]
+    if rope.kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope.factor)
+    elif rope.kind == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(rope.factor)
+        writer.add_rope_scaling_orig_ctx_len(int(rope.original))
+        if rope.attention_factor != yarn_attention_factor(rope.factor):
+            writer.add_rope_scaling_yarn_attn_factor(rope.attention_factor)
+        if (rope.beta_fast, rope.beta_slow) != (32.0, 1.0):
+            writer.add_rope_scaling_yarn_beta_fast(rope.beta_fast)
+            writer.add_rope_scaling_yarn_beta_slow(rope.beta_slow)
+        if not rope.truncate:
+            raise InputError(f"{path}: yarn without truncation (`truncate: false`) has no GGUF form")
+    elif rope.kind == "llama3":  # per-frequency divisors in `rope_freqs`, as the Llama converter writes them
+        from dataclasses import replace
+
+        base, _ = inv_freq(replace(rope, kind="default"), 0)
+        scaled, _ = inv_freq(rope, 0)
+        return [("rope_freqs.weight", (base / scaled).numpy().astype(np.float32))]
+    elif rope.kind == "dynamic":
+        raise InputError(f"{path}: dynamic NTK rope scaling has no GGUF form (llama.cpp does not implement it)")
+    return []
 
 
 def _add_kv(writer, key: str, value: Any) -> None:

@@ -102,9 +102,6 @@ class GGUFSource:
         t = self._check(name, shape)
         return make_embedding(t.data, t.qtype, shape, mode=self.mode, dtype=self.dtype)
 
-    def rope_freq_factors(self) -> torch.Tensor | None:
-        return self.vector("rope_freqs.weight") if self.has("rope_freqs.weight") else None
-
 
 class _Embedding(nn.Module):
     """Learned positions (GPT-2) are small: kept dense."""
@@ -161,18 +158,7 @@ def build_decoder(cfg: ModelConfig, layer_map: LayerMap, spec: FamilySpec, src: 
     pos_embed = None
     if spec.positions == "learned":
         pos_embed = _Embedding(src.vector(tname("pos_embed")).reshape(-1, cfg.hidden_size))
-    rope = None
-    if spec.positions == "rope":
-        factors = src.rope_freq_factors() if hasattr(src, "rope_freq_factors") else None
-        long = None
-        if cfg.rope_long_factor is not None:
-            factors, long = torch.tensor(cfg.rope_short_factor), torch.tensor(cfg.rope_long_factor)
-            half = (cfg.rope_dim or cfg.head_dim) // 2
-            if factors.numel() != half or long.numel() != half:
-                raise FormatError(f"LongRoPE factors have {factors.numel()} / {long.numel()} values, expected "
-                                  f"{half} (half the rotary dimensions)")
-        rope = Rotary(cfg.rope_dim or cfg.head_dim, cfg.rope_theta, min(cfg.context_length, 4096), factors,
-                      long, cfg.rope_original_context, cfg.rope_attn_factor)
+    rope = Rotary(cfg.rope, min(cfg.context_length, 4096)) if spec.positions == "rope" else None
     return Decoder(cfg, spec, embed, blocks, norm("final_norm"), lm_head, rope, pos_embed)
 
 

@@ -21,6 +21,7 @@ from ..quant.native import _type_id as native_type_id, lora_plan, row_stride
 from ..runtime.kv_cache import KVCache
 from .config import ModelConfig
 from .family import FamilySpec
+from .rope import RopeSpec, inv_freq
 
 
 class RMSNorm(nn.Module):
@@ -58,48 +59,55 @@ def make_norm(spec: FamilySpec, weight: torch.Tensor, bias: torch.Tensor | None,
 class Rotary(nn.Module):
     """RoPE in transformers' half-split layout (the loader undoes llama.cpp's q/k row permutation).
 
-    ``freq_factors`` divide the frequencies (llama.cpp's ``rope_freqs``). LongRoPE (Phi-3) passes
-    ``long_factors`` too: a forward whose positions reach past ``original_context`` tokens uses
-    them instead of the short set, as transformers does per call; cos/sin are scaled by ``scale``.
+    The frequencies and the cos/sin scale come from the config's :class:`~qadapt.models.rope.RopeSpec`
+    (every scaling transformers implements). Scalings whose frequencies depend on how far a forward's
+    positions reach (dynamic NTK, LongRoPE's long set) are chosen per forward from its last position, as
+    transformers does per call; the others use one table for every position.
     """
 
-    def __init__(self, dim: int, base: float, max_pos: int, freq_factors: torch.Tensor | None = None,
-                 long_factors: torch.Tensor | None = None, original_context: int | None = None,
-                 scale: float = 1.0):
+    def __init__(self, spec: RopeSpec, max_pos: int):
         super().__init__()
-        powers = base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
-        inv = 1.0 / powers
-        self.dim, self.scale, self.original_context = dim, scale, original_context
-        self.inv_freq = {"short": inv}
-        if long_factors is not None:  # transformers' longrope order: 1 / (factor * base**(i/dim))
-            self.inv_freq = {"short": 1.0 / (freq_factors.float() * powers), "long": 1.0 / (long_factors.float() * powers)}
-        elif freq_factors is not None:
-            self.inv_freq["short"] = inv / freq_factors.float()
-        self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.max_pos = max_pos
+        self.spec, self.dim, self.max_pos = spec, spec.dim, max_pos
+        self._tables: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _table(self, which: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _variant(self, top: int) -> Any:
+        """The key of the frequency set a forward reaching position ``top - 1`` uses."""
+        s = self.spec
+        if s.kind == "longrope":
+            return "long" if top > s.original else "short"
+        if s.kind == "dynamic" and top > s.max_positions:
+            return top
+        return "base"
+
+    def _table(self, key: Any, top: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sign-folded sin [n, dim] for positions 0..n-1 (grown, never rebuilt per token)."""
-        cached = self._tables.get(which)
+        cached = self._tables.get(key)
         if cached is None or cached[0].shape[0] < n:
-            t = torch.arange(max(n, self.max_pos), dtype=torch.int64).float()
-            freqs = torch.outer(t, self.inv_freq[which])
+            inv, scale = inv_freq(self.spec, top)
+            rows = n if isinstance(key, int) else max(n, self.max_pos)  # a dynamic length: just what it needs
+            t = torch.arange(rows, dtype=torch.int64).float()
+            freqs = torch.outer(t, inv)
             emb = torch.cat((freqs, freqs), dim=-1)
-            sin = emb.sin() * self.scale
+            sin = emb.sin() * scale
             # rotate_half(x) * sin == swap_halves(x) * [-sin[:half], sin[half:]] exactly (negation commutes)
             half = self.dim // 2
             sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
-            cached = self._tables[which] = (emb.cos() * self.scale, sin)
+            cached = (emb.cos() * scale, sin)
+            if isinstance(key, int):
+                self._tables = {k: v for k, v in self._tables.items() if not isinstance(k, int)}
+            self._tables[key] = cached
         return cached
 
     def tables(self, positions: torch.Tensor, top: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sign-folded sin [B, T, 1, dim] at ``positions`` (once per forward, shared by every layer).
 
-        ``top`` is ``positions.max() + 1`` when the caller knows it (saves a sync)."""
+        ``top``: one past the last position the whole forward reaches (a chunked prefill passes the whole
+        prompt's, so every chunk uses the frequencies of the forward it is part of)."""
         if top is None:
             top = int(positions.max()) + 1
-        which = "long" if "long" in self.inv_freq and top > self.original_context else "short"
-        cos, sin = self._table(which, top * 2 if top > self.max_pos else top)
+        n = int(positions.max()) + 1
+        key = self._variant(top)
+        cos, sin = self._table(key, top, n * 2 if n > self.max_pos and not isinstance(key, int) else n)
         return cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -441,14 +449,15 @@ class Decoder(nn.Module):
             positions = torch.arange(T).expand(B, T)
         step = max(1, self.prefill_chunk // B)
         if cache is not None and last_only and T > step and getattr(ctx, "xlora", None) is None:
+            top = int(positions.max()) + 1  # the whole prompt's reach: length-dependent rope scalings
             for s in range(0, T - step, step):
-                self._forward(ids[:, s:s + step], positions[:, s:s + step], cache, ctx, True, False)
+                self._forward(ids[:, s:s + step], positions[:, s:s + step], cache, ctx, True, False, top)
             s = (T - 1) // step * step
-            return self._forward(ids[:, s:], positions[:, s:], cache, ctx, True, logits)
+            return self._forward(ids[:, s:], positions[:, s:], cache, ctx, True, logits, top)
         return self._forward(ids, positions, cache, ctx, last_only, logits)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: Any, ctx: Any, last_only: bool,
-                 logits: bool) -> ForwardOutput:
+                 logits: bool, rope_top: int | None = None) -> ForwardOutput:
         B, T = ids.shape
         x = self.embed(ids)
         if self.pos_embed is not None:
@@ -456,7 +465,7 @@ class Decoder(nn.Module):
         n_keys = None if cache is None else cache.prepare(positions)
         step = StepPlan(positions, self.mask(positions, n_keys), self.rope)
         if self.rope is not None:
-            step.cos, step.sin = self.rope.tables(positions, n_keys)
+            step.cos, step.sin = self.rope.tables(positions, rope_top or n_keys)
             if self.native is not None and T == 1 and isinstance(cache, KVCache) \
                     and cache.k[0].dtype == torch.float32 and self.rope.dim % 2 == 0:
                 step.native_pos = positions.reshape(B).to(torch.int64).contiguous()

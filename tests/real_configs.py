@@ -1,0 +1,197 @@
+"""The configurations of real checkpoints, shrunk: every field of their config.json kept, sizes made small.
+
+Sizes shrink to hidden 64 (4 heads), 2 layers, intermediate 128, a 320-token vocabulary (and the token
+ids in range); an explicit head_dim stays different from hidden / heads. Context lengths shrink only where
+the behaviour depends on a sequence passing them (LongRoPE's original context, dynamic NTK's maximum,
+a sliding window), so that 40-token test sequences cross them; everything else (rope types, factors,
+thetas, biases, tied embeddings, partial rotary factors) is the checkpoint's own.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+VOCAB = 320
+SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=VOCAB)
+
+REAL = {
+    # meta-llama/Llama-3.1-8B-Instruct: rope_type llama3
+    "llama-3.1-8b": {
+        "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 1,
+        "eos_token_id": [2, 3, 4], "hidden_act": "silu", "initializer_range": 0.02, "max_position_embeddings": 131072,
+        "mlp_bias": False, "model_type": "llama", "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True},
+    # meta-llama/Llama-3.2-1B: llama3 factor 32, tied embeddings, explicit head_dim
+    "llama-3.2-1b": {
+        "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 1,
+        "eos_token_id": 2, "head_dim": 16, "hidden_act": "silu", "initializer_range": 0.02,
+        "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama", "pretraining_tp": 1,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True},
+    # lmsys/vicuna-7b-v1.5-16k: linear scaling
+    "vicuna-7b-16k": {
+        "architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+        "initializer_range": 0.02, "max_position_embeddings": 4096, "model_type": "llama", "pad_token_id": 0,
+        "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": {"factor": 4.0, "type": "linear"},
+        "tie_word_embeddings": False, "torch_dtype": "float16", "use_cache": True},
+    # a Llama with dynamic NTK scaling (max_position_embeddings shrunk from 4096 so that 40 tokens pass it)
+    "llama-dynamic-ntk": {
+        "architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+        "initializer_range": 0.02, "max_position_embeddings": 24, "model_type": "llama", "rms_norm_eps": 1e-06,
+        "rope_scaling": {"factor": 2.0, "type": "dynamic"}, "rope_theta": 10000.0, "tie_word_embeddings": False},
+    # Qwen/Qwen2.5-7B-Instruct with its README's YaRN long-context setting; qkv biases
+    "qwen2.5-7b-yarn": {
+        "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
+        "hidden_act": "silu", "initializer_range": 0.02, "max_position_embeddings": 32768, "max_window_layers": 28,
+        "model_type": "qwen2", "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 131072,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False,
+        "rope_scaling": {"factor": 4.0, "original_max_position_embeddings": 32768, "type": "yarn"}},
+    # Qwen/Qwen2.5-0.5B-Instruct: tied embeddings, qkv biases
+    "qwen2.5-0.5b": {
+        "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
+        "hidden_act": "silu", "initializer_range": 0.02, "max_position_embeddings": 32768, "max_window_layers": 21,
+        "model_type": "qwen2", "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
+        "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False},
+    # mistralai/Mistral-Nemo-Instruct-2407: head_dim 128 with hidden 5120 / 32 heads (160)
+    "mistral-nemo": {
+        "architectures": ["MistralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
+        "head_dim": 32, "hidden_act": "silu", "initializer_range": 0.02, "max_position_embeddings": 1024000,
+        "model_type": "mistral", "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": None,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True},
+    # mistralai/Mistral-7B-v0.1: a sliding window on every layer (4096, shrunk to 8)
+    "mistral-7b-v0.1": {
+        "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+        "initializer_range": 0.02, "max_position_embeddings": 32768, "model_type": "mistral", "rms_norm_eps": 1e-05,
+        "rope_theta": 10000.0, "sliding_window": 8, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "use_cache": True},
+    # microsoft/Phi-4-mini-instruct: partial_rotary_factor 0.75, LongRoPE (original 4096 shrunk to 16), tied
+    "phi-4-mini": {
+        "architectures": ["Phi3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 1,
+        "embd_pdrop": 0.0, "eos_token_id": 2, "full_attn_mod": 1, "hidden_act": "silu", "initializer_range": 0.02,
+        "interpolate_factor": 1, "lm_head_bias": False, "max_position_embeddings": 64, "mlp_bias": False,
+        "model_type": "phi3", "original_max_position_embeddings": 16, "pad_token_id": 2, "partial_rotary_factor": 0.75,
+        "resid_pdrop": 0.0, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"long_factor": [1.0, 1.12, 1.6, 3.1, 7.9, 21.0], "short_factor": [1.0, 1.0, 1.01, 1.03, 1.1,
+                                                                                             1.4], "type": "longrope"},
+        "rope_theta": 10000.0, "sliding_window": 262144, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+        "use_cache": True},
+}
+
+
+def config(name: str, **sizes) -> dict:
+    """The shrunk config.json dict of checkpoint ``name`` (``sizes`` override the default small sizes)."""
+    cfg = copy.deepcopy(REAL[name])
+    cfg.update(SIZES)
+    cfg.update(sizes)
+    return cfg
+
+
+def build(name: str, seed: int = 0, **sizes):
+    """(config.json dict, random transformers model of it, float32, eval)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = config(name, **sizes)
+    hf_cfg = AutoConfig.for_model(**{k: v for k, v in copy.deepcopy(cfg).items() if k != "architectures"})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_cfg).float().eval()
+    with torch.no_grad():  # norms away from 1 and biases away from 0, so a wrong one shows
+        for n, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return cfg, model
+
+
+def save(model, cfg: dict, folder: Path, real_config_json: bool = True) -> Path:
+    """``save_pretrained`` (safetensors); with ``real_config_json`` the config.json is the checkpoint's own
+    layout (``rope_scaling`` / ``rope_theta``) rather than what transformers 5 writes (``rope_parameters``)."""
+    model.save_pretrained(folder)
+    if real_config_json:
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
+def sentencepiece_model() -> bytes:
+    """A tiny SentencePiece BPE model with byte fallback (vocabulary 300 <= VOCAB), trained offline, seeded."""
+    import sentencepiece as spm
+
+    words = ["the", "cat", "sat", "on", "a", "mat", "hello", "world", "adapter", "model", "quant", "lora", "Paris",
+             "capital", "France", "is", "of"]
+    r = random.Random(0)
+    sentences = [" ".join(r.choice(words) for _ in range(10)) for _ in range(400)]
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=out, vocab_size=300,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2,
+                                   unk_id=0, pad_id=-1, minloglevel=2, num_threads=1)
+    return out.getvalue()
+
+
+def convert(root: Path, jobs: list[tuple[Path, Path, str]]) -> None:
+    """llama.cpp's convert_hf_to_gguf.py (with the sdist's gguf-py) on each (folder, out file, outtype), in one
+    process. Each folder gets the tiny SentencePiece tokenizer.model the converter reads."""
+    model = sentencepiece_model()
+    for folder, _, _ in jobs:
+        (folder / "tokenizer.model").write_bytes(model)
+    driver = ("import runpy, sys\n"
+              f"for args in {[[str(f), '--outfile', str(o), '--outtype', t] for f, o, t in jobs]!r}:\n"
+              "    sys.argv = ['convert_hf_to_gguf.py', *args]\n"
+              "    runpy.run_path('convert_hf_to_gguf.py', run_name='__main__')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root / "gguf-py"), str(root)]))
+    r = subprocess.run([sys.executable, "-c", driver], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    if r.returncode != 0:
+        raise RuntimeError(f"convert_hf_to_gguf.py failed:\n{r.stderr[-4000:]}")
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of llama.cpp's converter q/k row order (FIELD-NOTES: reshape(n_head, 2, rows // n_head // 2)
+    .swapaxes(1, 2))."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def dequantized_model(model, gguf_path: Path, arch: str):
+    """``model`` (transformers) with every weight replaced by gguf-py's dequantization of the GGUF tensor that
+    gguf-py's name map gives for it; llama.cpp's q/k row permutation undone for the llama family. Only gguf-py
+    and transformers are involved: the reference for logits of a converter-written file.
+
+    A sliding window the file does not carry is dropped from the reference: llama.cpp's converter writes none
+    for Mistral 7B v0.1 (llama.cpp runs it with full attention), so full attention is what the file describes."""
+    import gguf
+
+    ref = copy.deepcopy(model)
+    reader = gguf.GGUFReader(gguf_path)
+    if getattr(ref.config, "sliding_window", None) and not any(k.endswith(".attention.sliding_window") and
+                                                               int(f.contents()) for k, f in reader.fields.items()):
+        ref.config.sliding_window = None
+    tensors = {t.name: t for t in reader.tensors}
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch], ref.config.num_hidden_layers)
+    permute = arch == "LLAMA"
+    c = ref.config
+    with torch.no_grad():
+        for key, p in ref.state_dict().items():
+            g = names.get_name(key, try_suffixes=(".weight", ".bias"))
+            if g not in tensors:
+                if key == "lm_head.weight" and "output.weight" not in tensors:
+                    g = "token_embd.weight"  # tied: the converter writes the table once
+                else:
+                    raise KeyError(f"{gguf_path.name}: no tensor for {key} ({g})")
+            t = tensors[g]
+            w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(p.shape).astype(np.float32)
+            if permute and key.endswith(("q_proj.weight", "k_proj.weight")):
+                w = _unpermute(w, c.num_attention_heads if "q_proj" in key else c.num_key_value_heads)
+            p.copy_(torch.from_numpy(np.ascontiguousarray(w)))
+    return ref
