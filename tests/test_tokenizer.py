@@ -101,6 +101,16 @@ def test_folder_stream_keeps_the_leading_space(tmp_path):
     assert joined == hf.decode(prompt + gen)[len(hf.decode(prompt)):] == " sat on a mat. hello world"
 
 
+def test_text_with_lone_surrogates_tokenizes(tmp_path, llama_root):
+    """A JSON body may carry a lone surrogate (`"\\ud800"`), which no UTF-8 holds: both tokenizers read it as
+    U+FFFD (llama.cpp's reading of an invalid sequence), never raise."""
+    save_tokenizer(tmp_path)
+    folder = Tokenizer.from_folder(tmp_path)
+    assert folder.encode("a\ud800b") == folder.encode("a\ufffdb")
+    gguf_tok = Tokenizer.from_gguf(GGUFFile(llama_root / "models" / "ggml-vocab-llama-bpe.gguf"))
+    assert gguf_tok.encode("a\ud800b") == gguf_tok.encode("a\ufffdb")
+
+
 def test_vocabulary_without_tokens_or_with_bad_arrays_is_a_format_error(tmp_path):
     from qadapt.errors import FormatError
 

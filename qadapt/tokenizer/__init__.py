@@ -192,7 +192,10 @@ class HFTokenizer(Tokenizer):
         return cls(hf, str(folder), eos)
 
     def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        return list(self.hf(text, add_special_tokens=add_special, split_special_tokens=not parse_special)["input_ids"])
+        from .llama import clean_text
+
+        ids = self.hf(clean_text(text), add_special_tokens=add_special, split_special_tokens=not parse_special)
+        return list(ids["input_ids"])
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special)

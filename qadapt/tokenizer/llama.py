@@ -10,11 +10,13 @@ queue order (lowest rank / highest score first, leftmost on ties) and the same b
 from __future__ import annotations
 
 import heapq
+import re
 from collections import OrderedDict
 
 from .vocab import BYTE, CONTROL, LSTRIP, NORMAL, RSTRIP, UNKNOWN, USER_DEFINED, Vocab
 
 _SPACE_MARK = "\u2581"  # SentencePiece's visible space
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _C_SPACE = " \t\n\v\f\r"  # C's isspace: what a special token's lstrip / rstrip removes
 
 
@@ -36,14 +38,14 @@ CHAR_TO_BYTE = {c: b for b, c in enumerate(BYTE_TO_CHAR)}
 _ENCODE_BYTES = {b: c for b, c in enumerate(BYTE_TO_CHAR)}
 
 
-def _clean_text(text: str) -> str:
-    """Python strings may hold lone surrogates (from JSON escapes) that no UTF-8 can carry: each becomes U+FFFD,
-    as llama.cpp reads an invalid UTF-8 sequence."""
+def clean_text(text: str) -> str:
+    """Python strings may hold lone surrogates (a JSON body's ``"\\ud800"``) that no UTF-8 can carry: each
+    becomes one U+FFFD, the replacement character."""
     try:
         text.encode("utf-8")
         return text
     except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+        return _SURROGATE.sub("\ufffd", text)
 
 
 class LlamaTokenizer:
@@ -64,7 +66,7 @@ class LlamaTokenizer:
         if add_special and v.add_bos:
             out.append(v.ids["bos"])
         prev_special = True  # SentencePiece adds its leading space at the start and after each special token
-        for frag in self._partition(_clean_text(text), parse_special):
+        for frag in self._partition(clean_text(text), parse_special):
             if isinstance(frag, int):
                 out.append(frag)
                 prev_special = True
