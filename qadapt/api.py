@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,7 +20,7 @@ from .models.decoder import Decoder
 from .quant import native
 from .runtime.generate import Generation, SamplingParams, run_generation
 from .runtime.kv_cache import KVCache
-from .tokenizer import Tokenizer
+from .tokenizer import IdsOnly, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ class Model:
         self._merged: tuple[str, ...] = ()
         self._xlora: Any = None  # adapters.xlora.XLora once an X-LoRA checkpoint is loaded
         self.chat_template: str | None = None  # overrides the tokenizer's (load(..., chat_template=...))
+        # held by every forward and by every change of the adapters: a change lands between two steps,
+        # never inside one (the server changes adapters from request threads while its engine decodes)
+        self.lock = threading.RLock()
 
     @property
     def config(self) -> ModelConfig:
@@ -63,10 +67,16 @@ class Model:
         return self.layer_map.architecture
 
     # ------------------------------------------------------------------ forward
-    def _context(self, active: tuple[str, ...] | None = None) -> Any:
-        """Per-forward adapter context (None: base model only)."""
+    def _context(self, active: tuple[str, ...] | None = None,
+                 rows: tuple[tuple[str, ...], ...] | None = None) -> Any:
+        """Per-forward adapter context (None: base model only): ``active`` for every row, or ``rows``' own
+        adapter names per batch row. Merged adapters are in the weights already and never applied again."""
         from .adapters.lora import AdapterContext
 
+        if rows is not None and any(r != rows[0] for r in rows):
+            return AdapterContext(rows=tuple(tuple(n for n in r if n not in self._merged) for r in rows))
+        if rows is not None:
+            active = rows[0]
         names = tuple(n for n in (self._active if active is None else active) if n not in self._merged)
         return AdapterContext(active=names) if names else None
 
@@ -74,6 +84,16 @@ class Model:
     @property
     def active_adapters(self) -> tuple[str, ...]:
         return self._active
+
+    @property
+    def merged_adapters(self) -> tuple[str, ...]:
+        """Adapters folded into the weights (:meth:`merge_adapters`)."""
+        return self._merged
+
+    @property
+    def xlora(self) -> bool:
+        """Whether an X-LoRA checkpoint drives this model's adapters."""
+        return self._xlora is not None
 
     def _slot(self, path: str):
         """(container, key) holding the linear at a module path."""
@@ -118,9 +138,10 @@ class Model:
         folder = resolve_adapter(str(source), adapter_source, subfolder=subfolder, revision=revision)
         adapter = build_adapter(name, str(source), folder, self.layer_map, self.config.shapes, self.base_format,
                                 base_id=self.source, strict=strict)
-        for path, f in adapter.factors.items():
-            self._wrapper(path).add(name, f)
-        self.adapters[name] = adapter
+        with self.lock:
+            for path, f in adapter.factors.items():
+                self._wrapper(path).add(name, f)
+            self.adapters[name] = adapter
         native.trim_heap()
         log.info("loaded adapter %s from %s: %d layers, %.1f KiB", name, source, len(adapter.factors),
                  adapter.nbytes / 1024)
@@ -134,10 +155,11 @@ class Model:
             raise InputError(f"no adapter named `{name}` is loaded (loaded: {', '.join(self.adapters) or 'none'})")
         if name in self._merged:
             raise InputError(f"adapter `{name}` is merged; call unmerge_adapters() first")
-        for w in self._wrappers():
-            w.remove(name)
-        del self.adapters[name]
-        self._active = tuple(n for n in self._active if n != name)
+        with self.lock:
+            for w in self._wrappers():
+                w.remove(name)
+            del self.adapters[name]
+            self._active = tuple(n for n in self._active if n != name)
 
     def activate_adapters(self, names: list[str] | tuple[str, ...]) -> None:
         """Make exactly ``names`` active (``[]`` = base model only). Costs no copies."""
@@ -161,15 +183,17 @@ class Model:
             from .adapters.xlora import unsupported_with_xlora
 
             raise unsupported_with_xlora("merging (the scalings change per token)")
-        self.unmerge_adapters()
-        for w in self._wrappers():
-            w.merge(self._active)
-        self._merged = self._active
+        with self.lock:
+            self.unmerge_adapters()
+            for w in self._wrappers():
+                w.merge(self._active)
+            self._merged = self._active
 
     def unmerge_adapters(self) -> None:
-        for w in self._wrappers():
-            w.unmerge()
-        self._merged = ()
+        with self.lock:
+            for w in self._wrappers():
+                w.unmerge()
+            self._merged = ()
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -206,11 +230,22 @@ class Model:
         return cache
 
     @torch.inference_mode()
-    def _step(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        if self._xlora is not None:
-            ctx = self._xlora.context(self.decoder, ids, positions, cache)
-            return self.decoder(ids, positions, cache.real, ctx=ctx, last_only=True).logits[:, -1]
-        return self.decoder(ids, positions, cache, ctx=self._context(), last_only=True).logits[:, -1]
+    def step(self, ids: torch.Tensor, positions: torch.Tensor, cache: Any,
+             rows: tuple[tuple[str, ...], ...] | None = None) -> torch.Tensor:
+        """The one forward every generation runs: ``ids`` [B, T] at ``positions`` [B, T] into ``cache``; the
+        last position's logits [B, V]. ``rows``: each batch row's adapter names (the server's mixed batches;
+        None: the active adapters). Merged adapters are not applied twice; X-LoRA runs its scaling pass and
+        classifier. Holds :attr:`lock`, so adapter changes wait for the step to end."""
+        with self.lock:
+            if self._xlora is not None:
+                if rows is not None and any(r != self._xlora.order for r in rows):
+                    from .adapters.xlora import unsupported_with_xlora
+
+                    raise unsupported_with_xlora("choosing adapters per row")
+                ctx = self._xlora.context(self.decoder, ids, positions, cache)
+                return self.decoder(ids, positions, cache.real, ctx=ctx, last_only=True).logits[:, -1]
+            ctx = self._context(rows=rows)
+            return self.decoder(ids, positions, cache, ctx=ctx, last_only=True).logits[:, -1]
 
     # ------------------------------------------------------------------ text
     def _tokenizer(self) -> Tokenizer:
@@ -268,8 +303,8 @@ class Model:
             ids = [int(i) for i in prompt]
             self._check_ids(torch.tensor(ids))
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, tuple(stop))
-        tok = self.tokenizer or _IdTokenizer(self.config.eos_token_ids)
-        return run_generation(self._step, self.new_cache, ids, params, tok, self.config.context_length, stream)
+        tok = self.tokenizer or IdsOnly(self.config.eos_token_ids)
+        return run_generation(self.step, self.new_cache, ids, params, tok, self.config.context_length, stream)
 
     # ------------------------------------------------------------------ introspection
     def targetable_layers(self) -> list[str]:
@@ -282,22 +317,6 @@ class Model:
 
     def __repr__(self) -> str:
         return f"Model({self.architecture}, {self.source}, mode={self.mode}, format={self.base_format})"
-
-
-class _IdTokenizer:
-    """Stand-in when a model has no tokenizer: ids in, empty text out."""
-
-    def __init__(self, eos):
-        self.eos_ids = tuple(eos)
-
-    def decode(self, ids, skip_special=True):
-        return ""
-
-    def stream(self, context=()):
-        return self
-
-    def push(self, token_id):
-        return ""
 
 
 def _resolve_model_path(path_or_id: str | os.PathLike, gguf_file: str | None, revision: str | None) -> Path:

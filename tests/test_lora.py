@@ -240,3 +240,53 @@ def test_cli_run_with_adapters(bases):
     assert json.loads(r.stdout)["token_ids"] == m.generate("the cat", max_new_tokens=5).token_ids
     r = cli("--adapter", "a=/does/not/exist")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "/does/not/exist" in r.stderr
+
+
+def test_the_one_step_never_applies_a_merged_adapter_twice(bases):
+    """Model.step, which generate and the server's engine both run: a merged adapter named per row is not added
+    again (the server used to apply it on top of the merged weights); PEFT with the adapter is the reference."""
+    from qadapt.errors import InputError
+
+    path, ref, ads = bases("Q8_0")
+    m = qadapt.load(path, mode="dequantize", adapters={"a": str(ads["a"])}, merge=True)
+    ids = IDS[:1]
+    pos = torch.arange(ids.shape[1]).unsqueeze(0)
+    want = peft_logits(ref, ads, ["a"], ids)[:, -1]
+    for rows in (None, (("a",),)):
+        got = m.step(ids, pos, m.new_cache(ids.shape[1]), rows)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    pytest.importorskip("starlette")
+    from qadapt.server.app import Server
+
+    with pytest.raises(InputError, match="merged into its weights"):
+        Server(m, base_name="m")
+
+
+def test_adapter_changes_wait_for_the_running_step(bases):
+    """A step holds the model's lock: an unload from another thread (the server's request threads) lands after
+    the step, never inside it."""
+    import threading
+
+    path, ref, ads = bases("Q8_0")
+    m = qadapt.load(path, adapters={"a": str(ads["a"])})
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(module, args):
+        inside.set()
+        release.wait(10)
+
+    handle = m.decoder.register_forward_pre_hook(hold)
+    ids = IDS[:1]
+    stepper = threading.Thread(target=m.step, args=(ids, torch.arange(ids.shape[1]).unsqueeze(0),
+                                                    m.new_cache(ids.shape[1])))
+    stepper.start()
+    assert inside.wait(10)
+    unloader = threading.Thread(target=m.unload_adapter, args=("a",))
+    unloader.start()
+    unloader.join(0.3)
+    assert unloader.is_alive() and "a" in m.adapters  # waiting for the step
+    release.set()
+    stepper.join(10)
+    unloader.join(10)
+    handle.remove()
+    assert "a" not in m.adapters

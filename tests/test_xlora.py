@@ -261,7 +261,7 @@ def test_non_granular_scalings_freeze_per_row(world):
     ids, pos, seq = prompt, torch.arange(P).expand(2, P), prompt
     differs = False
     for step in range(steps):
-        logits = m._step(ids, pos, cache)
+        logits = m.step(ids, pos, cache)
         want = _frozen_reference(pm, seq, P + k - 1)
         torch.testing.assert_close(logits, want, atol=ATOL, rtol=0)
         with torch.no_grad():
@@ -276,7 +276,7 @@ def test_non_granular_scalings_freeze_per_row(world):
     frozen1 = cache.rows[1].frozen.clone()
     cache.reset_rows([0])
     assert cache.rows[0].frozen is None and torch.equal(cache.rows[1].frozen, frozen1)
-    m._step(ids, pos, cache)
+    m.step(ids, pos, cache)
     assert m._xlora.scaling_passes == 2 + k
     assert torch.equal(m.xlora_scalings()[1], frozen1)
 
@@ -353,3 +353,19 @@ def test_cli_run_and_s3_source(world, s3_env):
             "--tgt-non-granular-index", "1")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["token_ids"] == want
+
+
+def test_server_refuses_an_xlora_model(world):
+    """The batched engine runs plain LoRA rows: an X-LoRA model is refused when the server is built (it used to
+    be served without its classifier), and Model.step refuses per-row adapter sets on it."""
+    pytest.importorskip("starlette")
+    from qadapt.errors import QadaptError, UnsupportedError
+    from qadapt.server.app import Server
+
+    path, pm, ref_layout, _ = world("Q8_0", next(iter(CONFIGS)))
+    m = qadapt.load(path, xlora=str(ref_layout))
+    with pytest.raises(UnsupportedError, match="X-LoRA"):
+        Server(m, base_name="x")
+    ids = IDS[:1]
+    with pytest.raises(QadaptError, match="X-LoRA"):
+        m.step(ids, torch.arange(ids.shape[1]).unsqueeze(0), m.new_cache(ids.shape[1]), (("alpha",),))

@@ -170,7 +170,7 @@ class QadaptXLoraEngine(Engine):
                              ) -> tuple[float, float, int]:
         """Seconds for the prefill and the ``n`` decode steps, and the scaling passes the decode ran.
 
-        Each step is ``Model._step``, the step ``generate`` runs: the scaling pass (its own KV cache)
+        Each step is ``Model.step``, the step ``generate`` runs: the scaling pass (its own KV cache)
         and the classifier, unless this row's scalings are frozen, then the real pass.
         ``non_granular_index`` sets the loaded X-LoRA's ``tgt_non_granular_index`` (None: granular).
         """
@@ -179,12 +179,12 @@ class QadaptXLoraEngine(Engine):
         cache = self.m.new_cache(len(prompt) + n + 1)
         ids = torch.tensor([prompt])
         t0 = time.perf_counter()
-        tok = _argmax(self.m._step(ids, torch.arange(len(prompt)).unsqueeze(0), cache))
+        tok = _argmax(self.m.step(ids, torch.arange(len(prompt)).unsqueeze(0), cache))
         t1 = time.perf_counter()
         passes = xl.scaling_passes
         p = len(prompt)
         for _ in range(n):
-            tok = _argmax(self.m._step(tok.view(1, 1), torch.tensor([[p]]), cache))
+            tok = _argmax(self.m.step(tok.view(1, 1), torch.tensor([[p]]), cache))
             p += 1
         return t1 - t0, time.perf_counter() - t1, xl.scaling_passes - passes
 

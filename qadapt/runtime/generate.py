@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..errors import InputError
-from ..tokenizer import StreamDecoder, Tokenizer
+from ..tokenizer import StreamDecoder
 from .kv_cache import KVCache
 
 
@@ -70,15 +70,56 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, history: list[int], gen
 StepFn = Callable[[torch.Tensor, torch.Tensor, KVCache], torch.Tensor]
 
 
+class TextStream:
+    """One sequence's text as its tokens arrive, and when it ends: the end-of-generation ids, stop strings
+    (the text is cut before the first one) and the hold-back of a tail that could still begin one. The one
+    place this logic lives: :func:`run_generation` (``Model.generate``) and the server's engine both use it.
+
+    :meth:`push` takes each generated token and returns the text it releases; :attr:`reason` becomes
+    ``"eos"`` or ``"stop_sequence"`` when the sequence is over, and :meth:`close` releases what is held
+    when it ends otherwise (``"length"``)."""
+
+    def __init__(self, tokenizer: Any, prompt_ids: list[int], params: SamplingParams):
+        self.decoder = StreamDecoder(tokenizer, prompt_ids)
+        self.eos = frozenset(tokenizer.eos_ids)
+        self.stops = tuple(s for s in params.stop if s)
+        self.hold = max((len(s) for s in self.stops), default=0)
+        self.text, self.sent = "", 0
+        self.tokens: list[int] = []  # generated, the end-of-generation token excluded
+        self.reason: str | None = None
+
+    def push(self, tok: int) -> str:
+        if tok in self.eos:
+            self.reason = "eos"
+            return self._release(len(self.text))
+        self.tokens.append(tok)
+        self.text += self.decoder.push(tok)
+        hits = [self.text.find(s) for s in self.stops if s in self.text]
+        if hits:
+            self.text, self.reason = self.text[:min(hits)], "stop_sequence"
+            return self._release(len(self.text))
+        return self._release(len(self.text) - self.hold)
+
+    def close(self, reason: str = "length") -> str:
+        """The sequence ends here (the length limit): release the held tail."""
+        self.reason = self.reason or reason
+        return self._release(len(self.text))
+
+    def _release(self, upto: int) -> str:
+        if upto <= self.sent:
+            return ""
+        out, self.sent = self.text[self.sent:upto], upto
+        return out
+
+
 def generate_tokens(
     step: StepFn,
     new_cache: Callable[[int], KVCache],
     prompt_ids: list[int],
     params: SamplingParams,
-    tokenizer: Tokenizer,
     context_length: int,
-) -> Iterator[tuple[int, str]]:
-    """Yield (token id, text piece) as tokens are generated; stops at EOS, a stop string or the limit.
+) -> Iterator[int]:
+    """Yield sampled token ids until the limit (the caller stops on EOS or a stop string).
 
     ``step(ids [1, T], positions [1, T], cache)`` returns the last position's logits [1, V].
     """
@@ -95,62 +136,35 @@ def generate_tokens(
     ids = torch.tensor([prompt_ids])
     pos = torch.arange(len(prompt_ids)).unsqueeze(0)
     history = list(prompt_ids)
-    decoder = StreamDecoder(tokenizer, prompt_ids)
-    for n in range(params.max_new_tokens):
+    for _ in range(params.max_new_tokens):
         if pos[0, -1] >= cache.max_len:
             break
-        logits = step(ids, pos, cache)[0]
-        tok = sample_next(logits, params, history, gen)
+        tok = sample_next(step(ids, pos, cache)[0], params, history, gen)
         history.append(tok)
-        if tok in tokenizer.eos_ids:
-            yield tok, ""
-            return
-        yield tok, decoder.push(tok)
+        yield tok
         ids = torch.tensor([[tok]])
         pos = pos[:, -1:] + 1
 
 
 def run_generation(step, new_cache, prompt_ids, params, tokenizer, context_length,
                    stream: bool = False) -> Generation | Iterator[str]:
-    """Collect :func:`generate_tokens` into a :class:`Generation`, or stream text pieces."""
-    it = generate_tokens(step, new_cache, prompt_ids, params, tokenizer, context_length)
+    """:func:`generate_tokens` through a :class:`TextStream`: a :class:`Generation`, or the text pieces."""
+    text = TextStream(tokenizer, prompt_ids, params)
+    tokens = generate_tokens(step, new_cache, prompt_ids, params, context_length)
     if stream:
-        return _stream(it, params, tokenizer)
-    out, text, reason = [], "", "length"
-    for tok, piece in it:
-        if tok in tokenizer.eos_ids:
-            reason = "stop"
-            break
-        out.append(tok)
-        text += piece
-        cut = _stop_at(text, params.stop)
-        if cut is not None:
-            text, reason = text[:cut], "stop"
-            break
-    return Generation(text, out, len(prompt_ids), reason)
+        return _pieces(tokens, text)
+    for _ in _pieces(tokens, text):
+        pass
+    return Generation(text.text, text.tokens, len(prompt_ids), "length" if text.reason == "length" else "stop")
 
 
-def _stop_at(text: str, stops: tuple[str, ...]) -> int | None:
-    hits = [text.find(s) for s in stops if s and s in text]
-    return min(hits) if hits else None
-
-
-def _stream(it, params: SamplingParams, tokenizer: Tokenizer) -> Iterator[str]:
-    """Text pieces; holds back a tail that could be the start of a stop string."""
-    text, sent = "", 0
-    hold = max((len(s) for s in params.stop), default=0)
-    for tok, piece in it:
-        if tok in tokenizer.eos_ids:
-            break
-        text += piece
-        cut = _stop_at(text, params.stop)
-        if cut is not None:
-            if cut > sent:
-                yield text[sent:cut]
+def _pieces(tokens: Iterator[int], text: TextStream) -> Iterator[str]:
+    for tok in tokens:
+        piece = text.push(tok)
+        if piece:
+            yield piece
+        if text.reason is not None:
             return
-        safe = len(text) - hold
-        if safe > sent:
-            yield text[sent:safe]
-            sent = safe
-    if len(text) > sent:
-        yield text[sent:]
+    tail = text.close()
+    if tail:
+        yield tail

@@ -33,7 +33,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from ..adapters.sources import EndpointUnreachableError
-from ..errors import InputError, QadaptError, SourceError
+from ..errors import InputError, QadaptError, SourceError, UnsupportedError
 from ..runtime.generate import SamplingParams
 from .registry import BASE_ALIASES, AdapterRegistry, Busy, Forbidden, NotFound, Unavailable
 from .scheduler import SHUTTING_DOWN, Engine, Failure, Finish, GenRequest, Metrics, TokenEvent
@@ -154,6 +154,13 @@ class Server:
                  max_body_bytes: int = MAX_BODY_BYTES):
         if model.tokenizer is None:
             raise InputError(f"{model.source} has no tokenizer: the server needs one to read prompts")
+        if model.merged_adapters:
+            raise InputError(f"{model.source} has adapters merged into its weights ({', '.join(model.merged_adapters)}): "
+                             "requests choose their adapters per row, and the base would carry them; load it "
+                             "without merging")
+        if model.xlora:
+            raise UnsupportedError("serving an X-LoRA model is not supported yet (the batched engine runs plain "
+                                   "LoRA); run it with `qadapt run` or Model.generate")
         self.model = model
         self.base_name = base_name
         self.api_key = api_key

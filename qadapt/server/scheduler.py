@@ -27,8 +27,8 @@ import torch
 
 from ..errors import QadaptError
 from ..runtime.batch import BatchStepper
-from ..runtime.generate import SamplingParams, _stop_at, sample_next
-from ..tokenizer import StreamDecoder
+from ..runtime.generate import SamplingParams, TextStream, sample_next
+from ..tokenizer import IdsOnly
 from .registry import AdapterRegistry, Busy, Unavailable
 
 log = logging.getLogger(__name__)
@@ -90,11 +90,8 @@ class _Row:
     pos: int  # where ``last`` is fed next
     last: int = -1
     history: list[int] = field(default_factory=list)
-    out: list[int] = field(default_factory=list)
     gen: torch.Generator | None = None
-    decoder: StreamDecoder | None = None
-    text: str = ""
-    sent: int = 0
+    stream: TextStream | None = None  # the text, stop strings and end of generation
 
 
 # ---------------------------------------------------------------------- metrics
@@ -175,7 +172,7 @@ class Engine:
         self.max_queue = max_queue
         self.max_seq_len = max_seq_len
         self.metrics = metrics or Metrics()
-        self.eos = set(model.tokenizer.eos_ids) if model.tokenizer else set(model.config.eos_token_ids)
+        self.tokenizer = model.tokenizer or IdsOnly(model.config.eos_token_ids)
         self.stepper = BatchStepper(self._forward, model.new_cache(max_seq_len, max_batch))
         self._rows: list[_Row | None] = [None] * max_batch
         self._pending: collections.deque[GenRequest] = collections.deque()
@@ -234,13 +231,7 @@ class Engine:
 
     # ------------------------------------------------------------ the loop (engine thread)
     def _forward(self, ids, positions, cache, rows):
-        from ..adapters.lora import AdapterContext
-
-        if all(r == rows[0] for r in rows):  # one adapter set: the plain path, as Model.generate runs it
-            ctx = AdapterContext(active=rows[0]) if rows[0] else None
-        else:
-            ctx = AdapterContext(rows=rows)
-        return self.model.decoder(ids, positions, cache, ctx=ctx, last_only=True).logits[:, -1]
+        return self.model.step(ids, positions, cache, rows)
 
     def _loop(self) -> None:
         while not self._stop:
@@ -317,7 +308,7 @@ class Engine:
         row = _Row(req, slot, pos=n, history=list(req.prompt_ids))
         if req.params.seed is not None:
             row.gen = torch.Generator().manual_seed(req.params.seed)
-        row.decoder = StreamDecoder(self.model.tokenizer, req.prompt_ids) if self.model.tokenizer else None
+        row.stream = TextStream(self.tokenizer, req.prompt_ids, req.params)
         self._rows[slot] = row
         self.metrics.prefills += 1
         self.metrics.prompt_tokens += n
@@ -333,25 +324,14 @@ class Engine:
         logprob = float(torch.log_softmax(logits.float(), -1)[tok])
         row.history.append(tok)
         self.metrics.generated_tokens += 1
-        if tok in self.eos:
-            row.req.emit(TokenEvent(tok, row.text[row.sent:], logprob, special=True))
-            row.sent = len(row.text)
-            return self._finish(row, "eos")
-        row.out.append(tok)
-        row.text += row.decoder.push(tok) if row.decoder else ""
-        cut = _stop_at(row.text, p.stop)
-        if cut is not None:
-            row.text = row.text[:cut]
-            row.req.emit(TokenEvent(tok, row.text[row.sent:] if cut > row.sent else "", logprob))
-            row.sent = len(row.text)
-            return self._finish(row, "stop_sequence")
-        done = len(row.out) >= p.max_new_tokens or row.pos >= self.max_seq_len
-        hold = 0 if done else max((len(s) for s in p.stop), default=0)
-        safe = max(len(row.text) - hold, row.sent)
-        row.req.emit(TokenEvent(tok, row.text[row.sent:safe], logprob))
-        row.sent = safe
-        if done:
+        text = row.stream.push(tok)
+        if row.stream.reason is not None:  # the end-of-generation token, or a stop string
+            row.req.emit(TokenEvent(tok, text, logprob, special=row.stream.reason == "eos"))
+            return self._finish(row, row.stream.reason)
+        if len(row.stream.tokens) >= p.max_new_tokens or row.pos >= self.max_seq_len:
+            row.req.emit(TokenEvent(tok, text + row.stream.close(), logprob))
             return self._finish(row, "length")
+        row.req.emit(TokenEvent(tok, text, logprob))
         row.last = tok
 
     # ------------------------------------------------------------ endings
@@ -363,8 +343,8 @@ class Engine:
         with self.metrics._lock:
             self.metrics.requests[(req.label, reason)] += 1
         log.info("request %s adapter=%s prompt_tokens=%d completion_tokens=%d time=%.3fs finish=%s", req.id,
-                 req.label, len(req.prompt_ids), len(row.out), secs, reason)
-        req.emit(Finish(reason, row.text, list(row.out), len(req.prompt_ids), secs))
+                 req.label, len(req.prompt_ids), len(row.stream.tokens), secs, reason)
+        req.emit(Finish(reason, row.stream.text, list(row.stream.tokens), len(req.prompt_ids), secs))
 
     def _fail(self, req: GenRequest, status: int, message: str, slot: int | None = None) -> None:
         if slot is not None and self._rows[slot] is not None and self._rows[slot].req is req:

@@ -19,7 +19,7 @@ from .chat import Message, NoChatTemplate, read_template
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Tokenizer", "GGUFTokenizer", "HFTokenizer", "StreamDecoder", "NoChatTemplate", "read_template"]
+__all__ = ["Tokenizer", "GGUFTokenizer", "HFTokenizer", "IdsOnly", "StreamDecoder", "NoChatTemplate", "read_template"]
 
 
 class Tokenizer:
@@ -71,6 +71,22 @@ class Tokenizer:
         """The ids of the rendered chat: no BOS/EOS added (the template writes its own), specials parsed,
         as transformers' ``apply_chat_template(messages, add_generation_prompt=True)`` gives them."""
         return self.encode(self.render_chat(messages, template, **kwargs), add_special=False, parse_special=True)
+
+
+class IdsOnly:
+    """Stands in for a tokenizer when a model has none: ids in, no text out, the config's EOS ids."""
+
+    def __init__(self, eos_ids: Iterable[int]):
+        self.eos_ids = tuple(eos_ids)
+
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        return ""
+
+    def stream(self, context: Sequence[int] = ()) -> "IdsOnly":
+        return self
+
+    def push(self, token_id: int) -> str:
+        return ""
 
 
 class StreamDecoder:
