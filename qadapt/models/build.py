@@ -163,11 +163,13 @@ def build_decoder(cfg: ModelConfig, layer_map: LayerMap, spec: FamilySpec, src: 
 
 
 def model_bytes(model: nn.Module) -> int:
-    """Bytes of parameters and buffers (quantized layers count their packed bytes)."""
+    """Bytes of the storage behind every parameter and buffer (quantized layers register theirs), each storage
+    counted once (a tied head and its token table share one; a view shares its base's)."""
     seen: set[int] = set()
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
+        s = t.untyped_storage()
+        if s.data_ptr() not in seen:
+            seen.add(s.data_ptr())
+            total += s.nbytes()
     return total

@@ -374,12 +374,15 @@ class GGMLLinear(BaseLinear):
         self.out_features, self.in_features = shape
         self.qtype = qtype
         self.compute_dtype = compute_dtype
-        self._raw: torch.Tensor | None = raw_bytes(data, qtype, shape)
+        # the weight's storage is registered (memory_bytes, state_dict and .to() see it): the file's blocks,
+        # or their 8-row repack, or the int4 kernel's packed copy beside them
+        self.register_buffer("_raw", raw_bytes(data, qtype, shape))
         self._row_bytes = self._raw.shape[1]
-        self.bias = None if bias is None else bias.detach().to(torch.float32)
-        self._int4: Int4Packed | None = None
-        self._dense: torch.Tensor | None = None
-        self._x8: torch.Tensor | None = None
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32))
+        self.register_buffer("_x8", None)
+        self.register_buffer("int4_packed", None)
+        self.register_buffer("int4_scales", None)
+        self._int4_group = 0
         bt = block_type(qtype)
         lib = native.library()
         path = kernel_path(qtype, compute_dtype)
@@ -397,9 +400,17 @@ class GGMLLinear(BaseLinear):
             native.release_pages(data)  # the file's pages: the forward never reads them again
             self._raw = None  # dequantize() unpacks the 8-row layout (exact inverse)
         elif path == "int4pack":
-            self._int4 = Int4Packed.from_codes(self._int4_rows, self.out_features, bt.int4_group)
-        elif path == "dense":
-            self._dense = self._raw.view(compute_dtype)
+            packed = Int4Packed.from_codes(self._int4_rows, self.out_features, bt.int4_group)
+            self.int4_packed, self.int4_scales, self._int4_group = packed.packed, packed.scales_and_zeros, packed.group
+
+    @property
+    def _int4(self) -> Int4Packed | None:
+        return None if self.int4_packed is None else Int4Packed(self.int4_packed, self.int4_scales, self._int4_group)
+
+    @property
+    def _dense(self) -> torch.Tensor | None:
+        """The dense path's weight: the file's bytes seen as the compute dtype (no copy)."""
+        return self._raw.view(self.compute_dtype) if self.path == "dense" else None
 
     @property
     def raw(self) -> torch.Tensor:
@@ -469,7 +480,7 @@ class GGMLLinear(BaseLinear):
 
     @property
     def weight_is_dense(self) -> bool:
-        return self._dense is not None
+        return self.path == "dense"
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", path={self.path}"
@@ -516,7 +527,7 @@ class GGMLEmbedding(nn.Module):
         super().__init__()
         self.num_embeddings, self.embedding_dim = shape
         self.qtype = qtype
-        self.raw = raw_bytes(data, qtype, shape)
+        self.register_buffer("raw", raw_bytes(data, qtype, shape))
         where = native.mapped_file(data) if hasattr(os, "preadv") else None
         self._file = FileRows(where[0], where[1], self.raw.shape[1]) if where else None
         # the C dequantizer gives gguf-py's bits too, in microseconds for a decode step's rows (torch: ~0.2 ms)

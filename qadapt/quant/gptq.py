@@ -148,16 +148,18 @@ class GPTQLinear(BaseLinear):
         if g_idx.numel() != in_f or int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups:
             raise FormatError(f"{name}: `g_idx` must hold {in_f} group indices in [0, {n_groups}), got "
                               f"{g_idx.numel()} in [{int(g_idx.min())}, {int(g_idx.max())}]")
-        self.qweight = qweight.contiguous()
-        self.scales = scales.contiguous()
-        self.g_idx = g_idx
+        # registered storage: memory_bytes, state_dict and .to() see the packed weight and its int4 copy
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("scales", scales.contiguous())
+        self.register_buffer("g_idx", g_idx)
         zeros = unpack_rows(qzeros.t().contiguous(), bits, out_f).t()
-        self.zeros = (zeros + 1 if checkpoint_format == "gptq" else zeros).contiguous()  # int16 [groups, out]
-        self._packed_zeros_bytes = qzeros.numel() * 4
-        self.bias = None if bias is None else bias.detach().to(torch.float32).reshape(-1)
+        self.register_buffer("zeros", (zeros + 1 if checkpoint_format == "gptq" else zeros).contiguous())  # int16
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).reshape(-1))
         if self.bias is not None and self.bias.numel() != out_f:
             raise FormatError(f"{name}: `bias` has {self.bias.numel()} values, expected {out_f}")
-        self._int4: Int4Packed | None = None
+        self.register_buffer("int4_packed", None)
+        self.register_buffer("int4_scales", None)
+        self._int4_group = 0
         self._perm: torch.Tensor | None = None
         self.path = "blockwise"
         if bits == 4:
@@ -194,8 +196,13 @@ class GPTQLinear(BaseLinear):
         identity = bool((perm == torch.arange(in_f)).all())
         self._perm = None if identity else perm
         self._kgroups = sorted_groups[::kg].long()  # GPTQ group of each kernel group
-        self._int4 = Int4Packed.from_codes(self._int4_rows, out_f, kg)
+        packed = Int4Packed.from_codes(self._int4_rows, out_f, kg)
+        self.int4_packed, self.int4_scales, self._int4_group = packed.packed, packed.scales_and_zeros, packed.group
         self.path = "int4pack"
+
+    @property
+    def _int4(self) -> Int4Packed | None:
+        return None if self.int4_packed is None else Int4Packed(self.int4_packed, self.int4_scales, self._int4_group)
 
     def _int4_rows(self, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q = self._codes(r0, r1)
@@ -218,9 +225,8 @@ class GPTQLinear(BaseLinear):
 
     @property
     def nbytes(self) -> int:
-        """Packed codes, scales, zeros, g_idx and bias, plus the int4 kernel's copy when it is used."""
-        n = sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.g_idx))
-        n += self._packed_zeros_bytes
+        """Packed codes, scales, zeros (unpacked to int16), g_idx and bias, plus the int4 kernel's copy when used."""
+        n = sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.g_idx, self.zeros))
         if self._int4 is not None:
             n += self._int4.nbytes
         return n + (0 if self.bias is None else self.bias.numel() * 4)
