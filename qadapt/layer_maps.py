@@ -254,11 +254,7 @@ def _path_regexes(lm: LayerMap) -> tuple[re.Pattern, ...]:
 
 # --------------------------------------------------------------------------- loading
 def _tables_dir() -> Path:
-    """``layer_maps/`` next to the package in a checkout, or the copy installed inside it."""
-    here = Path(__file__).resolve().parent
-    for cand in (here.parent / "layer_maps", here / "data" / "layer_maps"):
-        if cand.is_dir():
-            return cand
+    """``qadapt/data/layer_maps/``, inside the package (the checkout's top-level ``layer_maps`` links to it)."""
     return Path(str(resources.files("qadapt") / "data" / "layer_maps"))
 
 

@@ -205,15 +205,16 @@ def test_blockwise_uses_native_dequantize(lib, monkeypatch):
 
 
 def test_no_compiler_falls_back(monkeypatch, caplog):
-    """No compiler (or QADAPT_NATIVE=0): library() is None, the reason is logged at INFO, and
-    layers still compute (reference as test_quant_ggml's float32 test). Runs everywhere."""
+    """No install-time build and no compiler (or QADAPT_NATIVE=0): library() is None, the reason is a WARNING,
+    and layers still compute (reference as test_quant_ggml's float32 test). Runs everywhere."""
     monkeypatch.delenv("QADAPT_NATIVE", raising=False)
+    monkeypatch.setattr(native, "installed_variants", lambda: {})
     monkeypatch.setattr(native, "compiler", lambda: None)
     native.reset()
     try:
-        with caplog.at_level(logging.INFO, logger="qadapt.quant.native"):
+        with caplog.at_level(logging.WARNING, logger="qadapt.quant.native"):
             assert native.library() is None
-        assert "no C compiler" in caplog.text
+        assert "no C compiler" in caplog.text and "WARNING" in caplog.text
         data = raw_tensor("Q8_0", rows=16, cols=64)
         x = torch.randn(1, 64)
         w = reference(data, "Q8_0").double()
@@ -221,6 +222,56 @@ def test_no_compiler_falls_back(monkeypatch, caplog):
         assert ((y.double() - x.double() @ w.T).abs() <= 1e-5 * (x.double().abs() @ w.abs().T)).all()
     finally:
         native.reset()
+
+
+def test_installed_builds_are_the_ones_used():
+    """`pip install` built the kernels once per instruction-set level (setup.py); library() loads the best one
+    this CPU supports, never a compile-on-first-use build."""
+    builds = native.installed_variants()
+    assert "portable" in builds, "the package was installed without its native kernels (setup.py)"
+    have = native.cpu_features(builds)
+    best = next(n for n, need in native.VARIANTS if n in builds and have & need == need)
+    native.reset()
+    try:
+        assert native.library().variant == best and native.library().path == builds[best]
+    finally:
+        native.reset()
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_K", "Q6_K", "IQ4_XS", "F16"])
+def test_every_installed_variant_computes_the_same(qtype):
+    """Each build this CPU can run (the portable one everywhere): gguf-py's weights bit for bit, the exact matmul
+    within its float32 bound; the 8-bit kernels of the SIMD builds give the same bits in every build (integer
+    dot products; the AVX-512 passes are checked against the AVX2 ones)."""
+    builds = native.installed_variants()
+    have = native.cpu_features(builds)
+    libs = {n: native.NativeKernels(builds[n]) for n, need in native.VARIANTS
+            if n in builds and have & need == need}
+    data = raw_tensor(qtype, rows=32, cols=512, seed=9)
+    raw = raw_bytes(data, qtype, (32, 512))
+    w = reference(data, qtype)
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(1))
+    q8 = {}
+    for name, lib in libs.items():
+        assert bits_equal(lib.dequantize(raw, qtype, 512), w), name
+        y = lib.matmul(raw, qtype, 512, x)
+        assert ((y.double() - x.double() @ w.double().T).abs() <= bound(x, w)).all(), name
+        if lib.supports_q8(qtype):
+            q8[name] = lib.matmul_q8(raw, qtype, 512, x)
+    assert len(set(libs)) >= 1 and all(torch.equal(v, next(iter(q8.values()))) for v in q8.values()), list(q8)
+
+
+def test_a_build_of_another_source_is_not_used(tmp_path, monkeypatch, caplog):
+    """A checkout whose ggml_kernels.c changed since `pip install -e .`: its builds are older than the source, so
+    none is used (the source hash compiled into each says so) and a warning says to rebuild."""
+    changed = tmp_path / "ggml_kernels.c"
+    changed.write_text(native.SOURCE.read_text() + "\n/* edited */\n")
+    (tmp_path / "ggml_types.h").write_text(native.HEADER.read_text())
+    monkeypatch.setattr(native, "SOURCE", changed)
+    monkeypatch.setattr(native, "HEADER", tmp_path / "ggml_types.h")
+    with caplog.at_level(logging.WARNING, logger="qadapt.quant.native"):
+        assert native.installed_variants() == {}
+    assert "rebuild" in caplog.text
 
 
 @needs_cc
@@ -277,3 +328,42 @@ def test_inplace_decode_matches_transformers(tmp_path, lib, qtype):
         limit = (kernels.NATIVE_INT4_MAX_BATCH if qtype == "Q4_K" else kernels.NATIVE_MAX_BATCH)
         tol = 1e-4 * float(full.abs().max()) + 1e-4 if length <= limit else 0.25 * float(full.abs().max())
         assert err <= tol, (length, err)
+
+
+@pytest.mark.slow
+def test_kernels_under_address_and_undefined_behaviour_sanitizers(tmp_path):
+    """The sanitizer target: ggml_kernels.c built with -fsanitize=address,undefined (the SIMD paths this CPU
+    has), then this file's and test_q8_kernels.py's kernel tests run on it (QADAPT_NATIVE_LIB) with the
+    sanitizer runtimes preloaded: any out-of-bounds access or undefined behaviour aborts them.
+    ``python -m pytest -m slow -k sanitizers``."""
+    cc = native.compiler()
+    libasan = subprocess.run([cc or "gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    libubsan = subprocess.run([cc or "gcc", "-print-file-name=libubsan.so"], capture_output=True, text=True).stdout.strip()
+    if cc is None or not Path(libasan).is_file() or not Path(libubsan).is_file():
+        pytest.skip("needs a C compiler with AddressSanitizer and UBSan runtimes")
+    lib = tmp_path / "kernels_asan.so"
+    isa = ["-march=native"]
+    subprocess.run([cc, "-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+                    "-fno-sanitize-recover=undefined", "-fopenmp", "-ffp-contract=off", *isa, "-shared", "-fPIC",
+                    "-o", str(lib), str(native.SOURCE), "-lm"], check=True, timeout=300)
+    env = {**os.environ, "QADAPT_NATIVE_LIB": str(lib), "LD_PRELOAD": f"{libasan}:{libubsan}",
+           "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1", "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1"}
+    tests = Path(__file__).parent
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                        str(tests / "test_native_kernels.py"), str(tests / "test_q8_kernels.py"),
+                        "-k", "not sanitizers and not installed and not inplace_decode and not concurrent "
+                              "and not no_compiler"],
+                       env=env, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-4000:])
+
+
+def test_block_geometry_has_one_source():
+    """The C kernels' type ids and block sizes come from ggml_types.h, generated from gguf-py's GGML_QUANT_SIZES
+    (tools/gen_native_types.py): the header must be what gguf-py's table gives now, and the Python side's list
+    of native types is its rows."""
+    from qadapt.quant.types import GGML_TYPE_NAMES
+
+    r = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "tools" / "gen_native_types.py"), "--check"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
+    assert native.TYPES == set(GGML_TYPE_NAMES)

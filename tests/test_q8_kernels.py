@@ -413,3 +413,30 @@ def test_native_lora_rows_on_strided_rows():
         assert not y.is_contiguous()
         LIB.lora_rows(y, x, lora_plan([(row, *facts[k]) for row, k in rows]))
         torch.testing.assert_close(grouped.double(), want, atol=1e-5 * float(want.abs().max()), rtol=0)
+
+
+def test_native_plans_outside_their_bounds_are_refused_unwritten():
+    """The C side checks every LoRA plan entry against the call's rows, output columns and input width, and a
+    decode step's positions against its caches: a bad plan is a ValueError and nothing is written."""
+    from qadapt.quant.native import lora_plan
+
+    g = torch.Generator().manual_seed(1)
+    K, N, r = 64, 16, 4
+    x = torch.randn(2, K, generator=g)
+    A, Bt = torch.randn(r, K, generator=g), torch.randn(r, N, generator=g)
+    bad = {"a row past the input": [(2, A, Bt, 1.0)],
+           "outputs past the row": [(0, A, Bt, 1.0, 8)],
+           "factors for another width": [(0, torch.randn(r, K + 32, generator=g), Bt, 1.0)],
+           "a rank above 256": [(0, torch.randn(300, K, generator=g), torch.randn(300, N, generator=g), 1.0)]}
+    for what, entries in bad.items():
+        y = torch.zeros(2, N)
+        with pytest.raises(ValueError, match="refused its plan"):
+            LIB.lora_rows(y, x, lora_plan(entries))
+        assert not y.any(), what
+    h, kv, d = 2, 1, 8
+    q, k, v = torch.randn(1, h * d), torch.randn(1, kv * d), torch.randn(1, kv * d)
+    kc = vc = torch.zeros(1, kv, 4, d)
+    cos, sin = torch.ones(1, d), torch.zeros(1, d)
+    with pytest.raises(ValueError, match="refused"):  # position 4 of a 4-slot cache
+        LIB.attn_decode(q, k, v, cos, sin, kc, vc, torch.tensor([4]), torch.tensor([0]), h, kv, d)
+    assert not kc.any()

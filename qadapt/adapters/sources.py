@@ -303,8 +303,12 @@ def _s3_client() -> Any:
     ``S3_ENDPOINT_URL`` is passed on only when neither is set, so that users of an
     S3-compatible store need no extra variable.
     """
-    import boto3
-    from botocore.config import Config
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError:
+        raise SourceError("s3:// adapter sources need boto3, which the `s3` extra installs: "
+                          "pip install 'qadapt[s3]'") from None
 
     endpoint = None
     if not (os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")):

@@ -1,17 +1,19 @@
-"""Exact CPU matmul kernels over raw GGUF blocks, compiled on first use.
+"""Exact CPU matmul kernels over raw GGUF blocks: a C library called through ctypes.
 
 ``ggml_kernels.c`` (next to this file) holds, for every GGUF type qadapt runs, a
 dequantizer that reproduces gguf-py's float32 weights bit for bit and an
 ``x @ W.T`` that multiplies them into the inputs straight from the block bytes,
-one row at a time in L1, with float32 accumulation and OpenMP over output rows.
-It needs no Python or torch headers: the system C compiler builds it in about a
-second into ``<qadapt cache>/native/<hash>.so`` (hash of source, flags, compiler and
-CPU, since ``-march=native`` code only runs where it was built), written atomically
-so concurrent processes are safe, and ctypes calls it (releasing the GIL).
+one row at a time in L1, with float32 accumulation and OpenMP over output rows,
+plus llama.cpp-style 8-bit kernels and the fused decode step (``kernels="q8"``).
 
-Nothing here is required: with no compiler, a failed build, or ``QADAPT_NATIVE=0``
-:func:`library` returns None and the layers keep their torch paths. Which way was
-taken is logged once at INFO.
+It is built at install time (setup.py) once per instruction-set level, as
+``_qadapt_kernels_<variant>`` beside this file: ``portable`` (plain C, any CPU), ``avx2``,
+``avxvnni``, ``avx512vnni``; :func:`library` loads the best one this CPU supports (the
+portable build's ``qa_cpu_features`` says which), so one wheel runs on any x86-64. A
+checkout that was never built compiles the source on first use instead (``-march=native``,
+into ``<qadapt cache>/native/``): a developer's fallback. ``QADAPT_NATIVE=0`` switches the
+kernels off. Running without them is a WARNING that says why: the torch paths are about
+3x slower to decode.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import struct
 import subprocess
+import sysconfig
 import time
 from pathlib import Path
 
@@ -37,6 +41,8 @@ from ...io import atomic_path, atomic_write
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("ggml_kernels.c")
+#: the install-time builds, best first, and the ``qa_cpu_features`` bits each needs (setup.py's variants)
+VARIANTS: tuple[tuple[str, int], ...] = (("avx512vnni", 1 | 4), ("avxvnni", 1 | 2), ("avx2", 1), ("portable", 0))
 #: Tried in order until one compiles: without OpenMP the kernels run on one thread, without
 #: -march=native on baseline SIMD. -ffp-contract=off keeps gguf-py's rounding in the dequantizers.
 FLAG_SETS: tuple[tuple[str, ...], ...] = (
@@ -44,11 +50,14 @@ FLAG_SETS: tuple[tuple[str, ...], ...] = (
     ("-O3", "-march=native", "-ffp-contract=off"),
     ("-O3", "-ffp-contract=off"),
 )
-#: GGUF types the C source implements (its ``type_info``).
-TYPES: frozenset[str] = frozenset({
-    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
-    "Q6_K", "IQ4_NL", "IQ4_XS",
-})
+#: GGUF types the C source implements: the rows of its generated type table (``ggml_types.h``).
+HEADER = SOURCE.with_name("ggml_types.h")
+TYPES: frozenset[str] = frozenset(re.findall(r"QA_TYPE\((\w+), \d+,", HEADER.read_text()))
+
+
+def source_sha() -> str:
+    """The first 16 hex digits of sha256(ggml_kernels.c + ggml_types.h), as setup.py compiles it into each build."""
+    return hashlib.sha256(SOURCE.read_bytes() + HEADER.read_bytes()).hexdigest()[:16]
 _COMPILE_TIMEOUT_S = 120
 
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
@@ -103,11 +112,12 @@ class NativeKernels:
                                     _ptr, _ptr, _int]
         self._attn_rows.restype = _int
         self._lora_rows = lib.qa_lora_rows
-        self._lora_rows.argtypes = [_i64, _ptr, _ptr, _i64, _i64, _ptr, _i64, _int]
+        self._lora_rows.argtypes = [_i64, _ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _i64, _int]
         self._lora_rows.restype = _int
         self._q8_types = frozenset(q for q in TYPES if lib.qa_q8_supported(_type_id(q)))
         self.simd = bool(lib.qa_simd())
         self.openmp = bool(lib.qa_openmp())
+        self.variant = ""
 
     @staticmethod
     def supports(qtype: str) -> bool:
@@ -218,9 +228,13 @@ class NativeKernels:
         """``y[row] += scale * (x[row] A^T) Bt`` in place for each entry of ``plan`` (see :func:`lora_plan`);
         x, y float32 rows [rows, in] / [rows, out] (or [rows, 1, features]) with unit stride along features
         (:func:`row_stride`). The factors must stay alive while the plan is used."""
-        if self._lora_rows(plan.shape[0], plan.data_ptr(), x.data_ptr(), row_stride(x), x.shape[-1], y.data_ptr(),
-                           row_stride(y), torch.get_num_threads()):
-            raise ValueError("native LoRA refused a rank above 256")
+        if y.shape[0] != x.shape[0]:
+            raise ValueError(f"native LoRA: {x.shape[0]} input rows but {y.shape[0]} output rows")
+        rc = self._lora_rows(plan.shape[0], plan.data_ptr(), x.data_ptr(), row_stride(x), x.shape[0], x.shape[-1],
+                             y.data_ptr(), row_stride(y), y.shape[-1], torch.get_num_threads())
+        if rc:
+            raise ValueError(f"native LoRA refused its plan (an entry outside the {x.shape[0]} x {y.shape[-1]} output, "
+                             f"a rank above 256, or factors for another input width; code {rc})")
         return y
 
     def x8_bytes(self, qtype: str, out_features: int, in_features: int) -> int:
@@ -294,17 +308,22 @@ def row_stride(t: torch.Tensor) -> int | None:
     return t.stride(0) if t.shape[0] > 1 else t.shape[-1]
 
 
+#: int64 fields per LoRA plan entry (QA_LORA_FIELDS in the C source)
+LORA_FIELDS = 8
+
+
 def lora_plan(entries) -> torch.Tensor:
     """The plan of :meth:`NativeKernels.lora_rows` from (row, A [r, in], Bt [r, out], scale[, col]) entries:
-    int64 [n, 7] of row, the two factors' addresses, rank, the scale's double bits, and where the entry's
-    outputs start in y's row (col, default 0) and how many (out)."""
+    int64 [n, 8] of row, the two factors' addresses, rank, the scale's double bits, where the entry's outputs
+    start in y's row (col, default 0), how many (out), and A's row length (in). The C side refuses an entry
+    outside the call's rows and output columns, or built for another input width."""
     rows = []
     for e in entries:
         row, A, Bt, s = e[:4]
         col = e[4] if len(e) > 4 else 0
         rows.append([row, A.data_ptr(), Bt.data_ptr(), A.shape[0], struct.unpack("<q", struct.pack("<d", s))[0],
-                     col, Bt.shape[1]])
-    return torch.tensor(rows, dtype=torch.int64).view(-1, 7)
+                     col, Bt.shape[1], A.shape[1]])
+    return torch.tensor(rows, dtype=torch.int64).view(-1, LORA_FIELDS)
 
 
 def _memmap_root(data):
@@ -396,7 +415,8 @@ def _key(cc: str, flags: tuple[str, ...]) -> str:
     except (OSError, subprocess.SubprocessError):
         version = ""
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes().decode(), " ".join(flags), cc, version, _cpu_id(), platform.machine()):
+    for part in (SOURCE.read_bytes().decode() + HEADER.read_text(), " ".join(flags), cc, version, _cpu_id(),
+                 platform.machine()):
         h.update(part.encode() + b"\0")
     return h.hexdigest()[:24]
 
@@ -409,7 +429,9 @@ def build(cache_dir: str | os.PathLike | None = None,
     compiler's message), so later processes go straight to the next set."""
     cc = compiler()
     if cc is None:
-        logger.info("native GGUF kernels: no C compiler found (cc, gcc, clang or $CC); using the torch blockwise path")
+        logger.warning("native GGUF kernels: not installed with the package and no C compiler found (cc, gcc, clang "
+                       "or $CC) to build them; running on torch's paths (decoding ~3x slower). Reinstall qadapt "
+                       "with a C compiler present to get them")
         return None
     folder = cache_root(cache_dir) / "native"
     for flags in flag_sets:
@@ -437,21 +459,95 @@ def build(cache_dir: str | os.PathLike | None = None,
         logger.info("native GGUF kernels: compiled %s with %s in %.1f s", path, " ".join(flags),
                     time.perf_counter() - t0)
         return path
-    logger.info("native GGUF kernels: %s could not compile %s; using the torch blockwise path", cc, SOURCE.name)
+    logger.warning("native GGUF kernels: %s could not compile %s (see %s); running on torch's paths (decoding ~3x "
+                   "slower)", cc, SOURCE.name, folder)
+    return None
+
+
+def installed_variants() -> dict[str, Path]:
+    """The install-time builds present beside this module and built from its source: variant -> library path.
+    A build of another version of ``ggml_kernels.c`` (a checkout edited since ``pip install -e .``) is left out,
+    with a warning."""
+    here = Path(__file__).resolve().parent
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    sha = source_sha()
+    found, stale = {}, []
+    for name, _ in VARIANTS:
+        for cand in (here / f"_qadapt_kernels_{name}{suffix}", *here.glob(f"_qadapt_kernels_{name}.*")):
+            if cand.is_file():
+                if _built_from(cand) == sha:
+                    found[name] = cand
+                else:
+                    stale.append(cand.name)
+                break
+    if stale:
+        logger.warning("native GGUF kernels: %s were built from another version of %s; not using them (rebuild "
+                       "with `pip install -e .`)", ", ".join(stale), SOURCE.name)
+    return found
+
+
+def _built_from(path: Path) -> str | None:
+    try:
+        fn = ctypes.CDLL(str(path)).qa_source_sha
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_char_p
+    return fn().decode()
+
+
+def cpu_features(builds: dict[str, Path]) -> int:
+    """``qa_cpu_features`` of this CPU, asked of the portable build (any x86-64 runs it); 0 without one."""
+    path = builds.get("portable")
+    if path is None:
+        return 0
+    try:
+        return int(ctypes.CDLL(str(path)).qa_cpu_features())
+    except (OSError, AttributeError):
+        return 0
+
+
+def _pick(builds: dict[str, Path]) -> NativeKernels | None:
+    """The best install-time build this CPU supports that loads; None (with a warning naming why) if none."""
+    have = cpu_features(builds)
+    reasons = []
+    for name, need in VARIANTS:
+        if name not in builds or have & need != need:
+            continue
+        try:
+            lib = NativeKernels(builds[name])
+        except (OSError, AttributeError) as e:  # e.g. the OpenMP runtime missing on this machine
+            reasons.append(f"{builds[name].name}: {e}")
+            continue
+        lib.variant = name
+        return lib
+    why = "; ".join(reasons) or f"none of the installed builds ({', '.join(builds)}) runs on this CPU"
+    logger.warning("native GGUF kernels unavailable (%s); running on torch's paths (decoding ~3x slower)", why)
     return None
 
 
 @functools.lru_cache(maxsize=1)
 def _load() -> NativeKernels | None:
-    try:
-        path = build()
-        if path is None:
+    forced = os.environ.get("QADAPT_NATIVE_LIB")
+    if forced:  # a given build (the sanitizer test's), used as it is
+        lib = NativeKernels(Path(forced))
+        lib.variant = "QADAPT_NATIVE_LIB"
+        return lib
+    builds = installed_variants()
+    if builds:
+        lib = _pick(builds)
+    else:  # a checkout that was never built: compile on first use (developers)
+        try:
+            path = build()
+            lib = None if path is None else NativeKernels(path)
+        except Exception as e:  # never fail a model load over an optional accelerator
+            logger.warning("native GGUF kernels unavailable (%s); running on torch's paths (decoding ~3x slower)",
+                           e)
             return None
-        lib = NativeKernels(path)
-    except Exception as e:  # never fail a model load over an optional accelerator
-        logger.info("native GGUF kernels unavailable (%s); using the torch blockwise path", e)
-        return None
-    logger.info("native GGUF kernels: using %s (simd=%s, openmp=%s)", lib.path.name, lib.simd, lib.openmp)
+        if lib is not None:
+            lib.variant = "native (compiled on first use)"
+    if lib is not None:
+        logger.info("native GGUF kernels: %s (%s; simd=%s, openmp=%s)", lib.path.name, lib.variant, lib.simd,
+                    lib.openmp)
     return lib
 
 

@@ -37,11 +37,11 @@
 /* Input rows handled per pass over a weight row (accumulators must fit in registers). */
 #define MT_MAX 4
 
-enum {
-    T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
-    T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_IQ4_NL = 20,
-    T_IQ4_XS = 23, T_BF16 = 30,
-};
+/* Type ids and block geometry: one table, generated from gguf-py's (ggml_types.h, tools/gen_native_types.py). */
+#include "ggml_types.h"
+#define QA_TYPE(name, id, block, size) T_##name = id, BLOCK_##name = block, BYTES_##name = size,
+enum { QA_TYPES };
+#undef QA_TYPE
 
 /* ------------------------------------------------------------------ scalars */
 static inline float h2f(const uint8_t *p) {
@@ -714,14 +714,16 @@ typedef struct {
 } tinfo;
 
 static const tinfo *type_info(int type) {
-    static const tinfo F32 = {1, 4, dq_f32, DOT1(f32)}, F16 = {1, 2, dq_f16, DOT1_F16},
-        BF16 = {1, 2, dq_bf16, DOT1(bf16)}, Q8_0 = {32, 34, DQ(q8_0), DOT1F(q8_0)},
-        Q4_0 = {32, 18, DQ(q4_0), DOT1F(q4_0)}, Q4_1 = {32, 20, DQ(q4_1), DOT1(q4_1)},
-        Q5_0 = {32, 22, DQ(q5_0), DOT1(q5_0)}, Q5_1 = {32, 24, DQ(q5_1), DOT1(q5_1)},
-        IQ4_NL = {32, 18, DQ(iq4_nl), DOT1(iq4_nl)}, Q2_K = {256, 84, DQ(q2_k), DOT1(q2_k)},
-        Q3_K = {256, 110, DQ(q3_k), DOT1(q3_k)}, Q4_K = {256, 144, DQ(q4_k), DOT1(q4_k)},
-        Q5_K = {256, 176, DQ(q5_k), DOT1(q5_k)}, Q6_K = {256, 210, DQ(q6_k), DOT1(q6_k)},
-        IQ4_XS = {256, 136, DQ(iq4_xs), DOT1(iq4_xs)};
+#define G(name) BLOCK_##name, BYTES_##name
+    static const tinfo F32 = {G(F32), dq_f32, DOT1(f32)}, F16 = {G(F16), dq_f16, DOT1_F16},
+        BF16 = {G(BF16), dq_bf16, DOT1(bf16)}, Q8_0 = {G(Q8_0), DQ(q8_0), DOT1F(q8_0)},
+        Q4_0 = {G(Q4_0), DQ(q4_0), DOT1F(q4_0)}, Q4_1 = {G(Q4_1), DQ(q4_1), DOT1(q4_1)},
+        Q5_0 = {G(Q5_0), DQ(q5_0), DOT1(q5_0)}, Q5_1 = {G(Q5_1), DQ(q5_1), DOT1(q5_1)},
+        IQ4_NL = {G(IQ4_NL), DQ(iq4_nl), DOT1(iq4_nl)}, Q2_K = {G(Q2_K), DQ(q2_k), DOT1(q2_k)},
+        Q3_K = {G(Q3_K), DQ(q3_k), DOT1(q3_k)}, Q4_K = {G(Q4_K), DQ(q4_k), DOT1(q4_k)},
+        Q5_K = {G(Q5_K), DQ(q5_k), DOT1(q5_k)}, Q6_K = {G(Q6_K), DQ(q6_k), DOT1(q6_k)},
+        IQ4_XS = {G(IQ4_XS), DQ(iq4_xs), DOT1(iq4_xs)};
+#undef G
     switch (type) {
     case T_F32: return &F32;
     case T_F16: return &F16;
@@ -1754,8 +1756,25 @@ int qa_x8_convert(int type, uint8_t *w, int64_t N, int64_t K, int64_t row_bytes,
 #endif
 }
 
+/* A LoRA plan entry: row, A's address, Bt's address, rank r, the scale's double bits, the first output column,
+ * the output count N, A's row length (the input width it was built for). */
+#define QA_LORA_FIELDS 8
 static int lora_entry(const int64_t *p, const float *x, int64_t ldx, int64_t K, float *y, int64_t ldy);
 static int lora_distinct(int64_t n, const int64_t *plan);
+
+/* Every entry of a LoRA plan inside the call's bounds: its row among the M input rows, its outputs inside the
+ * ny floats of a y row, a rank the kernel takes (1..256), factors built for inputs of K values. A plan that is
+ * not is refused (-4) before anything is written. */
+static int lora_plan_ok(int64_t n, const int64_t *plan, int64_t M, int64_t K, int64_t ny) {
+    if (n < 0 || (n > 0 && !plan)) return 0;
+    for (int64_t e = 0; e < n; e++) {
+        const int64_t *p = plan + QA_LORA_FIELDS * e;
+        if (p[0] < 0 || p[0] >= M || !p[1] || !p[2] || p[3] < 1 || p[3] > 256 || p[5] < 0 || p[6] < 1 ||
+            p[5] + p[6] > ny || p[7] != K)
+            return 0;
+    }
+    return 1;
+}
 
 /* What a grouped call first does to each input row, in its parallel region (a decode step's norms and
  * activations are otherwise serial work that leaves the other threads waiting): nothing (x is the
@@ -1796,14 +1815,15 @@ static void pre_row(const x8_pre *pre, float *x, int64_t ldx, int64_t K, int64_t
 static int x8_lora_run(int n, const int64_t *plan, int64_t K, float *x, int64_t ldx, int64_t M, float *y,
                        int64_t ldy, int64_t nl, const int64_t *lplan, int nthreads, const x8_pre *pre) {
 #ifdef QA_AVX2
-    if (n < 1 || n > 8 || nl < 0) return -1;
+    if (n < 1 || n > 8 || nl < 0 || M < 0 || K < 1) return -1;
+    if (!lora_plan_ok(nl, lplan, M, K, ldy)) return -4;
     const x8info *xi[8];
     int64_t u0[9], col[8];
     int pair[8];
     u0[0] = 0;
     int64_t c = 0;
     for (int i = 0; i < n; i++) {
-        if (!qa_x8_bytes((int)plan[3 * i], plan[3 * i + 2], K)) return -2;
+        if (!plan[3 * i + 1] || plan[3 * i + 2] < 8 || !qa_x8_bytes((int)plan[3 * i], plan[3 * i + 2], K)) return -2;
         xi[i] = x8_info((int)plan[3 * i]);
         /* work units: pairs of groups where the type has a 16-row pass and there are several input rows */
         pair[i] = xi[i]->fns16 != 0 && M >= 2;
@@ -1843,7 +1863,7 @@ static int x8_lora_run(int n, const int64_t *plan, int64_t K, float *x, int64_t 
         for (int64_t t = 0; t < W; t++) {
             const int64_t before = !L || t <= s0 ? 0 : ((t - s0 - 1) / step + 1 < L ? (t - s0 - 1) / step + 1 : L);
             if (L && t >= s0 && (t - s0) % step == 0 && (t - s0) / step < L) {
-                lrc |= lora_entry(lplan + 7 * ((t - s0) / step), x, ldx, K, dl, ldy);
+                lrc |= lora_entry(lplan + QA_LORA_FIELDS * ((t - s0) / step), x, ldx, K, dl, ldy);
                 continue;
             }
             const int64_t uu = t - before;
@@ -1879,7 +1899,7 @@ static int x8_lora_run(int n, const int64_t *plan, int64_t K, float *x, int64_t 
     free(xq);
     free(dl);
     if (!L)
-        for (int64_t e = 0; e < nl; e++) lrc |= lora_entry(lplan + 7 * e, x, ldx, K, y, ldy);
+        for (int64_t e = 0; e < nl; e++) lrc |= lora_entry(lplan + QA_LORA_FIELDS * e, x, ldx, K, y, ldy);
     return lrc;
 #else
     (void)n; (void)plan; (void)K; (void)x; (void)ldx; (void)M; (void)y; (void)ldy; (void)nl; (void)lplan; (void)nthreads;
@@ -2173,7 +2193,7 @@ int qa_attn_decode_rows(int64_t B, float *q, float *k, const float *v, int64_t H
 }
 
 
-/* y[row] += scale * (x[row] A^T) Bt for each (row, A, Bt, r, scale) of plan: 5 int64 per entry, A and Bt as
+/* y[row] += scale * (x[row] A^T) Bt for each entry of plan (QA_LORA_FIELDS int64 each), A and Bt as
  * addresses of float32 [r, K] / [r, N], scale as the bits of a double; x and y rows ldx / ldy floats apart
  * (y may be one part of a grouped output). One call serves a batch whose rows use different adapters, a
  * row with several adapters, and several tokens on one adapter. */
@@ -2197,18 +2217,19 @@ static int lora_entry(const int64_t *p, const float *x, int64_t ldx, int64_t K, 
 static int lora_distinct(int64_t n, const int64_t *plan) {
     int distinct = 1;
     for (int64_t e = 1; e < n && distinct; e++) {
-        const int64_t *a = plan + 7 * (e - 1), *b = plan + 7 * e;
+        const int64_t *a = plan + QA_LORA_FIELDS * (e - 1), *b = plan + QA_LORA_FIELDS * e;
         distinct = b[0] > a[0] || (b[0] == a[0] && b[5] > a[5]);
     }
     return distinct;
 }
 
-int qa_lora_rows(int64_t n, const int64_t *plan, const float *x, int64_t ldx, int64_t K, float *y, int64_t ldy,
-                 int nthreads) {
+int qa_lora_rows(int64_t n, const int64_t *plan, const float *x, int64_t ldx, int64_t M, int64_t K, float *y,
+                 int64_t ldy, int64_t ny, int nthreads) {
+    if (ny > ldy || !lora_plan_ok(n, plan, M, K, ny)) return -4; /* y: M rows of ny floats, ldy apart */
     const int distinct = lora_distinct(n, plan);
     int rc = 0;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1 && distinct && n > 1) reduction(| : rc)
-    for (int64_t e = 0; e < n; e++) rc |= lora_entry(plan + 7 * e, x, ldx, K, y, ldy);
+    for (int64_t e = 0; e < n; e++) rc |= lora_entry(plan + QA_LORA_FIELDS * e, x, ldx, K, y, ldy);
     return rc;
 }
 
@@ -2228,9 +2249,16 @@ int qa_decode_layers(int64_t nl, const int64_t *plans, float *x, int64_t B, int6
                      int64_t D, int64_t rope_dim, const float *cos, const float *sin, const int64_t *pos,
                      const int64_t *first, int nthreads) {
     int64_t nqkv_max = 0;
+    if (nl < 1 || !plans || B < 1 || K < 1 || H < 1 || Hkv < 1 || D < 1) return -1;
     for (int64_t l = 0; l < nl; l++) {
         const int64_t *p = plans + l * QA_LAYER_FIELDS;
         if (p[3] != H * D || p[4] != Hkv * D || p[5] != Hkv * D) return -1;
+        /* every address present, the caches as long as the positions need, the LoRA counts non-negative */
+        if (!p[0] || !p[2] || !p[8] || !p[11] || !p[12] || !p[14] || !p[16] || !p[19] || p[17] < 8 ||
+            p[6] < 0 || p[9] < 0 || p[20] < 0 || p[22] < 0)
+            return -1;
+        for (int64_t b = 0; b < B; b++)
+            if (pos[b] < 0 || pos[b] >= p[13] || first[b] < 0 || first[b] > pos[b]) return -1;
         const int64_t n = p[3] + p[4] + p[5];
         nqkv_max = n > nqkv_max ? n : nqkv_max;
     }
@@ -2280,6 +2308,30 @@ int qa_simd(void) {
 #else
     return 0;
 #endif
+}
+
+#ifndef QA_SOURCE_SHA
+#define QA_SOURCE_SHA ""
+#endif
+/* The first 16 hex digits of this file's sha256, as setup.py compiled it in ("" when built otherwise). */
+const char *qa_source_sha(void) { return QA_SOURCE_SHA; }
+
+/* The instruction sets this CPU has, as the build variants need them (setup.py): bit 0 AVX2 (with FMA, F16C,
+ * BMI2), bit 1 AVX-VNNI, bit 2 AVX-512 F/BW/VL/DQ + VNNI. 0 elsewhere than x86. Any build answers. */
+int qa_cpu_features(void) {
+    int f = 0;
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                     __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
+    if (avx2) f |= 1;
+    if (avx2 && __builtin_cpu_supports("avxvnni")) f |= 2;
+    if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vnni"))
+        f |= 4;
+#endif
+    return f;
 }
 
 /* 1 when built with OpenMP (else every call runs on the calling thread). */
