@@ -451,7 +451,9 @@ def _use_native_ops(decoder: Decoder) -> None:
     elif not lib.simd:
         log.warning("kernels='q8' needs AVX2; this CPU runs the exact kernels")
     else:
-        decoder.use_native_ops(lib)
+        from .models import native as native_decode
+
+        native_decode.apply(decoder, lib)
 
 
 def _attach_adapters(model: Model, adapters, ordering, adapter_model_id, activate) -> None:

@@ -421,3 +421,11 @@ def base_format_of(quant: str | None) -> tuple[str, str | None]:
         f"unknown quant type `{quant}`; expected a GGUF type ({', '.join(GGML_TYPE_NAMES)}), "
         "gptq-2bit/3bit/4bit/8bit, nf4, fp4 or int8"
     )
+
+
+def hf_layer_map(raw: dict[str, Any], where: Path) -> LayerMap:
+    """The layer map of a ``config.json``'s ``model_type``; unknown types list the supported ones."""
+    model_type = raw.get("model_type")
+    if not isinstance(model_type, str):
+        raise UnsupportedError(f"{where}: config.json has no `model_type`; cannot tell the architecture")
+    return get_layer_map(model_type)

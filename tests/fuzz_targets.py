@@ -71,7 +71,7 @@ def seed_gguf(path: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qadapt.formats.gguf_export import export_gguf
+    from qadapt.models.gguf_export import export_gguf
     from qadapt.layer_maps import get_layer_map
 
     cfg = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -91,7 +91,7 @@ def fuzz_texts(n: int, seed: int = 0) -> list[str]:
 def synthetic_pre_vocab(root: Path, pre: str, out: Path) -> Path:
     """llama.cpp's GPT-2 vocabulary with ``tokenizer.ggml.pre`` set to ``pre``: one file per pre-tokenizer name
     (the merges act inside each word, so a different split shows as different ids)."""
-    from qadapt.formats.gguf_export import set_metadata
+    from qadapt.models.gguf_export import set_metadata
 
     path = out / f"pre-{pre}.gguf"
     if not path.is_file():

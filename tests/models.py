@@ -1,7 +1,7 @@
 """Small random models for tests: transformers configs with random weights, written to GGUF.
 
 The GGUF files are written by gguf-py's writer and quantizer (through
-``qadapt.formats.gguf_export``); the references the tests compare against are
+``qadapt.models.gguf_export``); the references the tests compare against are
 transformers' modeling code and gguf-py's dequantization, never qadapt itself.
 """
 
@@ -66,6 +66,15 @@ def chatml_file(folder: Path) -> Path:
     return path
 
 
+def int4_logit_tol(scale: float, layers: int = 2, linears_per_layer: int = 7) -> float:
+    """The logits tolerance of a model whose linears run torch's int4 kernel (Q4_0 / Q4_1 / Q4_K in place with
+    the exact kernels, 4-bit GPTQ): that kernel rounds its input, scales and output to bfloat16 (unit roundoff
+    2^-8), so each of the model's int4 matmuls moves its output by at most ~2^-8 of its scale; added up over the
+    layers' linears and the head, the bound on the logits is n * 2^-8 of their scale (measured: ~1.4%, within it
+    for the 2-layer test models' 15 matmuls: 5.9%)."""
+    return (layers * linears_per_layer + 1) * 2 ** -8 * scale + 1e-4
+
+
 def tiny_hf(arch: str = "llama", seed: int = 0, **overrides):
     """A random transformers causal LM of the given model_type, float32, eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -88,7 +97,7 @@ def tiny_hf(arch: str = "llama", seed: int = 0, **overrides):
 
 
 def write_gguf(model, path: Path, qtype: str = "F32") -> Path:
-    from qadapt.formats.gguf_export import export_gguf
+    from qadapt.models.gguf_export import export_gguf
     from qadapt.layer_maps import get_layer_map
 
     cfg = model.config.to_dict()
@@ -129,7 +138,7 @@ def dequantized_reference(model, qtype: str, seed: int = 0):
 
     import gguf
 
-    from qadapt.formats.gguf_export import QUANTIZABLE, llama_cpp_permute
+    from qadapt.models.gguf_export import QUANTIZABLE, llama_cpp_permute
     from qadapt.layer_maps import evaluate, get_layer_map
 
     ref = copy.deepcopy(model)
@@ -172,7 +181,7 @@ def dequantized_reference(model, qtype: str, seed: int = 0):
 
 def write_quantized(model, path: Path, qtype: str, seed: int = 0):
     """Write ``model`` as a GGUF of ``qtype`` and return the transformers reference for it."""
-    from qadapt.formats.gguf_export import QUANTIZABLE, export_gguf
+    from qadapt.models.gguf_export import QUANTIZABLE, export_gguf
     from qadapt.layer_maps import get_layer_map
 
     raw, ref = dequantized_reference(model, qtype, seed)

@@ -215,7 +215,7 @@ def qwen1(tmp_path_factory):
     feed_forward_length = config's intermediate_size, no q/k permutation: NEOX rope)."""
     from safetensors.torch import save_file
 
-    from qadapt.formats.gguf_export import export_gguf
+    from qadapt.models.gguf_export import export_gguf
 
     root = tmp_path_factory.mktemp("qwen1")
     cfg, sd = qwen1_checkpoint(seed=3)

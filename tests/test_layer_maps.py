@@ -76,3 +76,33 @@ def test_table_name_must_match_architecture(tmp_path):
     path.write_text(json.dumps(_shipped("llama")))
     with pytest.raises(FormatError, match="architecture"):
         load_layer_map_file(path)
+
+
+@pytest.mark.parametrize("name", sorted(all_layer_maps()))
+def test_gguf_names_match_gguf_py_tensor_map(name):
+    """Reference: gguf-py's own HF -> GGUF tensor-name map (what llama.cpp's converter uses). Every targetable
+    linear, norm and embedding of each table, for every GGUF architecture it reads, gets the GGUF name gguf-py
+    gives for its transformers module path."""
+    import gguf
+
+    from qadapt.models.family import FAMILIES
+
+    lm = get_layer_map(name)
+    spec = FAMILIES[lm.architecture]
+    n = 3
+    checked = 0
+    for arch in lm.gguf_architectures:
+        tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper().replace("-", "_")], n)
+        pairs = []
+        for ls in lm.layers:
+            for i in range(n) if ls.per_block else [None]:
+                pairs.append((ls.module_path(i), ls.gguf_name(i)))
+        for hf, gg in spec.tensors.values():
+            for i in range(n) if "{i}" in hf else [None]:
+                pairs.append((hf.format(i=i) if i is not None else hf, gg.format(i=i) if i is not None else gg))
+        for hf, gg in pairs:
+            suffix = "." + hf.rsplit(".", 1)[1] if hf.endswith((".weight", ".bias")) else ""
+            got = tmap.get_name(hf.removesuffix(suffix))
+            assert got == gg.removesuffix(suffix), (arch, hf, gg, got)
+            checked += 1
+    assert checked > 10 or not lm.gguf_architectures

@@ -33,6 +33,7 @@ from gguf import GGMLQuantizationType as GT
 from gguf import quants
 
 import qadapt
+from qadapt.models import native as native_decode
 from qadapt.errors import InputError
 from qadapt.quant import GGMLLinear, native
 
@@ -189,7 +190,7 @@ def test_native_decode_ops_match_torch_ops(tmp_path, arch):
     m = qadapt.load(tmp_path / "m.gguf")
     ids = torch.tensor([[1, 5, 9, 2, 7, 3]])
     torch_ops = _decode_logits(m, ids, steps=6)
-    m.decoder.use_native_ops(LIB)
+    native_decode.apply(m.decoder, LIB)
     native_ops = _decode_logits(m, ids, steps=6)
     torch.testing.assert_close(native_ops, torch_ops, atol=1e-5 * float(torch_ops.abs().max()), rtol=0)
 
@@ -275,7 +276,7 @@ def test_q8_decode_with_grouped_deltas_matches_peft(tiny_models, tmp_path):
     lora_plans = m.decoder.blocks[0]._groups[("lora", ("q", "k", "v"))][1]
     assert any(p is not None and p.shape[0] == 5 for p in lora_plans.values())  # a q, a v, b q, b k, b v
     # the steps ran as one native call through all layers (NativeKernels.decode_layers)
-    assert [v is not None for v in cache._native_steps.values()] == [True]
+    assert [v is not None for v in native_decode.step_plans(m.decoder, cache).values()] == [True]
     for p in range(6):
         _assert_q8_close(got[p], want[0, p])
 
@@ -309,7 +310,7 @@ def test_q8_decode_rows_in_a_sliding_window_match_peft(tmp_path):
             out = m.decoder(step, pos, cache, ctx=ctx).logits[:, -1]
             for r in (0, 1):
                 got[r].append(out[r])
-    assert any(v is not None for v in cache._native_steps.values())
+    assert any(v is not None for v in native_decode.step_plans(m.decoder, cache).values())
     for r, name in enumerate("ab"):
         seq = torch.cat([ids[r, :starts[r]], torch.stack([ids[0, starts[0] + s_] if r == 0 else ids[1, min(starts[1] + s_, 8)]
                                                           for s_ in range(3)])]).view(1, -1)
@@ -347,7 +348,7 @@ def test_native_decode_rows_at_different_positions(tmp_path):
     ids = torch.randint(1, hf.config.vocab_size, (3, 6), generator=torch.Generator().manual_seed(15))
     outs = []
     for lib in (None, LIB):
-        m.decoder.use_native_ops(lib)
+        native_decode.apply(m.decoder, lib)
         with torch.inference_mode():
             cache = m.new_cache(16, batch=3)
             m.decoder(ids, torch.arange(6).expand(3, 6), cache)
@@ -387,9 +388,9 @@ def test_fused_native_mlp_matches_its_parts(tiny_models):
     assert blk._fused_mlp() is not None
     x = torch.randn(1, 1, blk.cfg.hidden_size, generator=torch.Generator().manual_seed(17))
     with torch.inference_mode():
-        fused = blk._mlp(x, None)
-        m.decoder.use_native_ops(None)
-        parts = blk._mlp(x, None)
+        fused = blk.mlp(x, None)
+        native_decode.revert(m.decoder)
+        parts = blk.mlp(x, None)
     torch.testing.assert_close(fused, parts, atol=1e-3 * float(parts.abs().max()), rtol=0)
 
 

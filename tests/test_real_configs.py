@@ -90,7 +90,7 @@ def test_qadapt_export_keeps_the_scaling(tmp_path, name):
     """qadapt's own GGUF writer (`qadapt quantize`, in-situ quantization) writes each scaling as llama.cpp's
     converter does and reads it back to transformers' logits; dynamic NTK, which GGUF cannot express, is refused."""
     from qadapt.errors import InputError
-    from qadapt.formats.gguf_export import export_gguf
+    from qadapt.models.gguf_export import export_gguf
     from qadapt.layer_maps import get_layer_map
 
     cfg, hf = build(name, seed=2)

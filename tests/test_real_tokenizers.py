@@ -33,7 +33,7 @@ def llama3(llama_root, tmp_path_factory):
     carrying llama.cpp's Llama 3 vocabulary."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from qadapt.formats.gguf_export import export_gguf, set_metadata
+    from qadapt.models.gguf_export import export_gguf, set_metadata
     from qadapt.layer_maps import get_layer_map
 
     d = tmp_path_factory.mktemp("llama3")

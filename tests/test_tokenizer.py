@@ -15,7 +15,7 @@ import pytest
 
 from models import save_tokenizer, tiny_bpe, tokenizer_metadata
 from qadapt.formats.gguf import GGUFFile
-from qadapt.formats.gguf_export import _add_kv
+from qadapt.models.gguf_export import _add_kv
 from qadapt.tokenizer import StreamDecoder, Tokenizer
 
 DEMO = Path(__file__).resolve().parents[1] / "qadapt" / "data" / "demo" / "qadapt-demo.Q4_0.gguf"

@@ -102,7 +102,7 @@ def test_every_pre_tokenizer_name(llama_root, recorded, tmp_path_factory):
 
 
 def test_unknown_pre_tokenizer_is_refused_by_name(llama_root, tmp_path):
-    from qadapt.formats.gguf_export import set_metadata
+    from qadapt.models.gguf_export import set_metadata
 
     path = set_metadata(_vocab(llama_root, "gpt-2"), tmp_path / "x.gguf", {"tokenizer.ggml.pre": "no-such-pre"})
     with pytest.raises(UnsupportedError, match="no-such-pre"):

@@ -113,7 +113,9 @@ class LoraLinear(nn.Module):
 
     def _native(self) -> Any:
         """The native kernels when the base runs the q8 path (its decode steps are native calls too)."""
-        return getattr(self.base, "_lib", None) if getattr(self.base, "path", None) == "q8" else None
+        from ..quant.base import BaseLinear
+
+        return self.base.q8_kernels() if isinstance(self.base, BaseLinear) else None
 
     def _fits_native(self, name: str) -> bool:
         A = self.adapters[name].A
@@ -150,7 +152,7 @@ class LoraLinear(nn.Module):
 
     def native_entries(self, ctx: AdapterContext | None, m: int) -> list[tuple] | None:
         """This layer's deltas on ``m`` rows under ``ctx`` as native LoRA entries (row, A, Bt, scale), for a
-        call shared with the layers beside it (:meth:`~qadapt.models.decoder.Block._same_input`); None
+        call shared with the layers beside it (:meth:`qadapt.models.native.NativeBlock.project`); None
         when the native kernel cannot take them (X-LoRA, no q8 base, a factor it does not take)."""
         if ctx is None:
             return []

@@ -4,7 +4,7 @@ One folder per model shape and seed holds:
 
 - ``hf/``: the transformers checkpoint (``config.json``, bf16 ``model.safetensors``) for the
   transformers and bitsandbytes engines;
-- ``model.{F16,Q8_0,Q4_0}.gguf``: the same weights through :func:`qadapt.formats.gguf_export.export_gguf`
+- ``model.{F16,Q8_0,Q4_0}.gguf``: the same weights through :func:`qadapt.models.gguf_export.export_gguf`
   (gguf-py's quantizer), and ``model.Q4_K_M.gguf`` from llama.cpp's own quantizer when
   llama-cpp-python is installed;
 - ``adapters/a{k}/``: rank-16 LoRA adapters on q, k, v, o in PEFT format, and ``adapters/a{k}.lora.gguf``,
@@ -168,7 +168,7 @@ def _write_hf(files: BenchFiles, sd) -> None:
 
 
 def _write_gguf(files: BenchFiles, sd, fmt: str) -> None:
-    from ..formats.gguf_export import export_gguf
+    from ..models.gguf_export import export_gguf
     from ..layer_maps import get_layer_map
 
     path = files.gguf(fmt)
@@ -323,7 +323,7 @@ def write_lora_gguf(peft_sd: dict[str, torch.Tensor], shape: ModelShape, path: P
     """
     import gguf
 
-    from ..formats.gguf_export import llama_cpp_permute
+    from ..models.gguf_export import llama_cpp_permute
     from ..layer_maps import evaluate, get_layer_map
 
     lm = get_layer_map("llama")

@@ -381,7 +381,7 @@ def exact_match_hf(model, tok: DemoTokenizer, examples: Sequence[tasks.Example])
 # ---------------------------------------------------------------------------- the whole run
 def make_demo(out: str | Path, cfg: DemoConfig = DemoConfig()) -> dict[str, Any]:
     """Train everything and write the demo files to ``out``; returns the manifest."""
-    from ..formats.gguf_export import export_gguf
+    from ..models.gguf_export import export_gguf
     from ..io import atomic_write, write_json
     from ..layer_maps import get_layer_map
     from ..ordering import create_ordering, write_ordering

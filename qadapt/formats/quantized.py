@@ -197,7 +197,7 @@ def describe_folder(folder) -> dict[str, Any]:
     """``qadapt inspect`` for a transformers folder, from its config and safetensors headers alone:
     the architecture, the GPTQ / bitsandbytes settings, and every targetable linear's stored type
     and bytes (all of its tensors: codes, scales, zeros, quant state, bias)."""
-    from ..models.loader import hf_layer_map
+    from ..layer_maps import hf_layer_map
     from .hf import HFCheckpoint
 
     ckpt = HFCheckpoint(folder)

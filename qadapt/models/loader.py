@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError, UnsupportedError
-from ..layer_maps import LayerMap, get_layer_map
+from ..layer_maps import LayerMap, get_layer_map, hf_layer_map
 from ..tokenizer import Tokenizer
 from .decoder import Decoder
 
@@ -77,14 +77,6 @@ def _gguf_tokenizer(gf) -> Tokenizer | None:
     except UnsupportedError as e:
         log.warning("%s; the model runs on token ids only", e)
         return None
-
-
-def hf_layer_map(raw: dict[str, Any], where: Path) -> LayerMap:
-    """The layer map of a ``config.json``'s ``model_type``; unknown types list the supported ones."""
-    model_type = raw.get("model_type")
-    if not isinstance(model_type, str):
-        raise UnsupportedError(f"{where}: config.json has no `model_type`; cannot tell the architecture")
-    return get_layer_map(model_type)
 
 
 def _load_hf(path: Path, mode: str, dtype: torch.dtype, quant: str | None, double_quant: bool = False,

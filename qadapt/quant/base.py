@@ -7,8 +7,20 @@ and which kernel runs its matmul stays inside that format's module.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class X8Weight:
+    """A weight in the native q8 kernels' 8-row interleaved layout (``kernels="q8"``): what the fused decode
+    (:mod:`qadapt.models.native`) multiplies without going through the layer."""
+
+    qtype: str
+    layout: torch.Tensor  # uint8, the repacked blocks
+    out_features: int
 
 
 class BaseLinear(nn.Module):
@@ -41,6 +53,14 @@ class BaseLinear(nn.Module):
     def weight_is_dense(self) -> bool:
         """True when the layer holds a dense float copy of its weight."""
         return False
+
+    def x8_weight(self) -> X8Weight | None:
+        """The weight in the native 8-row layout when the layer keeps it (q8 kernels, no bias), else None."""
+        return None
+
+    def q8_kernels(self):
+        """The native kernels this layer computes with on the q8 path (its decode steps are native calls), or None."""
+        return None
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, qtype={self.qtype}, bytes={self.nbytes}"

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import FormatError, UnsupportedError
 from ..io import read_fd
-from .base import BaseLinear, DenseLinear
+from .base import BaseLinear, DenseLinear, X8Weight
 from . import kernels as _kernels, native
 from .kernels import check_kernels, Int4Packed, blockwise_matmul, int4pack_fits, kernel_path
 from .types import block_geometry
@@ -481,6 +481,12 @@ class GGMLLinear(BaseLinear):
     @property
     def weight_is_dense(self) -> bool:
         return self.path == "dense"
+
+    def q8_kernels(self):
+        return self._lib if self.path == "q8" else None
+
+    def x8_weight(self) -> X8Weight | None:
+        return None if self._x8 is None or self.bias is not None else X8Weight(self.qtype, self._x8, self.out_features)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", path={self.path}"

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import InputError
 from ..layer_maps import LayerMap, evaluate
-from ..models.family import FAMILIES
+from .family import FAMILIES
 from ..quantize import QUANTIZABLE, check_quant_type, fits_blocks, quantize_array
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def export_gguf(
     import gguf
 
     from ..io import atomic_path
-    from ..models.config import config_from_hf
+    from .config import config_from_hf
 
     path = Path(path)
     if path.exists() and not force:
@@ -143,7 +143,7 @@ def _rope_scaling(writer, rope, path: Path) -> list[tuple[str, np.ndarray]]:
     """A rope scaling's keys and tensors, as llama.cpp's converter writes them."""
     import gguf
 
-    from ..models.rope import inv_freq, yarn_attention_factor
+    from .rope import inv_freq, yarn_attention_factor
 
     if rope.kind == "longrope":  # as the Phi-3 converter: factor tensors, the original context, the scale
         writer.add_rope_scaling_orig_ctx_len(int(rope.original))
@@ -202,7 +202,7 @@ def set_metadata(src: str | os.PathLike, dst: str | os.PathLike, changes: Mappin
     import mmap
     import struct
 
-    from .gguf import read_header
+    from ..formats.gguf import read_header
     from ..io import atomic_path
 
     src = Path(src)
