@@ -450,7 +450,7 @@ def build(cache_dir: str | os.PathLike | None = None,
                     raise RuntimeError(proc.stderr.strip()[-2000:])
         except (OSError, subprocess.SubprocessError, RuntimeError) as e:
             logger.debug("native GGUF kernels: %s %s failed: %s", cc, " ".join(flags), e)
-            if isinstance(e, RuntimeError):  # a compile error, not a timeout or an unwritable cache
+            if isinstance(e, (RuntimeError, subprocess.TimeoutExpired)):  # remembered: no process retries it
                 try:
                     atomic_write(failed, f"{cc} {' '.join(flags)}\n{e}\n", force=True)
                 except OSError:
