@@ -14,7 +14,7 @@ __all__ = [
 
 def __getattr__(name):  # lazy: `import qadapt` must stay light
     if name == "load":
-        from .api import load
+        from .load_model import load
 
         return load
     if name == "Model":

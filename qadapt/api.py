@@ -8,12 +8,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
-from .errors import InputError, SourceError
+from .errors import InputError
 from .layer_maps import LayerMap
 from .models.config import ModelConfig
 from .models.decoder import Decoder
@@ -21,6 +20,9 @@ from .quant import native
 from .runtime.generate import Generation, SamplingParams, run_generation
 from .runtime.kv_cache import KVCache
 from .tokenizer import IdsOnly, Tokenizer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .adapters.lora import LoraAdapter
 
 log = logging.getLogger(__name__)
 
@@ -138,15 +140,22 @@ class Model:
         folder = resolve_adapter(str(source), adapter_source, subfolder=subfolder, revision=revision)
         adapter = build_adapter(name, str(source), folder, self.layer_map, self.config.shapes, self.base_format,
                                 base_id=self.source, strict=strict)
-        with self.lock:
-            for path, f in adapter.factors.items():
-                self._wrapper(path).add(name, f)
-            self.adapters[name] = adapter
-        native.trim_heap()
+        self.add_adapter(adapter)
         log.info("loaded adapter %s from %s: %d layers, %.1f KiB", name, source, len(adapter.factors),
                  adapter.nbytes / 1024)
         if activate:
             self.activate_adapters(self._active + (name,))
+
+    def add_adapter(self, adapter: "LoraAdapter") -> None:
+        """Attach a built adapter (:func:`qadapt.adapters.loading.build_adapter`, a mix from
+        :func:`qadapt.adapters.mix.mix`) under its name; inactive."""
+        if adapter.name in self.adapters:
+            raise InputError(f"an adapter named `{adapter.name}` is already loaded; unload it first")
+        with self.lock:
+            for path, f in adapter.factors.items():
+                self._wrapper(path).add(adapter.name, f)
+            self.adapters[adapter.name] = adapter
+        native.trim_heap()
 
     def unload_adapter(self, name: str) -> None:
         if self._xlora is not None and name in self._xlora.order:
@@ -247,6 +256,20 @@ class Model:
             ctx = self._context(rows=rows)
             return self.decoder(ids, positions, cache, ctx=ctx, last_only=True).logits[:, -1]
 
+    @torch.inference_mode()
+    def score_step(self, ids: torch.Tensor, positions: torch.Tensor, cache: Any,
+                   rows: tuple[tuple[str, ...], ...] | None = None, top: int = 0):
+        """:meth:`step` that also scores its input (a prompt's log-probabilities): the last logits [B, V] and
+        (logprob of each next input token [B, T-1], the ``top`` most likely log-probabilities and ids
+        [B, T-1, top]). Not with X-LoRA."""
+        with self.lock:
+            if self._xlora is not None:
+                from .adapters.xlora import unsupported_with_xlora
+
+                raise unsupported_with_xlora("scoring a prompt")
+            out = self.decoder(ids, positions, cache, ctx=self._context(rows=rows), last_only=True, score=top)
+            return out.logits[:, -1], out.scores
+
     # ------------------------------------------------------------------ text
     def _tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -269,10 +292,12 @@ class Model:
         as llama.cpp's server and transformers do), checked against the model's vocabulary."""
         return self._fits_vocab(self._tokenizer().encode(text, add_special, parse_special), "the prompt")
 
-    def encode_chat(self, messages: list[dict[str, Any]], chat_template: str | None = None) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], chat_template: str | None = None,
+                    **template_vars: Any) -> list[int]:
         """The ids of ``messages`` rendered by the chat template (``chat_template``, else the one given to
-        :func:`load`, else the model's), as transformers' ``apply_chat_template(..., add_generation_prompt=True)``."""
-        ids = self._tokenizer().encode_chat(messages, chat_template or self.chat_template)
+        :func:`load`, else the model's), as transformers' ``apply_chat_template(..., add_generation_prompt=True)``;
+        ``template_vars`` (``tools=[...]``, ``enable_thinking=False``) reach the template as its variables."""
+        ids = self._tokenizer().encode_chat(messages, chat_template or self.chat_template, **template_vars)
         return self._fits_vocab(ids, "the chat")
 
     def chat(self, messages: list[dict[str, Any]], *, chat_template: str | None = None,
@@ -291,20 +316,46 @@ class Model:
         seed: int | None = None,
         stop: list[str] | tuple[str, ...] = (),
         stream: bool = False,
+        *,
+        typical_p: float = 1.0,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        logit_bias: dict[int, float] | None = None,
+        ignore_eos: bool = False,
+        json_schema: dict | str | None = None,
+        regex: str | None = None,
+        grammar: str | None = None,
     ) -> Generation | Iterator[str]:
         """Generate from a text or token-id prompt; greedy unless ``temperature > 0``.
 
-        Returns a :class:`Generation` (``.text``, ``.token_ids`` of the new tokens), or an
-        iterator of text pieces when ``stream=True``.
+        Returns a :class:`Generation` (``.text``, ``.token_ids`` of the new tokens, ``.seed``), or an
+        iterator of text pieces when ``stream=True``. ``json_schema`` / ``regex`` / ``grammar`` (Lark)
+        constrain the output (:mod:`qadapt.runtime.constrain`; ``json_schema={}`` asks for any JSON object).
         """
         if isinstance(prompt, str):
             ids = self.encode(prompt)
         else:
             ids = [int(i) for i in prompt]
             self._check_ids(torch.tensor(ids))
-        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, tuple(stop))
         tok = self.tokenizer or IdsOnly(self.config.eos_token_ids)
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, tuple(stop),
+                                typical_p=typical_p, frequency_penalty=frequency_penalty,
+                                presence_penalty=presence_penalty, logit_bias=tuple((logit_bias or {}).items()),
+                                ignore_eos=ignore_eos, grammar=self._grammar(json_schema, regex, grammar))
         return run_generation(self.step, self.new_cache, ids, params, tok, self.config.context_length, stream)
+
+    def _grammar(self, json_schema, regex, grammar):
+        from .runtime.constrain import Constraint, compile_constraint
+
+        given = [(k, v) for k, v in (("json_schema", json_schema), ("regex", regex), ("lark", grammar)) if v is not None]
+        if not given:
+            return None
+        if len(given) > 1:
+            raise InputError("give at most one of json_schema, regex and grammar")
+        kind, value = given[0]
+        if kind == "json_schema" and value == {}:
+            kind = "json_object"
+        return compile_constraint(self._tokenizer(), Constraint(kind, value), self.config.vocab_size)
 
     # ------------------------------------------------------------------ introspection
     def targetable_layers(self) -> list[str]:
@@ -317,205 +368,3 @@ class Model:
 
     def __repr__(self) -> str:
         return f"Model({self.architecture}, {self.source}, mode={self.mode}, format={self.base_format})"
-
-
-def _resolve_model_path(path_or_id: str | os.PathLike, gguf_file: str | None, revision: str | None) -> Path:
-    p = Path(path_or_id)
-    if p.exists():
-        if p.is_dir() and gguf_file:
-            p = p / gguf_file
-        return p
-    s = str(path_or_id)
-    if gguf_file is None:
-        if s.count("/") == 1 and not s.startswith((".", "/")):
-            return _download_hf_checkpoint(s, revision)
-        raise InputError(f"model {s} does not exist")
-    from .hub import download
-
-    return download(s, filename=gguf_file, revision=revision, what=f"GGUF file `{gguf_file}` of Hub repo `{s}`")
-
-
-#: What a transformers checkpoint needs: config, weights, tokenizer (no .bin, no other formats).
-_HF_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-                "tokenizer*", "vocab.*", "merges.txt", "special_tokens_map.json", "added_tokens.json", "*.tiktoken"]
-
-
-def _download_hf_checkpoint(repo: str, revision: str | None) -> Path:
-    """A Hub transformers repo (config.json + safetensors + tokenizer) through huggingface_hub's cache."""
-    from .hub import download
-
-    folder = download(repo, allow_patterns=_HF_PATTERNS, revision=revision, what=f"Hub model `{repo}`")
-    if not (folder / "config.json").is_file():
-        raise SourceError(f"{repo} has no config.json: not a transformers checkpoint; for a GGUF repo pass the "
-                          "file name (--gguf-file NAME / gguf_file=NAME)")
-    return folder
-
-
-def load(
-    path_or_id: str | os.PathLike,
-    *,
-    mode: str = "inplace",
-    dtype: torch.dtype | str | None = None,
-    gguf_file: str | None = None,
-    revision: str | None = None,
-    adapters: dict[str, str] | None = None,
-    ordering: str | os.PathLike | None = None,
-    adapter_model_id: str | None = None,
-    activate: list[str] | None = None,
-    merge: bool = False,
-    xlora: str | os.PathLike | None = None,
-    tgt_non_granular_index: int | None = None,
-    quant: str | None = None,
-    double_quant: bool = False,
-    kernels: str = "exact",
-    chat_template: str | os.PathLike | None = None,
-    **kwargs: Any,
-) -> Model:
-    """Load a base model: a GGUF file (local, or ``org/repo`` + ``gguf_file`` on the Hub).
-
-    ``mode="inplace"`` keeps quantized weights in their bytes and multiplies on them;
-    ``mode="dequantize"`` expands them to ``dtype`` (float32 by default) on load.
-
-    Adapters: ``adapters={name: source}`` (local folder, Hub id or ``s3://``; all active unless
-    ``activate`` names a subset), or an ordering file (mistral.rs format) whose ``order`` names are
-    sub-folders of ``adapter_model_id`` (active at start) and whose ``preload_adapters`` load
-    inactive. ``merge=True`` (dequantize mode) folds the active adapters into the weights.
-
-    X-LoRA: ``xlora=SOURCE`` (X-LoRA / mistral.rs layout or PEFT's, adapters in sub-folders, or in
-    ``adapter_model_id``); the ordering, if given, must list the training order and each module's
-    classifier row. ``tgt_non_granular_index=k`` freezes each sequence's scalings after k generated tokens.
-
-    A transformers folder or Hub id (``config.json`` + safetensors) loads full precision, or, with
-    ``quant="Q4_0"`` / ``"Q8_0"`` / ..., quantized in situ into the GGUF layers, or with
-    ``quant="nf4"`` / ``"fp4"`` / ``"int8"`` through bitsandbytes (``double_quant=True``: nested
-    absmax quantization; ``dtype``: the 4-bit compute dtype). GPTQ and bitsandbytes folders load
-    as saved.
-
-    ``kernels="q8"`` (in place, GGUF types Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/IQ4_NL/Q4_K/Q5_K/Q6_K, CPUs with
-    AVX2) computes as llama.cpp does: activations quantized to 8 bits per block of 32, integer dot
-    products; several times faster, with an activation-rounding error (bounded, see
-    ``qadapt/quant/native/ggml_kernels.c``) that ``kernels="exact"`` (the default) does not have.
-
-    ``chat_template``: a Jinja chat template (a string, or a ``.jinja`` / ``tokenizer_config.json`` file) used
-    by :meth:`Model.chat` instead of the model's own; a model with neither refuses chat.
-    """
-    from .models.loader import load_base
-
-    if kwargs:
-        raise InputError(f"unknown argument(s) to qadapt.load: {', '.join(sorted(kwargs))}")
-    if mode not in MODES:
-        raise InputError(f"mode must be one of {MODES}, got {mode!r}")
-    from .quant.kernels import check_kernels
-
-    check_kernels(kernels)
-    if kernels == "q8" and mode != "inplace":
-        raise InputError("kernels='q8' (--kernels q8) runs quantized weights in place; with mode='dequantize' "
-                         "the weights are dense float and take the exact kernels: drop one of the two")
-    path = _resolve_model_path(path_or_id, gguf_file, revision)
-    base = load_base(path, mode=mode, dtype=_dtype(dtype), quant=quant, double_quant=double_quant, kernels=kernels)
-    if kernels == "q8":
-        _use_native_ops(base.decoder)
-    model = Model(base.decoder, base.tokenizer, base.layer_map, str(path), mode, base.base_format, base.info)
-    if chat_template is not None:
-        model.chat_template = _chat_template(chat_template)
-    if xlora is not None:
-        _attach_xlora(model, xlora, ordering, adapter_model_id, tgt_non_granular_index, adapters, activate, merge)
-        native.trim_heap()
-        return model
-    if tgt_non_granular_index is not None:
-        raise InputError("tgt_non_granular_index applies to X-LoRA only (pass xlora=SOURCE)")
-    _attach_adapters(model, adapters, ordering, adapter_model_id, activate)
-    if merge:
-        model.merge_adapters()
-    native.trim_heap()
-    return model
-
-
-def _chat_template(value: str | os.PathLike) -> str:
-    """A template given as a file path (``.jinja``, ``.json``) or as the template text itself."""
-    from .tokenizer import read_template
-
-    text = str(value)
-    if "{{" in text or "{%" in text:
-        return text
-    return read_template(value)  # a path: a clear error when it does not exist
-
-
-def _use_native_ops(decoder: Decoder) -> None:
-    from .quant import native
-
-    lib = native.library()
-    if lib is None:
-        log.warning("kernels='q8': the native kernels are unavailable (no C compiler, or QADAPT_NATIVE=0); "
-                    "running the exact kernels")
-    elif not lib.simd:
-        log.warning("kernels='q8' needs AVX2; this CPU runs the exact kernels")
-    else:
-        from .models import native as native_decode
-
-        native_decode.apply(decoder, lib)
-
-
-def _attach_adapters(model: Model, adapters, ordering, adapter_model_id, activate) -> None:
-    start: list[str] = []
-    for name, src in (adapters or {}).items():
-        model.load_adapter(name, src)
-        start.append(name)
-    if ordering is not None:
-        from .ordering import read_ordering
-
-        o = read_ordering(ordering)
-        _check_ordering(model, ordering)
-        if o.order and adapter_model_id is None:
-            raise InputError(f"ordering {ordering} names adapters {list(o.order)}: pass adapter_model_id "
-                             "(the folder, Hub id or s3:// URL holding one sub-folder per name)")
-        for name in o.order or ():
-            model.load_adapter(name, adapter_model_id, subfolder=name)
-            start.append(name)
-        for p in o.preload_adapters:
-            model.load_adapter(p.name, p.adapter_model_id)
-    elif adapter_model_id is not None:
-        raise InputError("adapter_model_id is given without an ordering file")
-    model.activate_adapters(start if activate is None else activate)
-
-
-def _attach_xlora(model: Model, source, ordering, adapter_model_id, tgt, adapters, activate, merge) -> None:
-    from .adapters.xlora import load_xlora, unsupported_with_xlora
-    from .ordering import read_ordering
-
-    for given, what in ((adapters, "adapters="), (activate is not None, "activate="), (merge, "merge=True")):
-        if given:
-            raise unsupported_with_xlora(what)
-    o = None
-    if ordering is not None:
-        o = read_ordering(ordering)
-        _check_ordering(model, ordering)
-        if o.preload_adapters:
-            log.warning("ordering %s: preload_adapters are ignored with X-LoRA", ordering)
-    model._xlora = load_xlora(model, str(source), o, tgt, adapter_model_id)
-    model._active = model._xlora.order
-
-
-def _check_ordering(model: Model, ordering) -> None:
-    """The ordering's own rules against this base (what ``qadapt check`` reports), before loading adapters."""
-    from .check import check_ordering
-
-    report = check_ordering(ordering, model=model.source, quant=model.base_format_quant, offline=True)
-    if report.problems:
-        from .errors import AdapterError
-
-        lines = "\n  - ".join(p.message for p in report.problems)
-        raise AdapterError(f"ordering {ordering} does not fit this base:\n  - {lines}")
-
-
-def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    table = {"float32": torch.float32, "f32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "f16": torch.float16, "fp16": torch.float16}
-    try:
-        return table[str(dtype).lower()]
-    except KeyError:
-        raise InputError(f"dtype must be one of {sorted(table)}, got {dtype!r}") from None

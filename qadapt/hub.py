@@ -36,10 +36,11 @@ def cache_dir() -> str | None:
 
 def download(repo_id: str, *, filename: str | None = None, allow_patterns: list[str] | None = None,
              revision: str | None = None, cache: str | os.PathLike | None = None, what: str | None = None,
-             offline: bool | None = None) -> Path:
+             offline: bool | None = None, token: str | None = None) -> Path:
     """One file (``filename``) or a filtered snapshot (``allow_patterns``) of a Hub repo, through the cache.
 
-    Returns the file's or the snapshot folder's local path.
+    Returns the file's or the snapshot folder's local path. ``token``: a Hub token for this download
+    (LoRAX's per-request ``api_token``); None: HF_TOKEN or the stored login.
     """
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub import errors as hf
@@ -55,10 +56,10 @@ def download(repo_id: str, *, filename: str | None = None, allow_patterns: list[
     try:
         if filename is not None:
             path = hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache,
-                                   local_files_only=local_only)
+                                   local_files_only=local_only, token=token)
         else:
             path = snapshot_download(repo_id, revision=revision, cache_dir=cache, allow_patterns=allow_patterns,
-                                     local_files_only=local_only)
+                                     local_files_only=local_only, token=token)
     except hf.GatedRepoError:  # a RepositoryNotFoundError subclass: test it first
         raise SourceError(f"{what} is gated: accept its terms on https://huggingface.co/{repo_id} and set HF_TOKEN") from None
     except hf.RepositoryNotFoundError:

@@ -7,7 +7,7 @@ from typing import Any
 
 
 def describe(model: str, gguf_file: str | None = None, revision: str | None = None) -> dict[str, Any]:
-    from .api import _resolve_model_path
+    from .load_model import _resolve_model_path
     from .formats.gguf import GGUFFile
     from .layer_maps import get_layer_map
     from .models.config import config_from_gguf

@@ -18,7 +18,8 @@ from pathlib import Path
 
 VERSION = "0.3.36"
 #: parts of vendor/llama.cpp the tests read
-_MEMBERS = ("models/ggml-vocab-", "convert_hf_to_gguf.py", "conversion/", "gguf-py/", "src/llama-vocab.cpp")
+_MEMBERS = ("models/ggml-vocab-", "models/templates/", "convert_hf_to_gguf.py", "conversion/", "gguf-py/",
+            "src/llama-vocab.cpp")
 #: vocab files of tokenizer kinds qadapt refuses (WordPiece, Unigram): each must be refused by name
 REFUSED_VOCABS = {"bert-bge": "bert", "nomic-bert-moe": "t5"}
 SEP = "\n__ggml_vocab_test__\n"
@@ -30,7 +31,7 @@ def sdist_root(cache: Path) -> Path:
     if given:
         return Path(given)
     root = cache / f"llama-cpp-python-{VERSION}" / "vendor" / "llama.cpp"
-    if (root / "convert_hf_to_gguf.py").is_file() and (root / "models").is_dir():
+    if (root / "convert_hf_to_gguf.py").is_file() and (root / "models" / "templates").is_dir():
         return root
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",

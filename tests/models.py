@@ -138,7 +138,8 @@ def dequantized_reference(model, qtype: str, seed: int = 0):
 
     import gguf
 
-    from qadapt.models.gguf_export import QUANTIZABLE, llama_cpp_permute
+    from qadapt.models.gguf_export import llama_cpp_permute
+    from qadapt.quantize import QUANTIZABLE
     from qadapt.layer_maps import evaluate, get_layer_map
 
     ref = copy.deepcopy(model)
@@ -181,7 +182,8 @@ def dequantized_reference(model, qtype: str, seed: int = 0):
 
 def write_quantized(model, path: Path, qtype: str, seed: int = 0):
     """Write ``model`` as a GGUF of ``qtype`` and return the transformers reference for it."""
-    from qadapt.models.gguf_export import QUANTIZABLE, export_gguf
+    from qadapt.models.gguf_export import export_gguf
+    from qadapt.quantize import QUANTIZABLE
     from qadapt.layer_maps import get_layer_map
 
     raw, ref = dequantized_reference(model, qtype, seed)

@@ -10,7 +10,6 @@ magnitude ~1 (float32 rounding of differently shaped matmuls; observed ~1e-6).
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch

@@ -24,7 +24,7 @@ import torch
 import qadapt
 from qadapt.errors import FormatError, QadaptError, UnsupportedError
 
-from models import int4_logit_tol, tiny_hf, write_gguf, write_quantized
+from models import int4_logit_tol, tiny_hf, write_quantized
 
 QUANTIZABLE = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 BLOCK256 = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"]

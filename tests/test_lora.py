@@ -182,7 +182,6 @@ def test_ordering_with_adapter_model_id_and_preload(bases, tmp_path):
     root = tmp_path / "root"
     for n in ("a", "b"):
         shutil.copytree(ads[n], root / n)
-    from qadapt.ordering import Ordering, write_ordering
     from qadapt.layer_maps import get_layer_map
 
     layers = {r.path: i for i, r in enumerate(get_layer_map("llama").enumerate_modules(2, ALL_TARGETS))}

@@ -102,6 +102,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _serve(args: list[str], port: int):
+    """``qadapt ARGS`` (a serve command) started and healthy: (process, url)."""
+    import httpx
+
+    env = dict(os.environ, QADAPT_NO_PROGRESS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "qadapt", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.2)
+    proc.terminate()
+    raise AssertionError("the server did not become healthy")
+
+
 def test_tour_serve_and_curl():
     import httpx
 
@@ -110,19 +130,8 @@ def test_tour_serve_and_curl():
     curl = next(line for line in lines if line.startswith("curl"))
     body = json.loads(shlex.split(curl)[shlex.split(curl).index("-d") + 1])
     port = _free_port()
-    env = dict(os.environ, QADAPT_NO_PROGRESS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "qadapt", *serve[1:], "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc, url = _serve([*serve[1:], "--port", str(port)], port)
     try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stderr.read()
-            time.sleep(0.2)
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
         assert r.status_code == 200, r.text
         text = body["prompt"].removeprefix(tasks.PREFIX).removesuffix(tasks.ARROW)
@@ -160,3 +169,42 @@ def test_real_model_commands_parse():
         sub.make_context(words[1], words[2:])
         ran += 1
     assert ran == 3
+
+
+def test_http_server_section(request):
+    """The HTTP server section as written: its serve line (on a free port for 8001), every curl body posted
+    to its path, and its Python block run with LoRAX's own client (in the clients' venv)."""
+    import httpx
+
+    from client_venv import make_venv
+
+    start = README.index("### HTTP server\n")
+    section = README[start: README.index("\n## ", start)]
+    lines = _commands(_blocks(section, "bash")[0])
+    assert lines[0] == "D=$(qadapt demo --where)"
+    serve = _expand(next(line for line in lines if line.startswith("qadapt serve")).rstrip("& "))
+    port = _free_port()
+    serve[serve.index("--port") + 1] = str(port)
+    proc, url = _serve(serve[1:], port)
+    try:
+        curls = [shlex.split(line) for line in lines if line.startswith("curl")]
+        assert len(curls) >= 5
+        for words in curls:
+            path = words[words.index("-s") + 1].removeprefix("localhost:8001")
+            body = json.loads(words[words.index("-d") + 1])
+            r = httpx.post(url + path, json=body, timeout=120)
+            assert r.status_code == 200, (path, body, r.text)
+        upper = httpx.post(url + "/generate", json=json.loads(curls[0][curls[0].index("-d") + 1]), timeout=60).json()
+        assert upper["generated_text"].strip() == tasks.solve("upper", "red cow and the queen")
+        assert len(httpx.post(url + "/v1/completions", json=json.loads(curls[2][curls[2].index("-d") + 1]),
+                              timeout=60).json()["choices"]) == 2
+        python = make_venv(Path(request.config.cache.mkdir("client-venv")))
+        if isinstance(python, str):
+            pytest.skip(python)
+        code = _blocks(section, "python")[0].replace("http://127.0.0.1:8001", url)
+        r = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.splitlines()[0].strip() == tasks.solve("upper", "red cow and the queen")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

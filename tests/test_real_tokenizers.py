@@ -10,7 +10,6 @@ to be far above float32 rounding).
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch

@@ -362,7 +362,9 @@ def test_error_codes_and_still_healthy(env):
     for bad, field in [({"max_tokens": "5"}, "max_tokens"), ({"max_tokens": -1}, "max_tokens"),
                        ({"temperature": "hot"}, "temperature"), ({"prompt": 3}, "prompt"),
                        ({"stream": "yes"}, "stream"),
-                       ({"n": 2}, "n")]:
+                       ({"n": 0}, "n"), ({"suffix": "x"}, "suffix"), ({"frobnicate": 1}, "frobnicate"),
+                       ({"logit_bias": [1.0]}, "logit_bias"), ({"logit_bias": {"5": 300}}, "logit_bias"),
+                       ({"top_logprobs": 2}, "top_logprobs")]:
         r = post(env, "/v1/completions", {**comp, **bad})
         assert r.status_code == 400 and field in r.json()["error"]["message"], (bad, r.text)
     r = post(env, "/v1/completions", {**comp, "max_tokens": 100000})
@@ -372,7 +374,8 @@ def test_error_codes_and_still_healthy(env):
     r = post(env, "/v1/chat/completions", {"model": "a", "messages": [{"role": "wizard", "content": "x"}]})
     assert r.status_code == 400
     r = post(env, "/generate", {"inputs": "hi", "parameters": {"max_new_tokens": 0}})
-    assert r.status_code == 400 and "max_new_tokens" in r.json()["error"]
+    assert r.status_code == 422 and "max_new_tokens" in r.json()["error"]  # LoRAX: validation is 422
+    assert r.json()["error_type"] == "validation"
     assert post(env, "/v1/completions", [1, 2]).status_code == 400
     # 404s name what is missing
     r = post(env, "/v1/completions", {**comp, "model": "ghost-model"})

@@ -49,6 +49,7 @@ def resolve_adapter(
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     subfolder: str | None = None,
+    token: str | None = None,
 ) -> Path:
     """A local folder holding the adapter files named by ``source``.
 
@@ -66,7 +67,7 @@ def resolve_adapter(
     if kind == "local":
         return _resolve_local(source, subfolder)
     if kind == "hub":
-        return _resolve_hub(source, revision=revision, cache_dir=cache_dir, subfolder=subfolder)
+        return _resolve_hub(source, revision=revision, cache_dir=cache_dir, subfolder=subfolder, token=token)
     return _resolve_s3(source, cache_dir=cache_dir, subfolder=subfolder)
 
 
@@ -183,7 +184,8 @@ def hub_allow_patterns(subfolder: str | None = None) -> list[str]:
 
 
 def _resolve_hub(
-    repo_id: str, *, revision: str | None, cache_dir: str | os.PathLike | None, subfolder: str | None
+    repo_id: str, *, revision: str | None, cache_dir: str | os.PathLike | None, subfolder: str | None,
+    token: str | None = None,
 ) -> Path:
     from ..hub import download
 
@@ -195,7 +197,7 @@ def _resolve_hub(
         except ValueError as e:
             raise InputError(f"`{repo_id}`: sub-folder `{subfolder}` {e}") from None
     folder = download(repo_id, allow_patterns=hub_allow_patterns(subfolder), revision=revision, cache=cache_dir,
-                      what=f"Hub adapter `{repo_id}`")
+                      what=f"Hub adapter `{repo_id}`", token=token)
     if subfolder:
         folder = adapter_subfolder(folder, subfolder)
     if not folder.is_dir() or not any(folder.iterdir()):

@@ -50,8 +50,13 @@ def _csv(value: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
               help=f"Where the made models are kept (default: {default_cache()}).")
 @click.option("--force", is_flag=True, help="Overwrite bench.* files already in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON instead of the table.")
+@click.option("--constrained", "constrained", type=click.Path(dir_okay=False, exists=True), default=None,
+              metavar="VOCAB.gguf",
+              help="Only measure constrained decoding's per-token overhead (JSON schema, JSON object, regex, "
+                   "choice) with the vocabulary of this GGUF (a model, or llama.cpp's "
+                   "models/ggml-vocab-llama-bpe.gguf for Llama 3's 128k tokens), then exit.")
 def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup, decode_tokens, prompt_tokens,
-          no_xlora, xlora_formats, threads, cache, force, as_json) -> None:
+          no_xlora, xlora_formats, threads, cache, force, as_json, constrained) -> None:
     """Benchmark qadapt beside llama.cpp and transformers + PEFT, against the memory-bandwidth bound.
 
     \b
@@ -64,8 +69,22 @@ def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup,
     Examples:
       qadapt bench --quick --out /tmp/bench
       qadapt bench --engines qadapt,llama.cpp --formats Q4_0,Q8_0 --out docs/bench --force
+      qadapt bench --constrained llama.cpp/models/ggml-vocab-llama-bpe.gguf
     """
     import json
+
+    if constrained:
+        import torch
+
+        from ..bench.constrained import markdown as constrained_table
+        from ..bench.constrained import measure
+        from ..formats.gguf import GGUFFile
+        from ..tokenizer import Tokenizer
+
+        torch.set_num_threads(threads)
+        result = measure(Tokenizer.from_gguf(GGUFFile(constrained)), sequences=runs or 10)
+        click.echo(json.dumps(result, indent=2) if as_json else constrained_table(result))
+        return
 
     from ..bench import BenchSettings, run_bench
     from ..bench.report import markdown, write_outputs

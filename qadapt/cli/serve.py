@@ -32,6 +32,9 @@ from .run import _adapter_options, _model_options, load_from_options
               help="Resident adapters; past it the least recently used idle one is unloaded (0 = no limit).")
 @click.option("--max-rank", default=256, show_default=True, type=click.IntRange(min=0),
               help="Refuse adapters of a higher LoRA rank (0 = no limit).")
+@click.option("--max-mixes", default=8, show_default=True, type=click.IntRange(min=0),
+              help="Adapter mixes (merged_adapters, weighted adapters, lora scales) kept built; past it the least "
+                   "recently used idle one is dropped.")
 @click.option("--max-seq-len", default=None, type=click.IntRange(min=2), metavar="N",
               help="Tokens per sequence, prompt and completion (default: the model's context, at most 4096); "
                    "the KV cache holds max-batch x N.")
@@ -45,21 +48,28 @@ from .run import _adapter_options, _model_options, load_from_options
               help="On SIGINT/SIGTERM, seconds running requests get to finish; waiting ones, and those still "
                    "running after it, end with 503. The process then exits 0.")
 def serve(model, host, port, api_key, allow_runtime_adapters, adapter_root, max_batch, max_queue, max_adapters,
-          max_rank, max_seq_len, served_model_name, max_body_bytes, max_connections, shutdown_timeout, **load_opts):
-    """Serve MODEL over HTTP: OpenAI-compatible and LoRAX-compatible, adapters chosen per request.
+          max_rank, max_mixes, max_seq_len, served_model_name, max_body_bytes, max_connections, shutdown_timeout,
+          **load_opts):
+    """Serve MODEL over HTTP: OpenAI-, LoRAX- and TGI-compatible, adapters chosen per request.
 
     \b
-    Endpoints: GET /health, /metrics, /v1/models; POST /v1/completions, /v1/chat/completions,
-    /generate, /generate_stream; with --allow-runtime-adapters also POST /v1/load_lora_adapter,
-    /v1/unload_lora_adapter, /activate_adapters and GET /v1/lora_adapters.
-    A request's `model` names an adapter, or the base (its file stem: the default adapter set, empty
-    unless --activate; `base`: always the bare base); `adapters: [...]` names several.
+    Endpoints: GET /health, /metrics, /info, /v1/models, /lora-adapters; POST /v1/completions,
+    /v1/chat/completions, / (what lorax-client and text-generation call), /generate, /generate_stream;
+    with --allow-runtime-adapters also POST /v1/load_lora_adapter, /v1/unload_lora_adapter,
+    /activate_adapters and GET /v1/lora_adapters.
+    A request's `model` (LoRAX: `adapter_id`) names an adapter, or the base (its file stem or `tgi`: the
+    default adapter set, empty unless --activate; `base`: always the bare base); `adapters: [...]`
+    names several, `adapters: {name: weight}` and llama.cpp's `lora: [{id, scale}]` weigh them, LoRAX's
+    `merged_adapters` mixes them (linear, ties, dare_linear, dare_ties). Structured output:
+    `response_format` (both APIs), TGI's `grammar`, vLLM's `guided_json` / `guided_regex` /
+    `guided_grammar` / `guided_choice`; OpenAI `tools` go through the chat template.
 
     \b
     Examples:
       qadapt serve model.Q4_K.gguf --adapter math=./loras/math --adapter code=org/code-lora
       qadapt serve model.Q4_K.gguf --allow-runtime-adapters --adapter-root ./loras --api-key "$KEY"
       curl localhost:8000/v1/completions -d '{"model": "math", "prompt": "2+2=", "max_tokens": 8}'
+      curl localhost:8000/generate -d '{"inputs": "2+2=", "parameters": {"adapter_id": "math"}}'
     """
     try:
         from qadapt.server.app import create_app
@@ -83,7 +93,8 @@ def serve(model, host, port, api_key, allow_runtime_adapters, adapter_root, max_
         logging.getLogger("qadapt.server").setLevel(logging.INFO)
     app = create_app(m, base_name=name, api_key=api_key, allow_runtime=allow_runtime_adapters,
                      adapter_root=adapter_root, max_batch=max_batch, max_adapters=max_adapters, max_rank=max_rank,
-                     max_queue=max_queue, max_seq_len=max_seq_len or min(m.config.context_length, 4096),
+                     max_mixes=max_mixes, max_queue=max_queue,
+                     max_seq_len=max_seq_len or min(m.config.context_length, 4096),
                      default_adapters=tuple(default), max_body_bytes=max_body_bytes)
     click.echo(f"qadapt: serving {name} on http://{host}:{port} (Ctrl+C to stop)", err=True)
     run_server(app, host=host, port=port, log_level="info" if root_level <= logging.INFO else "warning",

@@ -153,6 +153,7 @@ class StepPlan:
 class ForwardOutput:
     logits: torch.Tensor | None
     hidden: torch.Tensor  # after the final norm (X-LoRA's classifier input)
+    scores: tuple[torch.Tensor, ...] | None = None  # (logprob [B, T-1], top logprobs, top ids [B, T-1, k])
 
 
 class Block(nn.Module):
@@ -216,6 +217,7 @@ class Block(nn.Module):
 
 #: tokens per chunk of a long cached prefill (see Decoder.forward): exact kernels, and the q8 runtime
 PREFILL_CHUNK = 512
+SCORE_CHUNK = 128  # tokens per forward when a prompt is scored (their logits [T, V] are held)
 
 
 class Decoder(nn.Module):
@@ -251,22 +253,40 @@ class Decoder(nn.Module):
         return m.unsqueeze(1)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor | None = None, cache: Any = None, ctx: Any = None,
-                last_only: bool = False, logits: bool = True) -> ForwardOutput:
+                last_only: bool = False, logits: bool = True, score: int | None = None) -> ForwardOutput:
         """ids [B, T]; positions [B, T] (default 0..T-1); writes keys/values into ``cache`` at ``positions``.
 
         With a cache and ``last_only``, a long input runs in chunks of :attr:`prefill_chunk` tokens, each
-        attending to the cache the earlier ones wrote (X-LoRA's per-token scalings run whole)."""
+        attending to the cache the earlier ones wrote (X-LoRA's per-token scalings run whole). ``score=k``
+        (with a cache) also scores the input: :attr:`ForwardOutput.scores` holds each next input token's
+        log-probability [B, T-1] and the ``k`` most likely tokens at each position (a prompt's logprobs)."""
         B, T = ids.shape
         if positions is None:
             positions = torch.arange(T).expand(B, T)
         step = max(1, self.prefill_chunk // B)
-        if cache is not None and last_only and T > step and getattr(ctx, "xlora", None) is None:
-            top = int(positions.max()) + 1  # the whole prompt's reach: length-dependent rope scalings
-            for s in range(0, T - step, step):
-                self._forward(ids[:, s:s + step], positions[:, s:s + step], cache, ctx, True, False, top)
-            s = (T - 1) // step * step
-            return self._forward(ids[:, s:], positions[:, s:], cache, ctx, True, logits, top)
-        return self._forward(ids, positions, cache, ctx, last_only, logits)
+        if score is not None:
+            step = min(step, SCORE_CHUNK)  # a chunk's full logits [B, step, V] are held at once
+        chunked = cache is not None and (score is not None or (last_only and T > step))
+        if not chunked or getattr(ctx, "xlora", None) is not None:
+            return self._forward(ids, positions, cache, ctx, last_only, logits)
+        top = int(positions.max()) + 1  # the whole prompt's reach: length-dependent rope scalings
+        parts: list[tuple[torch.Tensor, ...]] = []
+        for s in range(0, T, step):
+            e, last = min(T, s + step), s + step >= T
+            if score is None:
+                out = self._forward(ids[:, s:e], positions[:, s:e], cache, ctx, True, logits and last, top)
+                continue
+            out = self._forward(ids[:, s:e], positions[:, s:e], cache, ctx, False, True, top)
+            logp = torch.log_softmax(out.logits, -1)
+            nxt = ids[:, s + 1:e + 1]
+            lp = logp[:, :nxt.shape[1]].gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+            tv, ti = torch.topk(logp[:, :nxt.shape[1]], min(score, logp.shape[-1])) if score else (
+                logp.new_empty(B, nxt.shape[1], 0), nxt.new_empty(B, nxt.shape[1], 0))
+            parts.append((lp, tv, ti))
+            out = ForwardOutput(out.logits[:, -1:] if last_only else out.logits, out.hidden[:, -1:])
+        if parts:
+            out.scores = tuple(torch.cat(p, 1) for p in zip(*parts))
+        return out
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: Any, ctx: Any, last_only: bool,
                  logits: bool, rope_top: int | None = None) -> ForwardOutput:

@@ -19,7 +19,7 @@ import torch
 from ..errors import InputError
 from ..layer_maps import LayerMap, evaluate
 from .family import FAMILIES
-from ..quantize import QUANTIZABLE, check_quant_type, fits_blocks, quantize_array
+from ..quantize import check_quant_type, fits_blocks, quantize_array
 
 log = logging.getLogger(__name__)
 

@@ -84,6 +84,16 @@ class BatchStepper:
         return self.forward(t, pos, RowCache(self.cache, [row]), (adapters,))[0]
 
     @torch.inference_mode()
+    def prefill_scored(self, row: int, ids: Sequence[int], adapters: tuple[str, ...], top: int,
+                       score: Callable) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """:meth:`prefill` through ``score(ids, positions, cache, rows, top)`` (``Model.score_step``): the
+        logits [V] after the last id and the prompt's scores (see :meth:`qadapt.api.Model.score_step`)."""
+        t = torch.tensor([list(ids)], dtype=torch.long)
+        pos = torch.arange(t.shape[1]).unsqueeze(0)
+        logits, scores = score(t, pos, RowCache(self.cache, [row]), (adapters,), top)
+        return logits[0], tuple(x[0] for x in scores)
+
+    @torch.inference_mode()
     def decode(self, rows: Sequence[int], tokens: Sequence[int], positions: Sequence[int],
                adapters: Sequence[tuple[str, ...]]) -> torch.Tensor:
         """One token per row (``tokens[i]`` at ``positions[i]`` of ``rows[i]``) in one forward: logits [n, V]."""

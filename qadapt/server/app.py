@@ -1,92 +1,47 @@
-"""The HTTP API: OpenAI-compatible and LoRAX-compatible endpoints over one engine (Starlette ASGI app).
+"""The HTTP API: OpenAI-compatible and LoRAX/TGI-compatible endpoints over one engine (Starlette ASGI app).
 
-Thin by design: parse and check a request (:mod:`.schemas`), resolve its
-adapters (:mod:`.registry`), hand it to the engine thread (:mod:`.scheduler`) and
-turn the engine's events into JSON or server-sent events. Model work never runs
-on the event loop; adapter fetching and loading run in worker threads.
+Thin by design: parse and check a request (:mod:`.schemas`), resolve its adapters (:mod:`.registry`:
+named adapters, or a mix built once and cached), hand one request per sequence to the engine thread
+(:mod:`.scheduler`) and turn the engine's events into JSON or server-sent events (:mod:`.openai_api`,
+:mod:`.lorax_api`). Model work never runs on the event loop; adapter fetching, mixing and grammar
+compilation run in worker threads.
 
-Which adapters a request uses: ``model`` names an adapter, or the base (its file
-stem, or ``--served-model-name``: the default adapter set, empty unless
-``--activate`` or ``POST /activate_adapters`` set one; ``base``: the bare base
-always); an ``adapters: [...]`` field names several. LoRAX's ``/generate`` uses
-``parameters.adapter_id`` (+ ``adapter_source``), fetched on first use when
-runtime adapters are allowed.
+Which adapters a request uses: ``model`` names an adapter, or the base (its file stem, ``tgi`` or
+``--served-model-name``: the default adapter set, empty unless ``--activate`` or ``POST
+/activate_adapters`` set one; ``base``: the bare base always); ``adapters: [...]`` names several (their
+sum), ``adapters: {name: weight}`` and llama.cpp's ``lora: [{id, scale}]`` weigh them (an exact weighted
+sum), LoRAX's ``merged_adapters`` mixes them with PEFT's strategies. LoRAX's ``adapter_id`` (and, on the
+OpenAI endpoints, a ``model`` with ``adapter_source``) is fetched on first use when runtime adapters are
+allowed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import hmac
-import json
 import logging
-import os
 import time
-import uuid
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from ..adapters.sources import EndpointUnreachableError
-from ..errors import InputError, QadaptError, SourceError, UnsupportedError
-from ..runtime.generate import SamplingParams
+from ..errors import InputError, UnsupportedError
+from ..runtime.constrain import Constraint, Grammar, compile_constraint
+from ..runtime.sampling import SamplingParams
+from .http import ApiKeyMiddleware, Failed, Gone, error_body, read_json, route, rss_bytes
 from .registry import BASE_ALIASES, AdapterRegistry, Busy, Forbidden, NotFound, Unavailable
-from .scheduler import SHUTTING_DOWN, Engine, Failure, Finish, GenRequest, Metrics, TokenEvent
-from .schemas import (ActivateRequest, ChatRequest, CompletionRequest, GenerateRequest, LoadAdapterRequest,
-                      UnloadAdapterRequest)
+from .scheduler import SHUTTING_DOWN, Engine, Failure, Finish, GenRequest, Metrics, PromptScores, TokenEvent
+from .schemas import ActivateRequest, LoadAdapterRequest, UnloadAdapterRequest
 
 log = logging.getLogger(__name__)
 
-_LORAX_REASONS = {"length": "length", "eos": "eos_token", "stop_sequence": "stop_sequence", "cancelled": "length"}
+TGI_MODEL = "tgi"  # the model name text-generation's chat() always sends: the served model
 MAX_BODY_BYTES = 4 << 20  # default request body limit: a 128k-token prompt is ~0.5 MiB of text
-
-
-class TooLarge(QadaptError):
-    """A request body above the server's limit (HTTP 413)."""
-
-
-class _Failed(Exception):
-    """The engine failed a request (its status and message)."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-#: error class -> HTTP status, most specific first; anything else is a bug (500)
-_STATUS = ((NotFound, 404), (Forbidden, 403), (Busy, 429), (Unavailable, 503), (TooLarge, 413),
-           (EndpointUnreachableError, 502), (SourceError, 404), (QadaptError, 400))
-
-
-def status_of(e: BaseException) -> int:
-    if isinstance(e, _Failed):
-        return e.status
-    return next((status for cls, status in _STATUS if isinstance(e, cls)), 500)
-
-
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 502: "upstream_error",
-          503: "unavailable_error"}
-
-
-def error_body(status: int, message: str, lorax: bool = False) -> dict[str, Any]:
-    kind = _TYPES.get(status, "internal_error")
-    if lorax:
-        return {"error": message, "error_type": kind}
-    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
-
-
-def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-class _Gone(Exception):
-    """The client of a non-streamed request disconnected."""
 
 
 class _Job:
@@ -115,9 +70,10 @@ class _Job:
             if not self.done:
                 self.req.cancelled = True
 
-    async def result(self, request: Request) -> tuple[Finish, list[TokenEvent]]:
+    async def result(self, request: Request) -> "Result":
         """Wait for the end (non-streaming), cancelling the request if the client disconnects meanwhile."""
         tokens: list[TokenEvent] = []
+        prompt: PromptScores | None = None
         checked = time.monotonic()
         try:
             while True:
@@ -129,20 +85,54 @@ class _Job:
                     checked = time.monotonic()
                     if await request.is_disconnected():
                         log.info("request %s: client disconnected; cancelling", self.req.id)
-                        raise _Gone()
+                        raise Gone()
                 if ev is None:
                     continue
                 if isinstance(ev, TokenEvent):
                     tokens.append(ev)
+                elif isinstance(ev, PromptScores):
+                    prompt = ev
                 elif isinstance(ev, Failure):
                     self.done = True
-                    raise _Failed(ev.status, ev.message)
+                    raise Failed(ev.status, ev.message)
                 else:
                     self.done = True
-                    return ev, tokens
+                    return Result(ev, tokens, prompt)
         finally:
             if not self.done:
                 self.req.cancelled = True
+
+
+@dataclass
+class Result:
+    """One finished sequence: how it ended, its tokens, and the prompt's scores when asked for."""
+
+    finish: Finish
+    tokens: list[TokenEvent]
+    prompt: PromptScores | None = None
+
+    @property
+    def logprob_sum(self) -> float:
+        return sum(t.logprob for t in self.tokens)
+
+
+@dataclass(frozen=True)
+class AdapterChoice:
+    """The adapters of a request: ``names`` (their plain sum), or with ``weights`` a mix of them (the exact
+    weighted sum ``cat``, or one of PEFT's strategies for LoRAX's ``merged_adapters``)."""
+
+    names: tuple[str, ...] = ()
+    weights: tuple[float, ...] | None = None
+    strategy: str = "cat"
+    density: float = 1.0
+    majority_sign: str = "total"
+    seed: int = 0
+
+    @property
+    def label(self) -> str:
+        if self.weights is None:
+            return "+".join(self.names)
+        return f"{self.strategy}(" + ",".join(f"{n}*{w:g}" for n, w in zip(self.names, self.weights)) + ")"
 
 
 class Server:
@@ -151,7 +141,7 @@ class Server:
     def __init__(self, model: Any, *, base_name: str, api_key: str | None = None, allow_runtime: bool = False,
                  adapter_root: str | None = None, max_batch: int = 8, max_adapters: int = 0, max_rank: int = 0,
                  max_queue: int = 64, max_seq_len: int | None = None, default_adapters: tuple[str, ...] = (),
-                 max_body_bytes: int = MAX_BODY_BYTES):
+                 max_body_bytes: int = MAX_BODY_BYTES, max_mixes: int = 8):
         if model.tokenizer is None:
             raise InputError(f"{model.source} has no tokenizer: the server needs one to read prompts")
         if model.merged_adapters:
@@ -168,7 +158,7 @@ class Server:
         self.max_body_bytes = max_body_bytes
         self.metrics = Metrics()
         self.registry = AdapterRegistry(model, max_adapters=max_adapters, max_rank=max_rank, adapter_root=adapter_root,
-                                        default=default_adapters)
+                                        default=default_adapters, max_mixes=max_mixes)
         ctx = model.config.context_length
         self.max_seq_len = min(max_seq_len or ctx, ctx)
         self.engine = Engine(model, self.registry, max_batch=max_batch, max_queue=max_queue,
@@ -178,16 +168,28 @@ class Server:
     # ------------------------------------------------------------------ helpers
     def names_for(self, model: str, adapters: list[str] | None = None) -> tuple[str, ...]:
         """Public adapter names a request's ``model`` (and ``adapters``) select; NotFound for unknown models."""
-        if model not in BASE_ALIASES and model != self.base_name and not self.registry.is_known(model):
+        if not self.is_served(model):
             served = ", ".join([self.base_name, *BASE_ALIASES, *self.registry.names()])
             raise NotFound(f"model `{model}` does not exist (served: {served})")
         if adapters is not None:
             return tuple(dict.fromkeys(adapters))
         if model in BASE_ALIASES:
             return ()
-        if model == self.base_name:
+        if model in (self.base_name, TGI_MODEL):
             return self.registry.default
         return (model,)
+
+    def is_served(self, model: str) -> bool:
+        return model in BASE_ALIASES or model in (self.base_name, TGI_MODEL) or self.registry.is_known(model)
+
+    async def just_in_time(self, adapter_id: str, source: str | None, api_token: str | None = None) -> None:
+        """LoRAX's first-use loading of ``adapter_id`` (when runtime adapters are allowed)."""
+        if self.is_served(adapter_id):
+            return
+        if not self.allow_runtime:
+            raise NotFound(f"adapter `{adapter_id}` is not loaded (start the server with --allow-runtime-adapters "
+                           "to load adapters on first use)")
+        await asyncio.to_thread(self.registry.ensure, adapter_id, adapter_id, source or "hub", api_token)
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, list):
@@ -197,8 +199,9 @@ class Server:
             raise InputError("the prompt is empty (no tokens)")
         return ids
 
-    def params(self, n_prompt: int, max_tokens: int | None, explicit: bool, *, temperature: float, top_p: float,
-               top_k: int, repetition_penalty: float, seed: int | None, stop: tuple[str, ...]) -> SamplingParams:
+    def params(self, n_prompt: int, max_tokens: int | None, explicit: bool, **fields: Any) -> SamplingParams:
+        """Sampling parameters for a prompt of ``n_prompt`` tokens: ``max_tokens`` None means up to the
+        context; an ``explicit`` limit past it is refused, a default one is cut to fit."""
         room = self.max_seq_len - n_prompt
         if room <= 0:
             raise InputError(f"the prompt has {n_prompt} tokens; the context holds {self.max_seq_len} "
@@ -210,7 +213,18 @@ class Server:
                 raise InputError(f"max_tokens {max_tokens} plus the prompt's {n_prompt} tokens exceed the context of "
                                  f"{self.max_seq_len} tokens (at most {room} new tokens for this prompt)")
             max_tokens = room
-        return SamplingParams(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop).validate()
+        vocab = self.model.config.vocab_size
+        for tok, _ in fields.get("logit_bias", ()):
+            if not 0 <= tok < vocab:
+                raise InputError(f"logit_bias names token {tok}, outside the vocabulary of {vocab}")
+        return SamplingParams(max_new_tokens=max_tokens, **fields).validate()
+
+    async def grammar(self, constraint: Constraint | None) -> Grammar | None:
+        """``constraint`` compiled for this model's tokenizer (cached; compiled in a worker thread)."""
+        if constraint is None:
+            return None
+        return await asyncio.to_thread(compile_constraint, self.model.tokenizer, constraint,
+                                       self.model.config.vocab_size)
 
     def begin_shutdown(self, grace: float) -> None:
         """Stop taking work; running requests get ``grace`` seconds to finish (see Engine.drain)."""
@@ -218,179 +232,57 @@ class Server:
 
     async def body(self, request: Request) -> Any:
         """The request's JSON body, refused (413) past ``max_body_bytes`` before it is all read."""
-        return await _json(request, self.max_body_bytes)
+        return await read_json(request, self.max_body_bytes)
 
-    def admit(self) -> None:
+    def admit(self, n: int = 1) -> None:
         """Refuse a generation request before reading it when it could not be queued (503 draining, 429 full):
         under overload, a refusal must cost far less than the work it protects."""
         if self.engine.draining:
             raise Unavailable(f"{SHUTTING_DOWN}; not taking new requests")
-        if self.engine.queued >= self.engine.max_queue:
+        if self.engine.queued + n > self.engine.max_queue:
             raise Busy(f"the request queue is full ({self.engine.max_queue} waiting, --max-queue); retry later")
 
-    async def submit(self, ids: list[int], params: SamplingParams, names: tuple[str, ...]) -> _Job:
-        self.admit()  # again: the queue may have filled while this request was read and tokenized
-        keys = await asyncio.to_thread(self.registry.acquire, names)
+    def _acquire(self, choice: AdapterChoice) -> tuple[str, ...]:
+        if choice.weights is None:
+            return self.registry.acquire(choice.names)
+        return self.registry.acquire_mix(choice.names, choice.weights, choice.strategy, choice.density,
+                                         choice.majority_sign, choice.seed)
+
+    async def submit(self, ids: list[int], params: SamplingParams | list[SamplingParams],
+                     adapters: AdapterChoice | tuple[str, ...], score_prompt: int | None = None) -> list[_Job]:
+        """One engine request per sampling parameters (``n`` sequences of one prompt), each holding its
+        adapters until it ends."""
+        plist = params if isinstance(params, list) else [params]
+        choice = adapters if isinstance(adapters, AdapterChoice) else AdapterChoice(tuple(adapters))
+        self.admit(len(plist))  # again: the queue may have filled while this request was read and tokenized
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        def emit(ev: Any) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
-                loop.call_soon_threadsafe(queue.put_nowait, ev)
-
-        req = GenRequest(ids, params, names, keys, emit)
+        jobs: list[_Job] = []
         try:
-            self.engine.submit(req)
+            for p in plist:
+                keys = await asyncio.to_thread(self._acquire, choice)
+                queue: asyncio.Queue = asyncio.Queue()
+
+                def emit(ev: Any, queue=queue) -> None:
+                    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
+                        loop.call_soon_threadsafe(queue.put_nowait, ev)
+
+                req = GenRequest(ids, p, choice.names, keys, emit, score_prompt=score_prompt,
+                                 mix="" if choice.weights is None else choice.label)
+                try:
+                    self.engine.submit(req)
+                except BaseException:
+                    self.registry.release(keys)
+                    raise
+                jobs.append(_Job(req, queue))
         except BaseException:
-            self.registry.release(keys)
+            for j in jobs:
+                j.abandon()
             raise
-        return _Job(req, queue)
+        return jobs
 
     def require_runtime(self) -> None:
         if not self.allow_runtime:
             raise Forbidden("runtime adapter management is off; start the server with --allow-runtime-adapters")
-
-    # ------------------------------------------------------------------ OpenAI
-    async def completions(self, request: Request) -> Response:
-        self.admit()
-        body = CompletionRequest.parse(await self.body(request))
-        ids = await asyncio.to_thread(self.encode, body.prompt_value())  # a long prompt must not stall the loop
-        return await self._openai(request, body, ids, chat=False)
-
-    async def chat(self, request: Request) -> Response:
-        self.admit()
-        body = ChatRequest.parse(await self.body(request))
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-
-        def encode() -> list[int]:
-            return self.model.encode_chat(messages)
-
-        return await self._openai(request, body, await asyncio.to_thread(encode), chat=True)
-
-    async def _openai(self, request: Request, body, ids: list[int], chat: bool) -> Response:
-        names = self.names_for(body.model, body.adapters)
-        params = self.params(len(ids), body.max_tokens, "max_tokens" in body.model_fields_set
-                             or "max_completion_tokens" in body.model_fields_set,
-                             temperature=1.0 if body.temperature is None else body.temperature,
-                             top_p=body.top_p or 1.0, top_k=body.top_k or 0,
-                             repetition_penalty=body.repetition_penalty or 1.0, seed=body.seed, stop=body.stops)
-        job = await self.submit(ids, params, names)
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": body.model}
-        if body.stream:
-            return StreamingResponse(self._openai_stream(job, head, chat, body.include_usage),
-                                     media_type="text/event-stream")
-        fin, _ = await job.result(request)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": fin.openai_reason, "logprobs": None}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": fin.text}
-        else:
-            choice["text"] = fin.text
-        return JSONResponse({**head, "choices": [choice], "usage": _usage(fin)})
-
-    async def _openai_stream(self, job: _Job, head: dict, chat: bool, include_usage: bool) -> AsyncIterator[str]:
-        head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
-
-        def chunk(text: str | None, reason: str | None = None) -> str:
-            if chat:
-                delta = {} if text is None else {"content": text}
-                c = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
-            else:
-                c = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
-            return _sse({**head, "choices": [c]})
-
-        try:
-            if chat:
-                yield _sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                 "finish_reason": None, "logprobs": None}]})
-            async for ev in job.events():
-                if isinstance(ev, TokenEvent):
-                    if ev.text:
-                        yield chunk(ev.text)
-                elif isinstance(ev, Finish):
-                    yield chunk(None, ev.openai_reason)
-                    if include_usage:
-                        yield _sse({**head, "choices": [], "usage": _usage(ev)})
-                else:
-                    self.metrics.http_errors[ev.status] += 1
-                    yield _sse(error_body(ev.status, ev.message))
-            yield "data: [DONE]\n\n"
-        finally:  # also when the client left while this generator waited at a yield
-            job.abandon()
-
-    async def models(self, request: Request) -> Response:
-        data = [{"id": self.base_name, "object": "model", "created": self.created, "owned_by": "qadapt",
-                 "root": self.model.source, "parent": None}]
-        for a in self.registry.describe():
-            data.append({"id": a["name"], "object": "model", "created": a["loaded_at"], "owned_by": "qadapt",
-                         "root": a["source"], "parent": self.base_name})
-        return JSONResponse({"object": "list", "data": data})
-
-    # ------------------------------------------------------------------ LoRAX
-    async def generate(self, request: Request) -> Response:
-        body, job = await self._lorax_start(request)
-        if body.stream:
-            return StreamingResponse(self._lorax_stream(job, body), media_type="text/event-stream")
-        fin, tokens = await job.result(request)
-        out: dict[str, Any] = {"generated_text": _full(body, fin.text), "details": None}
-        if body.parameters.details:
-            out["details"] = {**_lorax_details(fin, body),
-                              "tokens": [{"id": t.id, "text": t.text, "logprob": t.logprob, "special": t.special}
-                                         for t in tokens]}
-        return JSONResponse(out)
-
-    async def generate_stream(self, request: Request) -> Response:
-        body, job = await self._lorax_start(request, stream=True)
-        return StreamingResponse(self._lorax_stream(job, body), media_type="text/event-stream")
-
-    async def _lorax_start(self, request: Request, stream: bool = False) -> tuple[GenerateRequest, _Job]:
-        self.admit()
-        body = GenerateRequest.parse(await self.body(request))
-        if stream:
-            body.stream = True
-        p = body.parameters
-        names = await self._lorax_adapter(p.adapter_id, p.adapter_source)
-        ids = await asyncio.to_thread(self.encode, body.inputs)
-        params = self.params(len(ids), p.max_new_tokens, True, temperature=p.temperature_value(),
-                             top_p=p.top_p or 1.0, top_k=p.top_k or 0,
-                             repetition_penalty=p.repetition_penalty or 1.0, seed=p.seed, stop=tuple(p.stop))
-        return body, await self.submit(ids, params, names)
-
-    async def _lorax_adapter(self, adapter_id: str | None, source: str | None) -> tuple[str, ...]:
-        """LoRAX's adapter_id: a loaded adapter, the base, or (with runtime adapters) one fetched now."""
-        if not adapter_id:
-            return self.registry.default
-        if adapter_id in BASE_ALIASES or adapter_id == self.base_name or self.registry.is_known(adapter_id):
-            return self.names_for(adapter_id)
-        if not self.allow_runtime:
-            raise NotFound(f"adapter `{adapter_id}` is not loaded (start the server with --allow-runtime-adapters "
-                           "to load adapters on first use)")
-        await asyncio.to_thread(self.registry.ensure, adapter_id, adapter_id, source or "hub")
-        return (adapter_id,)
-
-    async def _lorax_stream(self, job: _Job, body: GenerateRequest) -> AsyncIterator[str]:
-        held: TokenEvent | None = None
-
-        def event(t: TokenEvent, fin: Finish | None = None) -> str:
-            return _sse({"token": {"id": t.id, "text": t.text, "logprob": t.logprob, "special": t.special},
-                         "generated_text": None if fin is None else _full(body, fin.text),
-                         "details": None if fin is None else _lorax_details(fin, body)})
-
-        try:
-            async for ev in job.events():
-                if isinstance(ev, TokenEvent):
-                    if held is not None:
-                        yield event(held)
-                    held = ev
-                elif isinstance(ev, Finish):
-                    if held is not None:
-                        yield event(held, ev)
-                else:
-                    self.metrics.http_errors[ev.status] += 1
-                    yield _sse(error_body(ev.status, ev.message, lorax=True))
-        finally:
-            job.abandon()
 
     # ------------------------------------------------------------------ management
     async def load_adapter(self, request: Request) -> Response:
@@ -413,6 +305,12 @@ class Server:
         return JSONResponse({"adapters": self.registry.describe(), "default": list(self.registry.default),
                              "retired_in_use": self.registry.retired_in_use(),
                              "max_adapters": self.registry.max_adapters, "max_rank": self.registry.max_rank})
+
+    async def lora_ids(self, request: Request) -> Response:
+        """llama.cpp's ``GET /lora-adapters``: the ids a request's ``lora: [{id, scale}]`` names (scale 0: not
+        applied unless a request asks)."""
+        return JSONResponse([{"id": i, "path": a["source"], "name": a["name"], "scale": 0.0}
+                             for i, a in enumerate(self.registry.describe())])
 
     async def activate(self, request: Request) -> Response:
         self.require_runtime()
@@ -444,96 +342,16 @@ class Server:
             ("qadapt_adapter_refs", "gauge", "Adapter references held by queued and running requests.",
              self.registry.in_use()),
         ]
-        rss = _rss_bytes()
+        running, waiting = self.engine.adapter_load()
+        gauge = {"running_lora_adapters": ",".join(running), "waiting_lora_adapters": ",".join(waiting),
+                 "max_lora": str(self.registry.max_adapters or len(self.registry.names()))}
+        labelled = [("vllm:lora_requests_info", "gauge", "Adapters of running and waiting requests (vLLM's "
+                     "gauge, read by adapter-affinity routers); the value is when it was taken.", gauge, time.time()),
+                    ("qadapt_adapter_mixes", "gauge", "Adapter mixes cached.", {}, self.registry.mixes())]
+        rss = rss_bytes()
         if rss is not None:
             extra.append(("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", rss))
-        return PlainTextResponse(self.metrics.render(extra), media_type="text/plain; version=0.0.4")
-
-
-def _usage(fin: Finish) -> dict[str, int]:
-    n = len(fin.token_ids)
-    return {"prompt_tokens": fin.prompt_tokens, "completion_tokens": n, "total_tokens": fin.prompt_tokens + n}
-
-
-def _full(body: GenerateRequest, text: str) -> str:
-    return body.inputs + text if body.parameters.return_full_text else text
-
-
-def _lorax_details(fin: Finish, body: GenerateRequest) -> dict[str, Any]:
-    return {"finish_reason": _LORAX_REASONS[fin.reason], "prompt_tokens": fin.prompt_tokens,
-            "generated_tokens": len(fin.token_ids), "seed": body.parameters.seed}
-
-
-def _rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError, AttributeError):
-        return None  # not Linux
-
-
-async def _json(request: Request, limit: int) -> Any:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:  # refused unread
-        raise TooLarge(f"the request body has {int(declared)} bytes, above the limit of {limit} (--max-body-bytes)")
-    chunks, size = [], 0  # no (or a false) Content-Length: count while reading
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise TooLarge(f"the request body is above the limit of {limit} bytes (--max-body-bytes)")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"malformed JSON in the request body: {e}") from None
-
-
-def _route(server: Server, fn, lorax: bool = False):
-    """Turn exceptions into JSON error bodies with their status; only bugs give 500 (and are logged)."""
-
-    @functools.wraps(fn)
-    async def handler(request: Request) -> Response:
-        try:
-            return await fn(request)
-        except _Gone:  # nobody reads this response
-            return Response(status_code=499)
-        except Exception as e:
-            status = status_of(e)
-            if status == 500:
-                log.exception("%s %s failed", request.method, request.url.path)
-                message = f"internal error ({type(e).__name__}); see the server log"
-            else:
-                message = str(e)
-                log.info("%s %s -> %d: %s", request.method, request.url.path, status, message)
-            server.metrics.http_errors[status] += 1
-            headers = {"Retry-After": "1"} if status in (429, 503) else None
-            return JSONResponse(error_body(status, message, lorax), status_code=status, headers=headers)
-
-    return handler
-
-
-class ApiKeyMiddleware:
-    """``Authorization: Bearer KEY`` or ``x-api-key: KEY`` on every path but ``/health``; 401 otherwise."""
-
-    def __init__(self, app, key: str, metrics: Metrics):
-        self.app, self.key, self.metrics = app, key.encode(), metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] != "/health":
-            headers = dict(scope.get("headers") or [])
-            given = headers.get(b"x-api-key", b"")
-            auth = headers.get(b"authorization", b"")
-            if auth[:7].lower() == b"bearer ":
-                given = auth[7:].strip()
-            if not given or not hmac.compare_digest(given, self.key):
-                self.metrics.http_errors[401] += 1
-                lorax = scope["path"].startswith("/generate")
-                resp = JSONResponse(error_body(401, "missing or wrong API key (send Authorization: Bearer KEY)", lorax),
-                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
-                await resp(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        return PlainTextResponse(self.metrics.render(extra, labelled), media_type="text/plain; version=0.0.4")
 
 
 def create_app(model: Any, *, base_name: str, **options: Any) -> Starlette:
@@ -550,19 +368,25 @@ def create_app(model: Any, *, base_name: str, **options: Any) -> Starlette:
         finally:
             server.engine.stop()
 
-    s = server
+    from .lorax_api import LoraxRoutes
+    from .openai_api import OpenAIRoutes
+
+    s, oa, lx = server, OpenAIRoutes(server), LoraxRoutes(server)
     routes = [
         Route("/health", s.health, methods=["GET"]),
-        Route("/metrics", _route(s, s.metrics_text), methods=["GET"]),
-        Route("/v1/models", _route(s, s.models), methods=["GET"]),
-        Route("/v1/completions", _route(s, s.completions), methods=["POST"]),
-        Route("/v1/chat/completions", _route(s, s.chat), methods=["POST"]),
-        Route("/generate", _route(s, s.generate, lorax=True), methods=["POST"]),
-        Route("/generate_stream", _route(s, s.generate_stream, lorax=True), methods=["POST"]),
-        Route("/v1/load_lora_adapter", _route(s, s.load_adapter), methods=["POST"]),
-        Route("/v1/unload_lora_adapter", _route(s, s.unload_adapter), methods=["POST"]),
-        Route("/v1/lora_adapters", _route(s, s.list_adapters), methods=["GET"]),
-        Route("/activate_adapters", _route(s, s.activate), methods=["POST"]),
+        Route("/metrics", route(s, s.metrics_text), methods=["GET"]),
+        Route("/v1/models", route(s, oa.models), methods=["GET"]),
+        Route("/v1/completions", route(s, oa.completions), methods=["POST"]),
+        Route("/v1/chat/completions", route(s, oa.chat), methods=["POST"]),
+        Route("/", route(s, lx.compat, lorax=True), methods=["POST"]),
+        Route("/generate", route(s, lx.generate, lorax=True), methods=["POST"]),
+        Route("/generate_stream", route(s, lx.generate_stream, lorax=True), methods=["POST"]),
+        Route("/info", route(s, lx.info, lorax=True), methods=["GET"]),
+        Route("/lora-adapters", route(s, s.lora_ids), methods=["GET"]),
+        Route("/v1/load_lora_adapter", route(s, s.load_adapter), methods=["POST"]),
+        Route("/v1/unload_lora_adapter", route(s, s.unload_adapter), methods=["POST"]),
+        Route("/v1/lora_adapters", route(s, s.list_adapters), methods=["GET"]),
+        Route("/activate_adapters", route(s, s.activate), methods=["POST"]),
     ]
 
     async def http_error(request: Request, exc: HTTPException) -> Response:

@@ -17,10 +17,12 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..adapters.mix import MixSpec, mix
 from ..errors import InputError, QadaptError
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ class Known:
     key: str | None
     rank: int
     trusted: bool = False  # given at start: reloaded from its folder without the adapter-root check
+    token: str | None = field(default=None, repr=False)  # the Hub token it was fetched with (kept in memory)
     last_used: float = field(default_factory=time.monotonic)
     loaded_at: float = field(default_factory=time.time)
 
@@ -62,8 +65,11 @@ class AdapterRegistry:
     """Thread-safe: the event loop resolves and acquires, the engine thread releases, loads run in workers."""
 
     def __init__(self, model: Any, *, max_adapters: int = 0, max_rank: int = 0, adapter_root: str | None = None,
-                 default: tuple[str, ...] = ()):
+                 default: tuple[str, ...] = (), max_mixes: int = 8):
         self.model = model
+        self.max_mixes = max_mixes
+        self._mixes: OrderedDict[MixSpec, str] = OrderedDict()  # recent last
+        self.mixes_built = 0
         self.max_adapters = max_adapters
         self.max_rank = max_rank
         self.adapter_root = Path(adapter_root).resolve() if adapter_root else None
@@ -130,7 +136,61 @@ class AdapterRegistry:
                     return keys  # type: ignore[return-value]
                 k = self._known[evicted[0]]
             log.info("adapter %s was evicted; loading it again from %s", k.name, k.source)
-            self.load(k.name, k.source, k.adapter_source, replace=True, _reload=True, _trusted=k.trusted)
+            self.load(k.name, k.source, k.adapter_source, replace=True, _reload=True, _trusted=k.trusted,
+                      token=k.token)
+
+    def acquire_mix(self, names: tuple[str, ...], weights: tuple[float, ...], strategy: str = "linear",
+                    density: float = 1.0, majority_sign: str = "total", seed: int = 0) -> tuple[str, ...]:
+        """The key of the mix of ``names`` (see :mod:`qadapt.adapters.mix`), held like :meth:`acquire`'s.
+        A mix is built once per (adapter versions, weights, strategy, ...) and cached; past ``max_mixes`` the
+        least recently used idle one is dropped."""
+        if len(set(names)) != len(names):
+            raise InputError("an adapter appears twice in the mix")
+        keys = self.acquire(names)  # loads evicted parts; held while the mix is built
+        try:
+            spec = MixSpec(keys, tuple(float(w) for w in weights), strategy, float(density), majority_sign,
+                           int(seed) if strategy.startswith("dare") else 0).check()
+            with self._lock:
+                key = self._mixes.get(spec)
+                if key is not None:
+                    self._mixes.move_to_end(spec)
+                    self._refs[key] = self._refs.get(key, 0) + 1
+                    return (key,)
+            with self._load_lock:
+                with self._lock:
+                    key = self._mixes.get(spec)
+                    if key is not None:  # built meanwhile
+                        self._refs[key] = self._refs.get(key, 0) + 1
+                        return (key,)
+                    self._version += 1
+                    key = f"mix@{self._version}"
+                built = mix(key, [self.model.adapters[k] for k in keys], spec, self.model.targetable_layers())
+                self._check_rank("mix of " + "+".join(names), max((f.A.shape[0] for f in built.factors.values()),
+                                                                   default=0))
+                self.model.add_adapter(built)
+                with self._lock:
+                    self._mixes[spec] = key
+                    self._refs[key] = self._refs.get(key, 0) + 1
+                    self.mixes_built += 1
+                    self._trim_mixes()
+                log.info("built adapter mix %s: %s (%s)", key, ", ".join(f"{n}*{w:g}" for n, w in zip(names, weights)),
+                         spec.effective)
+                return (key,)
+        finally:
+            self.release(keys)
+
+    def _trim_mixes(self) -> None:
+        """Drop least recently used idle mixes past ``max_mixes`` (lock held)."""
+        for spec, key in list(self._mixes.items()):
+            if len(self._mixes) <= self.max_mixes:
+                return
+            if not self._refs.get(key):
+                del self._mixes[spec]
+                self._drop(key)
+
+    def mixes(self) -> int:
+        with self._lock:
+            return len(self._mixes)
 
     def release(self, keys: tuple[str, ...]) -> None:
         with self._lock:
@@ -140,10 +200,11 @@ class AdapterRegistry:
                     del self._refs[k]
                     if k in self._retired:
                         self._drop(k)
+            self._trim_mixes()
 
     # ------------------------------------------------------------------ management
     def load(self, name: str, source: str, adapter_source: str | None = None, *, replace: bool = False,
-             _reload: bool = False, _trusted: bool = False) -> Known:
+             _reload: bool = False, _trusted: bool = False, token: str | None = None) -> Known:
         """Fetch and load an adapter under ``name`` (blocking: call from a worker thread)."""
         check_name(name)
         with self._load_lock:
@@ -154,7 +215,7 @@ class AdapterRegistry:
                 if cur is not None and cur.key is not None and not replace:
                     raise InputError(f"an adapter named `{name}` is already loaded; unload it first "
                                      "(or pass load_inplace: true to replace it)")
-            folder = Path(source) if _trusted else self.fetch(source, adapter_source)
+            folder = Path(source) if _trusted else self.fetch(source, adapter_source, token)
             rank = adapter_rank(folder)
             self._check_rank(name, rank)
             with self._lock:
@@ -164,7 +225,7 @@ class AdapterRegistry:
             self.model.load_adapter(key, str(folder), "local")
             with self._lock:
                 old = self._known.get(name)
-                entry = Known(name, source, adapter_source, key, rank, trusted=_trusted)
+                entry = Known(name, source, adapter_source, key, rank, trusted=_trusted, token=token)
                 self._known[name] = entry
                 if old is not None and old.key is not None:
                     self._retire(old.key)
@@ -172,9 +233,9 @@ class AdapterRegistry:
             log.info("adapter %s loaded from %s as %s (rank %d)", name, source, key, rank)
             return entry
 
-    def ensure(self, name: str, source: str, adapter_source: str | None = None) -> Known:
+    def ensure(self, name: str, source: str, adapter_source: str | None = None, token: str | None = None) -> Known:
         """``name`` resident, loading it from ``source`` unless it already is (LoRAX's just-in-time loading)."""
-        return self.load(name, source, adapter_source, replace=True, _reload=True)
+        return self.load(name, source, adapter_source, replace=True, _reload=True, token=token)
 
     def unload(self, name: str) -> None:
         with self._lock:
@@ -189,14 +250,14 @@ class AdapterRegistry:
         with self._lock:
             self.default = self._checked_default(names)
 
-    def fetch(self, source: str, adapter_source: str | None) -> Path:
+    def fetch(self, source: str, adapter_source: str | None, token: str | None = None) -> Path:
         """A local folder for an adapter source; local paths must stay inside the adapter root."""
         from ..adapters.sources import resolve_adapter
 
         kind = adapter_source or guess_source(source, self.adapter_root)
         if kind == "local":
             return self.confine(source)
-        return resolve_adapter(source, kind)
+        return resolve_adapter(source, kind, token=token)
 
     def confine(self, path: str) -> Path:
         """``path`` (relative to the adapter root, or absolute) resolved, refused if it leaves the root."""

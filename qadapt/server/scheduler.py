@@ -16,6 +16,7 @@ Failure, never in silence.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import logging
 import threading
@@ -27,7 +28,8 @@ import torch
 
 from ..errors import QadaptError
 from ..runtime.batch import BatchStepper
-from ..runtime.generate import SamplingParams, TextStream, sample_next
+from ..runtime.generate import TextStream
+from ..runtime.sampling import Sampler, SamplingParams
 from ..tokenizer import IdsOnly
 from .registry import AdapterRegistry, Busy, Unavailable
 
@@ -39,21 +41,35 @@ SHUTTING_DOWN = "the server is shutting down"
 # ---------------------------------------------------------------------- events
 @dataclass(frozen=True)
 class TokenEvent:
-    """One generated token and the text it releases (held back while it could start a stop string)."""
+    """One generated token, the text it releases (held back while it could start a stop string that is cut),
+    the model's log-probability of it and, when asked, the most likely tokens at its position."""
 
     id: int
     text: str
     logprob: float
-    special: bool = False  # the end-of-sequence token (no text, not counted)
+    special: bool = False  # an end-of-generation token
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class PromptScores:
+    """The prompt's own log-probabilities (TGI's ``decoder_input_details``, OpenAI's ``echo`` with
+    ``logprobs``), sent before the first token: none for the first id; ``top``: the most likely at each."""
+
+    ids: list[int]
+    logprobs: list[float | None]
+    top: list[list[tuple[int, float]]]
 
 
 @dataclass(frozen=True)
 class Finish:
     reason: str  # "length" | "eos" | "stop_sequence" | "cancelled"
     text: str
-    token_ids: list[int]
+    token_ids: list[int]  # the tokens whose text is ``text``
     prompt_tokens: int
     seconds: float
+    generated: int = 0  # tokens sampled, an end-of-generation token included
+    seed: int | None = None  # the sampling seed (drawn when the request gave none); None when greedy
 
     @property
     def openai_reason(self) -> str:
@@ -73,6 +89,8 @@ class GenRequest:
     names: tuple[str, ...]  # public adapter names (for logs and metrics)
     keys: tuple[str, ...]  # the model's adapter keys, held on the registry until the request ends
     emit: Callable[[Any], None]
+    score_prompt: int | None = None  # score the prompt, with this many alternatives per position
+    mix: str = ""  # the mix's description, when ``names`` are mixed
     held: bool = True  # whether ``keys`` are still held on the registry
     id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     created: float = field(default_factory=time.monotonic)
@@ -80,7 +98,7 @@ class GenRequest:
 
     @property
     def label(self) -> str:
-        return "+".join(self.names) or "base"
+        return self.mix or "+".join(self.names) or "base"
 
 
 @dataclass
@@ -89,8 +107,7 @@ class _Row:
     slot: int
     pos: int  # where ``last`` is fed next
     last: int = -1
-    history: list[int] = field(default_factory=list)
-    gen: torch.Generator | None = None
+    sampler: Sampler | None = None  # seed, penalties, grammar
     stream: TextStream | None = None  # the text, stop strings and end of generation
 
 
@@ -127,8 +144,10 @@ class Metrics:
         while self._recent and self._recent[0][0] < now - self.WINDOW:
             self._recent.popleft()
 
-    def render(self, extra: list[tuple[str, str, str, float]] = ()) -> str:
-        """The text exposition format; ``extra``: (name, type, help, value) of samples kept elsewhere."""
+    def render(self, extra: list[tuple[str, str, str, float]] = (),
+               labelled: list[tuple[str, str, str, dict[str, str], float]] = ()) -> str:
+        """The text exposition format; ``extra``: (name, type, help, value) of samples kept elsewhere;
+        ``labelled``: the same with one labelled sample each."""
         out: list[str] = []
 
         def metric(name, kind, help_, samples):
@@ -156,6 +175,8 @@ class Metrics:
                [({}, round(tps, 3))])
         for name, kind, help_, value in extra:
             metric(name, kind, help_, [({}, value)])
+        for name, kind, help_, labels, value in labelled:
+            metric(name, kind, help_, [(labels, value)])
         return "\n".join(out) + "\n"
 
 
@@ -173,6 +194,7 @@ class Engine:
         self.max_seq_len = max_seq_len
         self.metrics = metrics or Metrics()
         self.tokenizer = model.tokenizer or IdsOnly(model.config.eos_token_ids)
+        self._eos = frozenset(self.tokenizer.eos_ids)
         self.stepper = BatchStepper(self._forward, model.new_cache(max_seq_len, max_batch))
         self._rows: list[_Row | None] = [None] * max_batch
         self._pending: collections.deque[GenRequest] = collections.deque()
@@ -224,6 +246,13 @@ class Engine:
     @property
     def running(self) -> int:
         return sum(r is not None for r in self._rows)
+
+    def adapter_load(self) -> tuple[list[str], list[str]]:
+        """Public names of the adapters running rows and waiting requests use (vLLM's lora_requests_info)."""
+        with self._cv:
+            waiting = {n for r in self._pending for n in r.names}
+        running = {n for r in list(self._rows) if r is not None for n in r.req.names}
+        return sorted(running), sorted(waiting)
 
     @property
     def alive(self) -> bool:
@@ -305,33 +334,43 @@ class Engine:
         n = len(req.prompt_ids)
         if not n or n >= self.max_seq_len:
             raise QadaptError(f"prompt of {n} tokens does not fit the context of {self.max_seq_len}")
-        row = _Row(req, slot, pos=n, history=list(req.prompt_ids))
-        if req.params.seed is not None:
-            row.gen = torch.Generator().manual_seed(req.params.seed)
+        row = _Row(req, slot, pos=n)
+        row.sampler = Sampler(req.params, req.prompt_ids, self.tokenizer.eos_ids)
         row.stream = TextStream(self.tokenizer, req.prompt_ids, req.params)
         self._rows[slot] = row
         self.metrics.prefills += 1
         self.metrics.prompt_tokens += n
+        logits = None
+        if req.score_prompt is not None:
+            logits, (lp, tv, ti) = self.stepper.prefill_scored(slot, req.prompt_ids, req.keys, req.score_prompt,
+                                                               self.model.score_step)
+            top = [list(zip(i.tolist(), v.tolist())) for v, i in zip(tv, ti)]
+            req.emit(PromptScores(list(req.prompt_ids), [None, *lp.tolist()], [[], *top]))
         if req.params.max_new_tokens == 0:
             self._finish(row, "length")
             return row, None
-        return row, self.stepper.prefill(slot, req.prompt_ids, req.keys)
+        if logits is None:
+            logits = self.stepper.prefill(slot, req.prompt_ids, req.keys)
+        return row, logits
 
     def _advance(self, row: _Row, logits: torch.Tensor) -> None:
         """Sample the row's next token, emit it with its released text, finish the row when it is done."""
-        p = row.req.params
-        tok = sample_next(logits, p, row.history, row.gen)
-        logprob = float(torch.log_softmax(logits.float(), -1)[tok])
-        row.history.append(tok)
+        choice = row.sampler.next(logits)
+        tok = choice.token
         self.metrics.generated_tokens += 1
         text = row.stream.push(tok)
+        event = functools.partial(TokenEvent, tok, logprob=choice.logprob, special=tok in self._eos,
+                                  top=tuple(choice.top))
         if row.stream.reason is not None:  # the end-of-generation token, or a stop string
-            row.req.emit(TokenEvent(tok, text, logprob, special=row.stream.reason == "eos"))
+            row.req.emit(event(text))
             return self._finish(row, row.stream.reason)
-        if len(row.stream.tokens) >= p.max_new_tokens or row.pos >= self.max_seq_len:
-            row.req.emit(TokenEvent(tok, text + row.stream.close(), logprob))
+        if row.sampler.grammar_done:  # the grammar is complete: nothing but the end can follow
+            row.req.emit(event(text + row.stream.close("eos")))
+            return self._finish(row, "eos")
+        if row.stream.generated >= row.req.params.max_new_tokens or row.pos >= self.max_seq_len:
+            row.req.emit(event(text + row.stream.close()))
             return self._finish(row, "length")
-        row.req.emit(TokenEvent(tok, text, logprob))
+        row.req.emit(event(text))
         row.last = tok
 
     # ------------------------------------------------------------ endings
@@ -344,7 +383,8 @@ class Engine:
             self.metrics.requests[(req.label, reason)] += 1
         log.info("request %s adapter=%s prompt_tokens=%d completion_tokens=%d time=%.3fs finish=%s", req.id,
                  req.label, len(req.prompt_ids), len(row.stream.tokens), secs, reason)
-        req.emit(Finish(reason, row.stream.text, list(row.stream.tokens), len(req.prompt_ids), secs))
+        req.emit(Finish(reason, row.stream.text, list(row.stream.tokens), len(req.prompt_ids), secs,
+                        row.stream.generated, row.sampler.seed))
 
     def _fail(self, req: GenRequest, status: int, message: str, slot: int | None = None) -> None:
         if slot is not None and self._rows[slot] is not None and self._rows[slot].req is req:

@@ -61,6 +61,15 @@ class Tokenizer:
         """``bos_token``, ``eos_token``, ... texts, as chat templates see them."""
         raise NotImplementedError
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes token ``token`` stands for (special tokens as their text): what logprobs report and
+        what a grammar matches against."""
+        raise NotImplementedError
+
+    def is_special(self, token: int) -> bool:
+        """Whether ``token`` is a control token (BOS, EOS, chat markers), which plain text never holds."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ chat
     def render_chat(self, messages: Sequence[Message], template: str | None = None, *,
                     add_generation_prompt: bool = True, **kwargs: Any) -> str:
@@ -98,6 +107,10 @@ class StreamDecoder:
     def push(self, token_id: int) -> str:
         return self._impl.push(token_id)
 
+    def flush(self) -> str:
+        flush = getattr(self._impl, "flush", None)
+        return flush() if flush else ""
+
 
 # ---------------------------------------------------------------------- GGUF
 class _PieceStream:
@@ -109,6 +122,10 @@ class _PieceStream:
 
     def push(self, token_id: int) -> str:
         return self._utf8.decode(self._piece(token_id, False))
+
+    def flush(self) -> str:
+        """The held tail at the end (half a character decodes as U+FFFD, as ``decode`` gives it)."""
+        return self._utf8.decode(b"", final=True)
 
 
 class GGUFTokenizer(Tokenizer):
@@ -145,6 +162,14 @@ class GGUFTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return len(self.llama.vocab)
 
+    def token_bytes(self, token: int) -> bytes:
+        return self.llama.piece(token, True)
+
+    def is_special(self, token: int) -> bool:
+        from .vocab import CONTROL
+
+        return bool(self.llama.vocab.attrs[token] & CONTROL)
+
     @property
     def special_tokens(self) -> dict[str, str]:
         v = self.llama.vocab
@@ -174,6 +199,13 @@ class _WindowStream:
             self.ids, self.prefix, self.read = self.ids[drop:], 5, self.read - drop
         return text[len(prefix_text):]
 
+    def flush(self) -> str:
+        """The held tail at the end (half a character decodes as U+FFFD, as ``decode`` gives it)."""
+        prefix_text = self.hf.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        text = self.hf.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        self.prefix = self.read = len(self.ids)
+        return text[len(prefix_text):] if len(text) > len(prefix_text) else ""
+
 
 class HFTokenizer(Tokenizer):
     """A transformers tokenizer (``AutoTokenizer``): its own BOS/EOS rules, added tokens and chat template."""
@@ -184,6 +216,8 @@ class HFTokenizer(Tokenizer):
         self.add_bos = bool(self.bos_id is not None and hf("", add_special_tokens=True)["input_ids"][:1] == [self.bos_id])
         self.eos_ids = tuple(dict.fromkeys(int(e) for e in eos_ids))
         self.chat_template = hf.chat_template if isinstance(getattr(hf, "chat_template", None), str) else None
+        self._bytes: list[bytes] | None = None
+        self._special: frozenset[int] | None = None
 
     @classmethod
     def from_folder(cls, folder: str | Path, bos_id: int | None = None, eos_ids: Iterable[int] = ()) -> "HFTokenizer":
@@ -227,6 +261,17 @@ class HFTokenizer(Tokenizer):
     def special_tokens(self) -> dict[str, str]:
         return dict(self.hf.special_tokens_map)
 
+    def token_bytes(self, token: int) -> bytes:
+        if self._bytes is None:
+            self._bytes = _hf_token_bytes(self.hf)
+        return self._bytes[token] if 0 <= token < len(self._bytes) else b""
+
+    def is_special(self, token: int) -> bool:
+        if self._special is None:
+            self._special = frozenset(self.hf.all_special_ids) | frozenset(
+                i for i, t in self.hf.added_tokens_decoder.items() if t.special)
+        return token in self._special
+
     def render_chat(self, messages: Sequence[Message], template: str | None = None, *,
                     add_generation_prompt: bool = True, **kwargs: Any) -> str:
         if not (template or self.chat_template):
@@ -240,3 +285,27 @@ class HFTokenizer(Tokenizer):
 
             raise InputError(f"the chat template of {self.where} failed on these messages: "
                              f"{type(e).__name__}: {e}") from None
+
+
+def _hf_token_bytes(hf: Any) -> list[bytes]:
+    """Each token's bytes from a transformers tokenizer: byte-level BPE through GPT-2's byte alphabet,
+    SentencePiece-style vocabularies through ``▁`` and ``<0xXX>``; added tokens as their text."""
+    from .llama import CHAR_TO_BYTE
+
+    byte_level = False
+    backend = getattr(hf, "backend_tokenizer", None)
+    if backend is not None:
+        decoder = json.loads(backend.to_str()).get("decoder") or {}
+        byte_level = '"ByteLevel"' in json.dumps(decoder)
+    added = {i: t.content for i, t in hf.added_tokens_decoder.items()}
+    out = []
+    for i, t in enumerate(hf.convert_ids_to_tokens(list(range(len(hf))))):
+        if i in added or t is None:
+            out.append((added.get(i) or "").encode("utf-8"))
+        elif byte_level:
+            out.append(bytes(CHAR_TO_BYTE[c] for c in t) if all(c in CHAR_TO_BYTE for c in t) else t.encode("utf-8"))
+        elif len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+            out.append(bytes([int(t[3:5], 16)]))
+        else:
+            out.append(t.replace("\u2581", " ").encode("utf-8"))
+    return out

@@ -60,12 +60,14 @@ class LlamaTokenizer:
         self._pieces = [self._piece(i) for i in range(len(v))]
 
     # ------------------------------------------------------------------ encode
-    def encode(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+    def encode(self, text: str, add_special: bool = True, parse_special: bool = False,
+               space_prefix: bool = True) -> list[int]:
+        """``space_prefix=False``: text that continues a sequence (no SentencePiece space at its start)."""
         v = self.vocab
         out: list[int] = []
         if add_special and v.add_bos:
             out.append(v.ids["bos"])
-        prev_special = True  # SentencePiece adds its leading space at the start and after each special token
+        prev_special = space_prefix  # SentencePiece adds its leading space at the start and after each special token
         for frag in self._partition(clean_text(text), parse_special):
             if isinstance(frag, int):
                 out.append(frag)
