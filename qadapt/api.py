@@ -5,6 +5,7 @@ Everything the CLI and the server do goes through here.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -69,18 +70,47 @@ class Model:
         return self.layer_map.architecture
 
     # ------------------------------------------------------------------ forward
-    def _context(self, active: tuple[str, ...] | None = None,
-                 rows: tuple[tuple[str, ...], ...] | None = None) -> Any:
+    def _context(self, active: tuple[str, ...] | None = None, rows: tuple[tuple[str, ...], ...] | None = None,
+                 alora: tuple[dict[str, int | None] | None, ...] | None = None,
+                 ids: torch.Tensor | None = None) -> Any:
         """Per-forward adapter context (None: base model only): ``active`` for every row, or ``rows``' own
-        adapter names per batch row. Merged adapters are in the weights already and never applied again."""
+        adapter names per batch row. Merged adapters are in the weights already and never applied again.
+        aLoRA adapters start at ``alora``'s positions per row (their invocation in the prompt), else where
+        their invocation occurs in ``ids`` (a whole-sequence forward, PEFT's rule)."""
         from .adapters.lora import AdapterContext
 
         if rows is not None and any(r != rows[0] for r in rows):
-            return AdapterContext(rows=tuple(tuple(n for n in r if n not in self._merged) for r in rows))
+            per_row = tuple(tuple(n for n in r if n not in self._merged) for r in rows)
+            return AdapterContext(rows=per_row, alora=self._alora_starts(per_row, alora, ids))
         if rows is not None:
             active = rows[0]
         names = tuple(n for n in (self._active if active is None else active) if n not in self._merged)
-        return AdapterContext(active=names) if names else None
+        if not names:
+            return None
+        batch = ids.shape[0] if ids is not None else len(alora) if alora is not None else 1
+        return AdapterContext(active=names, alora=self._alora_starts((names,) * batch, alora, ids))
+
+    def _alora_starts(self, rows, given, ids) -> dict[str, torch.Tensor]:
+        never = torch.iinfo(torch.long).max
+        out: dict[str, torch.Tensor] = {}
+        for name in dict.fromkeys(n for r in rows for n in r):
+            a = self.adapters.get(name)
+            if a is None or a.alora is None:
+                continue
+            starts = []
+            for i, r in enumerate(rows):
+                if given is not None and given[i] is not None and name in given[i]:
+                    s = given[i][name]
+                else:
+                    s = a.alora_start(ids[i].tolist()) if ids is not None and name in r else None
+                starts.append(never if s is None else s)
+            out[name] = torch.tensor(starts, dtype=torch.long)
+        return out
+
+    def alora_starts(self, names: tuple[str, ...], prompt_ids: list[int]) -> dict[str, int | None]:
+        """Where each aLoRA adapter among ``names`` starts in a prompt (for :meth:`step`'s ``alora``)."""
+        return {n: self.adapters[n].alora_start(prompt_ids) for n in names
+                if n in self.adapters and self.adapters[n].alora is not None}
 
     # ------------------------------------------------------------------ adapters
     @property
@@ -149,11 +179,12 @@ class Model:
     def add_adapter(self, adapter: "LoraAdapter") -> None:
         """Attach a built adapter (:func:`qadapt.adapters.loading.build_adapter`, a mix from
         :func:`qadapt.adapters.mix.mix`) under its name; inactive."""
+        from .adapters.attach import attach
+
         if adapter.name in self.adapters:
             raise InputError(f"an adapter named `{adapter.name}` is already loaded; unload it first")
         with self.lock:
-            for path, f in adapter.factors.items():
-                self._wrapper(path).add(adapter.name, f)
+            attach(self, adapter)
             self.adapters[adapter.name] = adapter
         native.trim_heap()
 
@@ -167,6 +198,8 @@ class Model:
         with self.lock:
             for w in self._wrappers():
                 w.remove(name)
+            if hasattr(self.decoder.embed, "parts"):
+                self.decoder.embed.remove(name)
             del self.adapters[name]
             self._active = tuple(n for n in self._active if n != name)
 
@@ -210,7 +243,7 @@ class Model:
         ids = self._check_ids(input_ids)
         if self._xlora is not None:  # scaling pass + classifier, then the real pass
             return self.decoder(ids, ctx=self._xlora.context(self.decoder, ids)).logits
-        return self.decoder(ids, ctx=self._context()).logits
+        return self.decoder(ids, ctx=self._context(ids=ids)).logits
 
     def xlora_scalings(self) -> torch.Tensor | None:
         """The last X-LoRA scalings, float32 [batch, seq, n_layers or 1, n_adapters] (after softmax, before
@@ -240,11 +273,14 @@ class Model:
 
     @torch.inference_mode()
     def step(self, ids: torch.Tensor, positions: torch.Tensor, cache: Any,
-             rows: tuple[tuple[str, ...], ...] | None = None) -> torch.Tensor:
+             rows: tuple[tuple[str, ...], ...] | None = None,
+             alora: tuple[dict[str, int | None] | None, ...] | None = None) -> torch.Tensor:
         """The one forward every generation runs: ``ids`` [B, T] at ``positions`` [B, T] into ``cache``; the
         last position's logits [B, V]. ``rows``: each batch row's adapter names (the server's mixed batches;
-        None: the active adapters). Merged adapters are not applied twice; X-LoRA runs its scaling pass and
-        classifier. Holds :attr:`lock`, so adapter changes wait for the step to end."""
+        None: the active adapters). ``alora``: per row, where its aLoRA adapters start (:meth:`alora_starts` of
+        its prompt; without it, where their invocation occurs in ``ids``). Merged adapters are not applied
+        twice; X-LoRA runs its scaling pass and classifier. Holds :attr:`lock`, so adapter changes wait for
+        the step to end."""
         with self.lock:
             if self._xlora is not None:
                 if rows is not None and any(r != self._xlora.order for r in rows):
@@ -253,12 +289,13 @@ class Model:
                     raise unsupported_with_xlora("choosing adapters per row")
                 ctx = self._xlora.context(self.decoder, ids, positions, cache)
                 return self.decoder(ids, positions, cache.real, ctx=ctx, last_only=True).logits[:, -1]
-            ctx = self._context(rows=rows)
+            ctx = self._context(rows=rows, alora=alora, ids=ids)
             return self.decoder(ids, positions, cache, ctx=ctx, last_only=True).logits[:, -1]
 
     @torch.inference_mode()
     def score_step(self, ids: torch.Tensor, positions: torch.Tensor, cache: Any,
-                   rows: tuple[tuple[str, ...], ...] | None = None, top: int = 0):
+                   rows: tuple[tuple[str, ...], ...] | None = None, top: int = 0,
+                   alora: tuple[dict[str, int | None] | None, ...] | None = None):
         """:meth:`step` that also scores its input (a prompt's log-probabilities): the last logits [B, V] and
         (logprob of each next input token [B, T-1], the ``top`` most likely log-probabilities and ids
         [B, T-1, top]). Not with X-LoRA."""
@@ -267,7 +304,8 @@ class Model:
                 from .adapters.xlora import unsupported_with_xlora
 
                 raise unsupported_with_xlora("scoring a prompt")
-            out = self.decoder(ids, positions, cache, ctx=self._context(rows=rows), last_only=True, score=top)
+            ctx = self._context(rows=rows, alora=alora, ids=ids)
+            out = self.decoder(ids, positions, cache, ctx=ctx, last_only=True, score=top)
             return out.logits[:, -1], out.scores
 
     # ------------------------------------------------------------------ text
@@ -342,7 +380,11 @@ class Model:
                                 typical_p=typical_p, frequency_penalty=frequency_penalty,
                                 presence_penalty=presence_penalty, logit_bias=tuple((logit_bias or {}).items()),
                                 ignore_eos=ignore_eos, grammar=self._grammar(json_schema, regex, grammar))
-        return run_generation(self.step, self.new_cache, ids, params, tok, self.config.context_length, stream)
+        step = self.step
+        starts = self.alora_starts(self._active, ids)
+        if starts:  # aLoRA: from the invocation in the prompt on, through every generated token
+            step = functools.partial(self.step, alora=(starts,))
+        return run_generation(step, self.new_cache, ids, params, tok, self.config.context_length, stream)
 
     def _grammar(self, json_schema, regex, grammar):
         from .runtime.constrain import Constraint, compile_constraint

@@ -34,6 +34,8 @@ class CheckReport:
     base_format: str = "full"
     problems: list[Item] = field(default_factory=list)
     warnings: list[Item] = field(default_factory=list)
+    #: per adapter, what qadapt will apply (see :func:`adapter_summary`)
+    adapters: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def valid(self) -> bool:
@@ -50,6 +52,7 @@ class CheckReport:
             "valid": self.valid, "ordering": self.ordering, "architecture": self.architecture,
             "quant": self.quant, "base_format": self.base_format,
             "problems": [asdict(i) for i in self.problems], "warnings": [asdict(i) for i in self.warnings],
+            "adapters": self.adapters,
         }
 
     def lines(self) -> list[str]:
@@ -59,10 +62,47 @@ class CheckReport:
             for kind, items in (("error", self.problems), ("warning", self.warnings))
             for i in items
         ]
+        for name, a in self.adapters.items():
+            out.append(f"adapter {name}: " + "; ".join(f"{k.replace('_', ' ')}: {_brief(v)}" for k, v in a.items()))
         base = f"{self.architecture or 'unknown architecture'}, {self.quant or self.base_format}"
         verdict = "valid" if self.valid else f"{len(self.problems)} problem(s)"
         out.append(f"{self.ordering} ({base}): {verdict}, {len(self.warnings)} warning(s)")
         return out
+
+
+def _brief(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return ", ".join(map(str, v[:4])) + (f" (+{len(v) - 4})" if len(v) > 4 else "") if v else "none"
+    return str(v)
+
+
+def adapter_summary(cfg, shapes: dict[str, dict[str, tuple]], lm, n_layers: int) -> tuple[dict[str, Any], list[str]]:
+    """What an adapter carries and what will be applied on a base (as :func:`qadapt.adapters.loading.build_adapter`
+    decides it, from the config and the file's tensor names), and what PEFT would refuse."""
+    from .adapters.loading import plan_adapter
+
+    plan = plan_adapter(cfg, lm, n_layers)
+    lora = {m for m, sh in shapes.items() if "A" in sh}
+    applied = sorted(lora & plan.targets)
+    emb = lm.embedding_path
+    out: dict[str, Any] = {"lora_modules": len(applied),
+                           "not_applied": sorted(m for m in lora if m not in plan.targets and m != emb)}
+    if cfg.use_dora:
+        out["dora_modules"] = sum(1 for m in applied if "magnitude" in shapes[m])
+    if cfg.lora_bias:
+        out["lora_bias_modules"] = sum(1 for m in applied if "B_bias" in shapes[m])
+    saved = sorted(m for m, sh in shapes.items() if ("weight" in sh or "bias" in sh)
+                   and (m in plan.saved or m in plan.targets or (m == emb and plan.embedding_lora)
+                        or ("bias" in sh and cfg.bias != "none")))
+    if saved:
+        out["saved_modules"] = saved
+    if plan.embedding_lora and emb in shapes and "emb_A" in shapes[emb]:
+        out["embedding_lora"] = emb
+    if plan.token_ids is not None:
+        out["trainable_tokens"] = len(plan.token_ids)
+    if cfg.alora_invocation_tokens is not None:
+        out["alora_invocation_tokens"] = list(cfg.alora_invocation_tokens)
+    return out, plan.problems
 
 
 def check_ordering(
@@ -338,9 +378,22 @@ def _check_adapter(name: str, folder: Path | None, ordering: Ordering, info: Mod
 def _check_adapter_modules(name, cfg, shapes, ordering, info: ModelInfo, report: CheckReport) -> None:
     where, who = f"adapter {name}", f"adapter `{name}`: "
     lm, config = info.layer_map, info.config
+    n_layers = info.num_hidden_layers
+    planned = None
+    if n_layers is not None:
+        summary, refused = adapter_summary(cfg, shapes, lm, n_layers)
+        report.adapters[name] = summary
+        for msg in refused:
+            report.problem("adapter-targets", who + msg, where)
+        for module in summary["not_applied"]:
+            report.warn("adapter-untargeted", f"{who}`{module}` has LoRA weights that adapter_config.json does not "
+                        "target: PEFT leaves them out, and so does qadapt", where)
+        planned = set(lm_targets(cfg, lm, n_layers))
     fitting = 0
     for module, sh in shapes.items():
-        if set(sh) != {"A", "B"}:
+        if not {"A", "B"} & set(sh) or (planned is not None and module not in planned):
+            continue
+        if not {"A", "B"} <= set(sh):
             have, lack = ("A", "B") if "A" in sh else ("B", "A")
             report.problem("adapter-incomplete", f"{who}`{module}` has lora_{have} but no lora_{lack}", where)
             continue
@@ -367,7 +420,9 @@ def _check_adapter_modules(name, cfg, shapes, ordering, info: ModelInfo, report:
                     f"{want_in} -> {want_out} (expects A ({ra}, {want_in}), B ({want_out}, {ra}))",
                     where,
                 )
-    if not fitting:
+    summary = report.adapters.get(name, {})
+    if not fitting and not summary.get("saved_modules") and not summary.get("embedding_lora") \
+            and not summary.get("trainable_tokens"):
         report.problem(
             "adapter-targets-nothing",
             f"{who}targets no layer of this {lm.architecture} base (its modules: "
@@ -375,9 +430,12 @@ def _check_adapter_modules(name, cfg, shapes, ordering, info: ModelInfo, report:
             where,
         )
         return
-    if info.num_hidden_layers is not None:
-        wanted = [m.path for m in lm.enumerate_modules(info.num_hidden_layers) if cfg.matches(m.path, lm)]
-        absent = [p for p in wanted if p not in shapes]
+    if n_layers is not None:
+        absent = [p for p in lm_targets(cfg, lm, n_layers) if p not in shapes]
         if absent:
             report.warn("adapter-missing-weights", f"{who}adapter_config.json targets {len(absent)} module(s) with no "
                         f"weights, e.g. `{absent[0]}`", where)
+
+
+def lm_targets(cfg, lm, n_layers: int) -> list[str]:
+    return [m.path for m in lm.enumerate_modules(n_layers) if cfg.matches(m.path, lm)]

@@ -183,6 +183,7 @@ class LayerMap:
     gguf_config_exprs: Mapping[str, tuple[str, ...]]
     layers: tuple[LayerSpec, ...]
     source: str = field(default="", compare=False)
+    embedding_path: str | None = None  # the token embedding's module path (embedding LoRA, saved tables)
 
     # ---- names
     @property
@@ -271,7 +272,11 @@ def parse_layer_map(data: Any, source: str = "<memory>") -> LayerMap:
             _fail(source, key, "missing")
         if not isinstance(data[key], typ):
             _fail(source, key, f"expected {typ.__name__}, got {type(data[key]).__name__}")
-    extra = set(data) - set(_TOP_KEYS)
+    extra = set(data) - set(_TOP_KEYS) - {"embedding"}
+    emb = data.get("embedding")
+    if emb is not None and (not isinstance(emb, dict) or set(emb) != {"path", "gguf"}
+                            or not all(isinstance(v, str) for v in emb.values())):
+        _fail(source, "embedding", 'expected {"path": ..., "gguf": ...} (strings)')
     if extra:
         _fail(source, ", ".join(sorted(extra)), "unknown key(s)")
     if data["schema_version"] != 1:
@@ -351,6 +356,7 @@ def parse_layer_map(data: Any, source: str = "<memory>") -> LayerMap:
         gguf_config_exprs={k: tuple(v) for k, v in data["gguf_config"].items()},
         layers=tuple(specs),
         source=source,
+        embedding_path=emb["path"] if emb else None,
     )
 
 

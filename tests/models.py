@@ -267,9 +267,11 @@ def qwen1_checkpoint(seed: int = 0, hidden: int = 64, heads: int = 4, ff: int = 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def make_adapter(base, out: Path, seed: int, b_scale: float = 5, **cfg) -> Path:
+def make_adapter(base, out: Path, seed: int, b_scale: float = 5, perturb: float = 0.0, **cfg) -> Path:
     """A PEFT adapter with random (non-zero) A and B, saved with save_pretrained (B scaled up by ``b_scale`` so
-    that every adapter visibly moves the logits); ``cfg`` overrides LoraConfig's fields."""
+    that every adapter visibly moves the logits); ``cfg`` overrides LoraConfig's fields. ``perturb``: noise of
+    that size added to what PEFT initialises as copies of the base (saved modules, trainable-token rows, DoRA
+    magnitudes), so that those parts matter too."""
     import copy
 
     import peft
@@ -280,8 +282,10 @@ def make_adapter(base, out: Path, seed: int, b_scale: float = 5, **cfg) -> Path:
     pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
     with torch.no_grad():
         for n, p in pm.named_parameters():
-            if "lora_B" in n:
+            if "lora_B" in n or "lora_embedding_B" in n:
                 p.mul_(b_scale)
+            if perturb and ("modules_to_save" in n or "trainable_tokens_delta" in n or "lora_magnitude" in n):
+                p.add_(torch.randn_like(p) * perturb)
     pm.save_pretrained(out)
     return out
 

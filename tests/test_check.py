@@ -168,8 +168,8 @@ def test_unsupported_peft_features_and_rank_mismatch(tmp_path, llama, adapters):
 
     bad = shutil.copytree(adapters["good"], tmp_path / "bad")
     cfg = json.loads((bad / "adapter_config.json").read_text())
-    cfg.update(use_dora=True, r=8)
+    cfg.update(target_parameters=["mlp.experts.gate_up_proj"], r=8)
     (bad / "adapter_config.json").write_text(json.dumps(cfg))
     r = check_ordering(_ordering(tmp_path), model=str(llama), adapters=[("a", str(bad))])
     assert "adapter-unsupported" in codes(r.problems) and "adapter-rank" in codes(r.problems)
-    assert any("use_dora" in p.message and "bad" in p.message for p in r.problems)
+    assert any("target_parameters" in p.message and "bad" in p.message for p in r.problems)

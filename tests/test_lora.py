@@ -155,9 +155,6 @@ def test_adapter_errors_name_adapter_and_layer(bases, tmp_path):
     wrong = make_adapter(other, tmp_path / "wrong", 1, target_modules=["q_proj"])
     with pytest.raises(AdapterError, match=r"(?s)adapter `w`.*model\.layers\.0\.self_attn\.q_proj.*\(4, 32\).*in=64"):
         qadapt.load(path, adapters={"w": str(wrong)})
-    dora = make_adapter(ref, tmp_path / "dora", 1, target_modules=["q_proj"], use_dora=True)
-    with pytest.raises(AdapterError, match="dora"):
-        qadapt.load(path, adapters={"d": str(dora)})
     # weights for a module the architecture does not have
     from safetensors.torch import load_file, save_file
 
@@ -167,8 +164,8 @@ def test_adapter_errors_name_adapter_and_layer(bases, tmp_path):
     sd = load_file(str(ads["a"] / "adapter_model.safetensors"))
     sd = {k.replace("self_attn.q_proj", "self_attn.qq_proj"): v for k, v in sd.items() if "q_proj" in k}
     save_file(sd, str(ghost / "adapter_model.safetensors"))
-    with pytest.raises(AdapterError, match=r"(?s)qq_proj.*did you mean .*q_proj"):
-        qadapt.load(path, adapters={"g": str(ghost)})
+    with pytest.raises(AdapterError, match=r"(?s)change nothing.*qq_proj.*did you mean .*q_proj"):
+        qadapt.load(path, adapters={"g": str(ghost)})  # its config targets q_proj: PEFT ignores qq_proj
     save_file({}, str(ghost / "adapter_model.safetensors"))
     with pytest.raises(AdapterError, match="change nothing"):
         qadapt.load(path, adapters={"g": str(ghost)})

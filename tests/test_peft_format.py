@@ -93,14 +93,18 @@ def test_bad_config_names_file_and_key(tmp_path, data, key):
 
 def test_unknown_keys_ignored_and_unsupported_features(tmp_path):
     data = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "embed_tokens"], "use_dora": True, "bias": "all",
-            "modules_to_save": ["lm_head"], "peft_type": "LORA", "some_new_peft_option": 1}
+            "modules_to_save": ["lm_head"], "peft_type": "LORA", "some_new_peft_option": 1,
+            "target_parameters": ["experts.gate_up_proj"], "layer_replication": [[0, 2]], "use_qalora": True}
     (tmp_path / "adapter_config.json").write_text(json.dumps(data))
     cfg = read_adapter_config(tmp_path)
     msgs = "\n".join(cfg.unsupported_features())
-    for field in ("use_dora", "modules_to_save", "bias", "embed_tokens"):
+    for field in ("target_parameters", "layer_replication", "use_qalora"):
         assert field in msgs
+    for supported in ("use_dora", "modules_to_save", "`bias`", "embed_tokens"):  # PEFT features qadapt applies
+        assert supported not in msgs
     assert str(tmp_path) in msgs
-    assert LoraAdapterConfig(peft_type="IA3").unsupported_features()[0].count("peft_type") == 1
+    loha = LoraAdapterConfig(peft_type="LOHA").unsupported_features()[0]
+    assert loha.count("peft_type") == 1 and "convert_to_lora" in loha and "qadapt adapters convert" in loha
     assert LoraAdapterConfig(target_modules=("q_proj",)).unsupported_features() == []
 
 

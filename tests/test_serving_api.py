@@ -540,3 +540,28 @@ def test_api_token_reaches_the_hub_download(monkeypatch, tmp_path):
     with pytest.raises(qadapt.errors.SourceError):
         reg.ensure("org/private", "org/private", "hub", "hf_secret")
     assert seen == {"source": "org/private", "kind": "hub", "token": "hf_secret"}
+
+
+def test_alora_through_the_server(served, tmp_path):
+    """An aLoRA adapter loaded at run time: the server finds its invocation in each prompt and applies it from
+    there through the generated tokens (reference: PEFT, which finds the same invocation in the input)."""
+    import shutil
+
+    inv = served["model"].encode(" cat sat", add_special=False)
+    folder = shutil.copytree(served["folders"]["c"], served["folders"]["c"].parent / "alora")
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg.update(alora_invocation_tokens=inv, task_type="CAUSAL_LM")
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    r = post(served, "/v1/load_lora_adapter", {"lora_name": "act", "lora_path": "alora"})
+    assert r.status_code == 200, r.text
+    from peft import PeftModel
+
+    pm = PeftModel.from_pretrained(copy.deepcopy(served["hf"]), str(folder)).eval()
+    for prompt in ("hello world the cat sat on", "the cat sat on a mat hello"):
+        ids = served["model"].encode(prompt)
+        got = ids_of(post(served, "/generate", {"inputs": prompt, "parameters": {
+            "adapter_id": "act", "max_new_tokens": N, "details": True}}).json()["details"])
+        same_tokens(got, reference(pm, ids))
+    plain = post(served, "/generate", {"inputs": "hello world", "parameters": {"adapter_id": "act",
+                                                                               "max_new_tokens": N, "details": True}})
+    assert ids_of(plain.json()["details"]) == reference(peft(served), served["model"].encode("hello world"))["tokens"]

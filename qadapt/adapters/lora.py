@@ -5,6 +5,15 @@ and keeps each loaded adapter's factors for that layer. Which adapters apply is
 an argument of every forward (an :class:`AdapterContext`), not state on the
 layer, so switching adapters costs nothing and concurrent requests can use
 different ones.
+
+Beyond plain LoRA, as PEFT 0.21 applies them: ``lora_bias`` (a bias on B, scaled
+with it), DoRA (``delta = (g - 1) * base(x) + g * scale * B A x`` with
+``g = m / ||W + scale B A||`` per output row, ``W`` the dequantized base weight,
+computed once when the adapter is attached), aLoRA (the delta only on the tokens
+from the adapter's invocation on, :attr:`AdapterContext.alora`), and saved
+modules: an adapter's own weight and bias for the layer (``modules_to_save``, a
+targeted output layer's ``base_layer``, ``bias="all"``), which replace the base's
+for the rows that use the adapter and no others.
 """
 
 from __future__ import annotations
@@ -35,11 +44,51 @@ def adapters_epoch() -> int:
 
 @dataclass(frozen=True)
 class LoraFactors:
-    """One adapter on one layer: ``delta(x) = scale * B(A(x))``."""
+    """One adapter on one layer: ``delta(x) = scale * (B(A(x)) + bias)``, or DoRA's with ``dora``."""
 
     A: torch.Tensor  # [r, in]
     B: torch.Tensor  # [out, r]
     scale: float
+    bias: torch.Tensor | None = None  # lora_B's bias [out] (lora_bias)
+    magnitude: torch.Tensor | None = None  # DoRA's m [out], as saved
+    dora: torch.Tensor | None = None  # m / ||W + scale B A|| per output row, once attached to its base layer
+
+    @property
+    def plain(self) -> bool:
+        return self.bias is None and self.magnitude is None
+
+
+@dataclass(frozen=True)
+class SavedModule:
+    """An adapter's own copy of a module's parameters (replacing the base's for the adapter's rows)."""
+
+    weight: torch.Tensor | None = None  # [out, in] (a linear) or [vocab, hidden] (the embedding)
+    bias: torch.Tensor | None = None  # [out]
+    row_ids: torch.Tensor | None = None  # some output rows only (a tied output layer's trainable tokens)
+    row_weight: torch.Tensor | None = None  # [len(row_ids), in]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.bias, self.row_ids, self.row_weight)
+                   if t is not None)
+
+
+@dataclass(frozen=True)
+class EmbeddingParts:
+    """What an adapter does to the token embedding: its own table, new or retrained token rows
+    (``trainable_token_indices``), and LoRA on the embedding (``lora_embedding_A/B``)."""
+
+    table: torch.Tensor | None = None  # [vocab, hidden] replacing the base's
+    token_ids: torch.Tensor | None = None  # [n] ids whose rows are replaced by ``token_rows``
+    token_rows: torch.Tensor | None = None  # [n, hidden]
+    A: torch.Tensor | None = None  # [r, vocab]
+    B: torch.Tensor | None = None  # [hidden, r]
+    scale: float = 1.0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.table, self.token_ids, self.token_rows, self.A, self.B)
+                   if t is not None)
 
 
 @dataclass
@@ -51,11 +100,26 @@ class LoraAdapter:
     folder: Path
     config: Any  # peft_format.LoraAdapterConfig
     factors: dict[str, LoraFactors]
+    saved: dict[str, SavedModule] = field(default_factory=dict)  # module path -> its saved parameters
+    embedding: EmbeddingParts | None = None
+    alora: tuple[int, ...] | None = None  # aLoRA's invocation token ids
 
     @property
     def nbytes(self) -> int:
-        return sum(f.A.numel() * f.A.element_size() + f.B.numel() * f.B.element_size()
-                   for f in self.factors.values())
+        factors = sum(t.numel() * t.element_size() for f in self.factors.values()
+                      for t in (f.A, f.B, f.bias, f.magnitude, f.dora) if t is not None)
+        return factors + sum(m.nbytes for m in self.saved.values()) + (self.embedding.nbytes if self.embedding else 0)
+
+    def alora_start(self, ids) -> int | None:
+        """Where this aLoRA adapter starts applying in ``ids`` (PEFT's ``calculate_alora_offsets``: the start
+        of the last occurrence of the invocation tokens); None: nowhere (the base model). Not an aLoRA: 0."""
+        if self.alora is None:
+            return 0
+        inv, ids = list(self.alora), list(ids)
+        for i in range(len(ids) - len(inv), -1, -1):
+            if ids[i:i + len(inv)] == inv:
+                return i
+        return None
 
 
 @dataclass(frozen=True)
@@ -72,6 +136,19 @@ class AdapterContext:
     rows: tuple[tuple[str, ...], ...] | None = None
     xlora: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: aLoRA adapter name -> per batch row, the position its delta starts at (a huge value: never)
+    alora: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def token_mask(self, name: str, ix: torch.Tensor | None) -> torch.Tensor | None:
+        """[rows, T] where ``name``'s delta applies (None: everywhere), from the positions of the running
+        forward (``extra["positions"]``, set per chunk by the decoder)."""
+        start = self.alora.get(name)
+        if start is None:
+            return None
+        pos = self.extra["positions"]
+        if ix is not None:
+            pos, start = pos.index_select(0, ix), start.index_select(0, ix)
+        return pos >= start.unsqueeze(1)
 
     def row_groups(self) -> dict[str, torch.Tensor]:
         """adapter name -> indices of the rows that use it (computed once per forward)."""
@@ -104,6 +181,7 @@ class LoraLinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.qtype = getattr(base, "qtype", "?")
         self.adapters: dict[str, LoraFactors] = {}
+        self.saved: dict[str, SavedModule] = {}  # adapters' own weight/bias for this layer
         #: per adapter, ``B.T`` contiguous [r, out] (a view of ``B`` when the adapter was loaded by qadapt)
         self._bt: dict[str, torch.Tensor] = {}
         #: ctx.active -> (the names present here, the native call's (A, Bt, scale) per adapter and plans per
@@ -118,8 +196,14 @@ class LoraLinear(nn.Module):
         return self.base.q8_kernels() if isinstance(self.base, BaseLinear) else None
 
     def _fits_native(self, name: str) -> bool:
-        A = self.adapters[name].A
-        return A.dtype == torch.float32 and A.shape[0] <= 256
+        f = self.adapters.get(name)
+        return f is not None and f.plain and name not in self.saved and f.A.dtype == torch.float32 \
+            and f.A.shape[0] <= 256
+
+    def _general_needed(self, names, ctx: AdapterContext) -> bool:
+        """Whether an adapter here needs more than ``scale * B A x`` (saved modules, DoRA, a bias, aLoRA)."""
+        return any(n in self.saved or (n in self.adapters and not self.adapters[n].plain) or n in ctx.alora
+                   for n in names)
 
     def _plan(self, active: tuple[str, ...]) -> tuple:
         names = tuple(n for n in active if n in self.adapters)
@@ -136,6 +220,8 @@ class LoraLinear(nn.Module):
                 f"adapter `{name}`: layer {self.path}: lora_A {tuple(f.A.shape)} / lora_B {tuple(f.B.shape)} do not "
                 f"fit the base layer's [out={self.out_features}, in={self.in_features}]"
             )
+        if f.magnitude is not None and f.dora is None:
+            f = self._with_dora(name, f)
         bt = f.B.T
         if bt.dtype != f.A.dtype or not bt.is_contiguous():
             bt = bt.to(f.A.dtype).contiguous()
@@ -144,11 +230,43 @@ class LoraLinear(nn.Module):
         self._plans = {}
         _EPOCH[0] += 1
 
+    def _with_dora(self, name: str, f: LoraFactors) -> LoraFactors:
+        """DoRA's ``g = m / ||W + scale B A||`` per output row, ``W`` this base layer's dequantized weight in
+        float32 (PEFT's get_weight_norm on the dequantized layer), computed once."""
+        from dataclasses import replace
+
+        if f.magnitude.shape != (self.out_features,):
+            raise AdapterError(f"adapter `{name}`: layer {self.path}: DoRA magnitude {tuple(f.magnitude.shape)} "
+                               f"does not fit the layer's {self.out_features} outputs")
+        with torch.no_grad():
+            saved = self.saved.get(name)
+            w = saved.weight if saved is not None and saved.weight is not None else self.base.dequantize(torch.float32)
+            w = w.float() + f.scale * (f.B.float() @ f.A.float())
+            norm = torch.linalg.norm(w, dim=1)
+            del w
+        return replace(f, dora=(f.magnitude.float() / norm).to(f.A.dtype))
+
+    def add_saved(self, name: str, m: SavedModule) -> None:
+        """An adapter's own weight and/or bias for this layer (its rows use them instead of the base's)."""
+        if m.weight is not None and tuple(m.weight.shape) != (self.out_features, self.in_features):
+            raise AdapterError(f"adapter `{name}`: layer {self.path}: saved weight {tuple(m.weight.shape)} does not "
+                               f"fit the base layer's [{self.out_features}, {self.in_features}]")
+        if m.bias is not None and tuple(m.bias.shape) != (self.out_features,):
+            raise AdapterError(f"adapter `{name}`: layer {self.path}: saved bias {tuple(m.bias.shape)} does not fit "
+                               f"the layer's {self.out_features} outputs")
+        self.saved[name] = m
+        self._plans = {}
+        _EPOCH[0] += 1
+
     def remove(self, name: str) -> None:
         self.adapters.pop(name, None)
         self._bt.pop(name, None)
+        self.saved.pop(name, None)
         self._plans = {}
         _EPOCH[0] += 1
+
+    def has(self, name: str) -> bool:
+        return name in self.adapters or name in self.saved
 
     def native_entries(self, ctx: AdapterContext | None, m: int) -> list[tuple] | None:
         """This layer's deltas on ``m`` rows under ``ctx`` as native LoRA entries (row, A, Bt, scale), for a
@@ -161,10 +279,10 @@ class LoraLinear(nn.Module):
         if ctx.rows is not None:
             if len(ctx.rows) != m:
                 return None
-            pairs = [(i, n) for i, row in enumerate(ctx.rows) for n in row if n in self.adapters]
+            pairs = [(i, n) for i, row in enumerate(ctx.rows) for n in row if self.has(n)]
         else:
-            pairs = [(i, n) for i in range(m) for n in ctx.active if n in self.adapters]
-        if not all(self._fits_native(n) for _, n in pairs):
+            pairs = [(i, n) for i in range(m) for n in ctx.active if self.has(n)]
+        if not all(self._fits_native(n) and n not in ctx.alora for _, n in pairs):
             return None
         return [(i, self.adapters[n].A, self._bt[n], self.adapters[n].scale) for i, n in pairs]
 
@@ -191,6 +309,9 @@ class LoraLinear(nn.Module):
             if len(ctx.rows) != x.shape[0]:
                 raise ValueError(f"{len(ctx.rows)} row adapter sets for a batch of {x.shape[0]}")
             return self._rows_forward(x, y, ctx)
+        here = [n for n in ctx.active if self.has(n)]
+        if here and self._general_needed(here, ctx):
+            return self._general(x, y, ctx, [(n, None) for n in here])
         names, native = self._plans.get(ctx.active) or self._plan(ctx.active)
         if not names:
             return y
@@ -214,9 +335,12 @@ class LoraLinear(nn.Module):
     def _rows_forward(self, x: torch.Tensor, y: torch.Tensor, ctx: AdapterContext) -> torch.Tensor:
         """Each row its own adapters: each adapter runs on its rows only (LoRAX's BGMV, one gather per adapter)."""
         groups = ctx.row_groups()
-        names = tuple(n for n in groups if n in self.adapters)
+        names = tuple(n for n in groups if self.has(n))
         if not names:
             return y
+        if self._general_needed(names, ctx):
+            return self._general(x, y, ctx, [(n, None if len(groups[n]) == x.shape[0] else groups[n])
+                                             for n in names])
         lib = self._native()
         if lib is not None and row_stride(x) is not None and row_stride(y) is not None:
             # the q8 runtime, one token per row: one native call, each row only its own adapters' factors
@@ -236,8 +360,57 @@ class LoraLinear(nn.Module):
                 y = y.index_put((ix,), self.delta(x.index_select(0, ix), name).to(y.dtype), accumulate=True)
         return y
 
+    def _general(self, x: torch.Tensor, y: torch.Tensor, ctx: AdapterContext,
+                 pairs: list[tuple[str, torch.Tensor | None]]) -> torch.Tensor:
+        """Adapters beyond plain LoRA, each on its rows (``ix``; None: all): first the saved modules replace
+        the base output of their rows, then every delta is added (DoRA's scaled against the output so far,
+        as PEFT does; aLoRA's only on the tokens from its invocation on)."""
+        shape = y.shape
+        x3 = x if x.dim() == 3 else x.unsqueeze(1)
+        y3 = y.reshape(x3.shape[0], x3.shape[1], self.out_features)
+        base_bias = getattr(self.base, "bias", None)
+        for name, ix in pairs:
+            sv = self.saved.get(name)
+            if sv is None:
+                continue
+            if sv.weight is not None:
+                xs = _rows(x3, ix)
+                bias = sv.bias if sv.bias is not None else base_bias
+                new = F.linear(xs.to(sv.weight.dtype), sv.weight, None if bias is None else bias.to(sv.weight.dtype))
+            elif sv.row_ids is not None:
+                new = _rows(y3, ix).clone()
+                part = F.linear(_rows(x3, ix).to(sv.row_weight.dtype), sv.row_weight)
+                if base_bias is not None:
+                    part = part + base_bias[sv.row_ids].to(part.dtype)
+                new[..., sv.row_ids] = part.to(new.dtype)
+            else:
+                new = _rows(y3, ix) + (sv.bias - (base_bias if base_bias is not None else 0)).to(y3.dtype)
+            y3 = new.to(y3.dtype) if ix is None else y3.index_copy(0, ix, new.to(y3.dtype))
+        for name, ix in pairs:
+            f = self.adapters.get(name)
+            if f is None:
+                continue
+            d = self.delta(_rows(x3, ix), name)
+            if f.bias is not None:
+                d = d + f.scale * f.bias.to(d.dtype)
+            if f.dora is not None:
+                sv = self.saved.get(name)
+                bias = sv.bias if sv is not None and sv.bias is not None else base_bias
+                ys = _rows(y3, ix).to(d.dtype)
+                base = ys - bias.to(d.dtype) if bias is not None else ys
+                d = f.dora * d + (f.dora - 1) * base
+            mask = ctx.token_mask(name, ix)
+            if mask is not None:
+                d = d * mask.unsqueeze(-1).to(d.dtype)
+            y3 = _add_to(y3, d) if ix is None else y3.index_put((ix,), d.to(y3.dtype), accumulate=True)
+        return y3.reshape(shape)
+
     # ---- merging (dense bases only): fold the deltas into the weight, restore it exactly
     def merge(self, names: tuple[str, ...]) -> None:
+        special = [n for n in names if n in self.saved or (n in self.adapters and not self.adapters[n].plain)]
+        if special:
+            raise AdapterError(f"{self.path}: adapter `{special[0]}` carries more than LoRA factors here (DoRA, a "
+                               "bias or a saved module); merging it is not supported: apply it unmerged")
         w = getattr(self.base, "weight", None)
         if w is None or not getattr(self.base, "weight_is_dense", False):
             raise AdapterError(f"{self.path}: merging needs a dense base layer (load with mode='dequantize')")
@@ -268,6 +441,10 @@ def _add_delta(y2d: torch.Tensor, h: torch.Tensor, Bt: torch.Tensor, scale: floa
     if y2d.dtype == Bt.dtype:
         return torch.addmm(y2d, h, Bt, alpha=scale)
     return y2d + torch.mm(h, Bt).mul_(scale).to(y2d.dtype)
+
+
+def _rows(t: torch.Tensor, ix: torch.Tensor | None) -> torch.Tensor:
+    return t if ix is None else t.index_select(0, ix)
 
 
 def _add_to(y: torch.Tensor, d: torch.Tensor) -> torch.Tensor:

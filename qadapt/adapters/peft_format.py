@@ -18,7 +18,8 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Mapping
 
 from ..errors import AdapterError, FormatError, InputError
-from ..io import read_json, read_safetensors_header
+from ..io import read_json
+from .tensors import load_parts, parse_weight_key, raw_shapes, shapes_by_module  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -36,9 +37,6 @@ DEFAULT_TARGETS = {
     "phi3": ("qkv_proj",), "gpt2": ("c_attn",), "qwen": ("c_attn",),
 }
 EMBEDDING_NAMES = ("embed_tokens", "wte", "wpe", "embed_in", "word_embeddings")
-# base_model.model.<module>.lora_A[.<adapter name>].weight; PEFT's X-LoRA saves its experts under
-# base_model.lora_model.model.<module>
-_KEY_RX = re.compile(r"(?:base_model\.model\.|base_model\.lora_model\.model\.)?(?P<module>.+?)\.lora_(?P<ab>[AB])(?:\.(?P<name>[^.]+))?\.weight")
 
 StrList = tuple[str, ...]
 
@@ -63,6 +61,12 @@ _FIELDS: dict[str, tuple[tuple[type, ...], Any]] = {
     "bias": ((str,), str),
     "modules_to_save": ((list, type(None)), _strs),
     "use_dora": ((bool,), bool),
+    "lora_bias": ((bool,), bool),
+    "trainable_token_indices": ((list, dict, type(None)), lambda v: v),
+    "alora_invocation_tokens": ((list, type(None)), lambda v: None if v is None else tuple(v)),
+    "target_parameters": ((list, type(None)), _strs),
+    "layer_replication": ((list, type(None)), lambda v: v),
+    "use_qalora": ((bool,), bool),
     "base_model_name_or_path": ((str, type(None)), lambda v: v),
     "peft_type": ((str, type(None)), lambda v: v),
     "task_type": ((str, type(None)), lambda v: v),
@@ -86,6 +90,12 @@ class LoraAdapterConfig:
     bias: str = "none"
     modules_to_save: StrList | None = None
     use_dora: bool = False
+    lora_bias: bool = False
+    trainable_token_indices: list | dict | None = None
+    alora_invocation_tokens: tuple[int, ...] | None = None
+    target_parameters: StrList | None = None
+    layer_replication: list | None = None
+    use_qalora: bool = False
     base_model_name_or_path: str | None = None
     peft_type: str | None = "LORA"
     task_type: str | None = None
@@ -126,6 +136,17 @@ class LoraAdapterConfig:
                 f"{src}: key `layers_to_transform`/`layers_pattern` cannot be used when `target_modules` "
                 "is a regex string"
             )
+        inv = self.alora_invocation_tokens
+        if inv is not None and (not inv or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                   for t in inv)):
+            raise FormatError(f"{src}: key `alora_invocation_tokens` must be a non-empty list of token ids")
+        tti = self.trainable_token_indices
+        lists = list(tti.values()) if isinstance(tti, dict) else [tti] if tti is not None else []
+        for ids in lists:
+            if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                    for t in ids):
+                raise FormatError(f"{src}: key `trainable_token_indices` must list token ids (or map module names "
+                                  "to lists of them)")
         if self.layers_pattern and self.layers_to_transform is None:
             raise FormatError(f"{src}: key `layers_pattern` needs `layers_to_transform`")
         for key in ("rank_pattern", "alpha_pattern"):
@@ -210,24 +231,33 @@ class LoraAdapterConfig:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
     def unsupported_features(self) -> list[str]:
-        """What this adapter asks for that qadapt does not run, one message per field."""
+        """What this adapter asks for that qadapt does not run, one message per field (what needs the base's
+        layer map, such as ``modules_to_save`` entries, is checked when the adapter is built)."""
         src, out = self.source, []
-        if (self.peft_type or "LORA").upper() != "LORA":
-            out.append(f"{src}: `peft_type` is {self.peft_type}; qadapt runs LORA adapters only")
-        if self.use_dora:
-            out.append(f"{src}: `use_dora` is true; DoRA adapters are not supported")
-        if self.modules_to_save:
-            out.append(
-                f"{src}: `modules_to_save` lists {list(self.modules_to_save)}; fully trained modules are not supported"
-            )
-        if self.bias != "none":
-            out.append(f"{src}: `bias` is {self.bias!r}; only 'none' is supported (trained biases would be ignored)")
-        targets = () if isinstance(self.target_modules, str) else self.target_modules or ()
-        emb = [t for t in targets if t.rsplit(".", 1)[-1] in EMBEDDING_NAMES]
-        if emb:
-            out.append(f"{src}: `target_modules` includes embedding layer(s) {emb}; embedding LoRA is not supported")
+        kind = (self.peft_type or "LORA").upper()
+        if kind != "LORA":
+            out.append(f"{src}: `peft_type` is {self.peft_type}; qadapt runs LoRA adapters: convert it with PEFT's "
+                       "convert_to_lora (`qadapt adapters convert FOLDER OUT`)")
+        if self.target_parameters:
+            out.append(f"{src}: `target_parameters` lists {list(self.target_parameters)}: LoRA on raw parameters "
+                       "(mixture-of-experts weights) is not supported yet")
+        if self.layer_replication:
+            out.append(f"{src}: `layer_replication` is set: replicated layers are not supported")
+        if self.use_qalora:
+            out.append(f"{src}: `use_qalora` is true: QA-LoRA's pooled inputs are not supported")
+        if self.use_dora and self.lora_bias:
+            out.append(f"{src}: `use_dora` with `lora_bias`: PEFT does not define this combination")
         return out
 
+    def matches_embedding(self, path: str) -> bool:
+        """Whether PEFT would put LoRA on the token embedding at ``path`` (named targets or a regex;
+        ``all-linear`` never takes embeddings)."""
+        targets = self.target_modules
+        if targets is None or self._excluded(path):
+            return False
+        if isinstance(targets, str):
+            return targets.lower() != ALL_LINEAR and re.fullmatch(targets, path) is not None
+        return path in targets or any(path.endswith(f".{t}") for t in targets)
 
 def _pattern_key(patterns: Mapping[str, Any], key: str) -> str:
     """PEFT's ``get_pattern_key``: the first pattern that matches a dotted suffix of ``key``."""
@@ -282,92 +312,20 @@ def find_adapter_weights(folder: str | Path) -> Path:
     raise InputError(f"adapter {root} has no weights: expected {' or '.join(WEIGHT_FILES)}")
 
 
-def parse_weight_key(key: str) -> tuple[str, str] | None:
-    """``(module path, "A"|"B")`` of a PEFT tensor name, or None for other tensors."""
-    m = _KEY_RX.fullmatch(key)
-    return (m.group("module"), m.group("ab")) if m else None
-
-
-def _load_bin(path: Path) -> dict[str, "torch.Tensor"]:
-    """A PEFT ``.bin`` state dict, through torch's restricted unpickler only."""
-    import torch
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # the restricted unpickler raises several types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FormatError(
-            f"{path}: refused to load: not a plain tensor pickle ({first}); "
-            "convert the adapter to adapter_model.safetensors"
-        ) from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise FormatError(f"{path}: expected a dict of tensors")
-    return state
-
-
-def _raw_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    if path.suffix == ".safetensors":
-        return {k: tuple(v["shape"]) for k, v in read_safetensors_header(path).items()}
-    return {k: tuple(v.shape) for k, v in _load_bin(path).items()}
-
-
-def _group(names, path: Path) -> dict[str, dict[str, str]]:
-    """module -> {"A": tensor name, "B": tensor name}; other tensors are logged, embedding LoRA refused."""
-    out: dict[str, dict[str, str]] = {}
-    for name in names:
-        parsed = parse_weight_key(name)
-        if parsed is None:
-            if "lora_embedding_" in name:
-                raise AdapterError(f"{path}: tensor `{name}` is an embedding LoRA, which is not supported")
-            log.warning("%s: ignoring tensor `%s` (not a LoRA A/B weight)", path, name)
-            continue
-        module, ab = parsed
-        slot = out.setdefault(module, {})
-        if ab in slot:
-            raise FormatError(f"{path}: module `{module}` has two lora_{ab} tensors: `{slot[ab]}` and `{name}`")
-        slot[ab] = name
-    return out
-
-
 def adapter_weight_shapes(folder: str | Path) -> dict[str, dict[str, tuple[int, ...]]]:
-    """module path -> ``{"A": (r, in), "B": (out, r)}`` without reading tensor data (safetensors).
+    """module path -> ``{"A": (r, in), "B": (out, r), ...}`` (every tensor kind, see :mod:`.tensors`) without
+    reading tensor data (safetensors). A module missing one factor has only the other key."""
+    return shapes_by_module(find_adapter_weights(folder))
 
-    A module missing one factor has only the other key, so callers can report it.
-    """
-    path = find_adapter_weights(folder)
-    shapes = _raw_shapes(path)
-    return {m: {ab: shapes[n] for ab, n in slot.items()} for m, slot in _group(shapes, path).items()}
+
+def load_adapter_parts(folder: str | Path, dtype=None) -> dict[str, dict[str, "torch.Tensor"]]:
+    """module path -> {kind: tensor} (see :mod:`.tensors`), in ``dtype`` (float32 by default)."""
+    return load_parts(find_adapter_weights(folder), dtype)
 
 
 def load_adapter_tensors(folder: str | Path, dtype=None) -> dict[str, tuple["torch.Tensor", "torch.Tensor"]]:
-    """module path -> (A [r, in], B [out, r]) in ``dtype`` (float32 by default), checked for pairing and rank.
-
-    B is the transposed view of a contiguous [r, out] tensor."""
-    import torch
-
-    path = find_adapter_weights(folder)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        read_safetensors_header(path)  # validates sizes before any allocation
-        state = load_file(str(path))
-    else:
-        state = _load_bin(path)
-    out = {}
-    for module, slot in _group(state, path).items():
-        if set(slot) != {"A", "B"}:
-            missing = "lora_B" if "A" in slot else "lora_A"
-            raise AdapterError(f"{path}: module `{module}` has no {missing} weight")
-        a, b = state[slot["A"]], state[slot["B"]]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            raise AdapterError(
-                f"{path}: module `{module}`: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not share a rank"
-            )
-        # private copies (the file's mapping is dropped), B as the view of a contiguous B^T [r, out]:
-        # the layout LoraLinear's second matmul reads, so each factor is in memory once
-        dt = dtype or torch.float32
-        out[module] = (a.to(dt, copy=True), b.T.to(dt, memory_format=torch.contiguous_format, copy=True).T)
-    return out
+    """module path -> (A [r, in], B [out, r]) of the modules that have LoRA factors."""
+    return {m: (p["A"], p["B"]) for m, p in load_adapter_parts(folder, dtype).items() if "A" in p}
 
 
 def config_fields() -> tuple[str, ...]:

@@ -270,13 +270,13 @@ def _first_file(folder: Path, names: Sequence[str], what: str) -> Path:
 
 
 def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    from .peft_format import _raw_shapes
+    from .tensors import raw_shapes as _raw_shapes
 
     return _raw_shapes(path)
 
 
 def _read_tensors(path: Path, names: set[str]) -> dict[str, torch.Tensor]:
-    from .peft_format import _load_bin
+    from .tensors import load_bin as _load_bin
 
     if path.suffix == ".safetensors":
         from safetensors import safe_open
@@ -368,7 +368,8 @@ def _check_classifier_shapes(ckpt: XLoraCheckpoint) -> None:
 # ---------------------------------------------------------------------- ordering against checkpoint
 def wrapped_modules(ckpt: XLoraCheckpoint, folders: dict[str, Path]) -> set[str]:
     """Modules any adapter has LoRA weights for: the modules PEFT wraps (and the classifier's layers)."""
-    from .peft_format import _raw_shapes, adapter_weight_shapes, find_adapter_weights
+    from .peft_format import adapter_weight_shapes, find_adapter_weights
+    from .tensors import raw_shapes as _raw_shapes
 
     out: set[str] = set()
     for name in ckpt.config.adapters:

@@ -24,6 +24,7 @@ COMMANDS = {
     "serve": "qadapt.cli.serve:serve",
     "demo": "qadapt.cli.demo:demo",
     "bench": "qadapt.cli.bench:bench",
+    "adapters": "qadapt.cli.adapters:adapters",
 }
 
 

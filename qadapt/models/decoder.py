@@ -290,7 +290,9 @@ class Decoder(nn.Module):
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: Any, ctx: Any, last_only: bool,
                  logits: bool, rope_top: int | None = None) -> ForwardOutput:
-        x = self.embed(ids)
+        if ctx is not None and getattr(ctx, "alora", None):
+            ctx.extra["positions"] = positions  # this chunk's: where aLoRA deltas apply
+        x = self.embed(ids, ctx) if getattr(self.embed, "takes_context", False) else self.embed(ids)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         n_keys = None if cache is None else cache.prepare(positions)

@@ -266,7 +266,7 @@ class NativeDecoder(Decoder):
         if getattr(ctx, "xlora", None) is not None or self.pos_embed is not None:
             return None
         key = (ctx.rows if ctx is not None and ctx.rows is not None else (ctx.active if ctx is not None else ()),
-               B, adapters_epoch())
+               tuple(sorted(getattr(ctx, "alora", None) or ())), B, adapters_epoch())
         plans = self._step_plans.setdefault(cache, {})
         if key not in plans:
             if len(plans) > 16:

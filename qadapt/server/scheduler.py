@@ -109,6 +109,7 @@ class _Row:
     last: int = -1
     sampler: Sampler | None = None  # seed, penalties, grammar
     stream: TextStream | None = None  # the text, stop strings and end of generation
+    alora: dict[str, int | None] | None = None  # where its aLoRA adapters start (their invocation in the prompt)
 
 
 # ---------------------------------------------------------------------- metrics
@@ -260,7 +261,15 @@ class Engine:
 
     # ------------------------------------------------------------ the loop (engine thread)
     def _forward(self, ids, positions, cache, rows):
-        return self.model.step(ids, positions, cache, rows)
+        return self.model.step(ids, positions, cache, rows, alora=self._alora(cache))
+
+    def _score(self, ids, positions, cache, rows, top):
+        return self.model.score_step(ids, positions, cache, rows, top, alora=self._alora(cache))
+
+    def _alora(self, cache) -> tuple | None:
+        """Per row of this forward (the cache view's slots), where its aLoRA adapters start; None: none have."""
+        got = tuple(self._rows[slot].alora if self._rows[slot] is not None else None for slot in cache.rows)
+        return got if any(got) else None
 
     def _loop(self) -> None:
         while not self._stop:
@@ -335,6 +344,7 @@ class Engine:
         if not n or n >= self.max_seq_len:
             raise QadaptError(f"prompt of {n} tokens does not fit the context of {self.max_seq_len}")
         row = _Row(req, slot, pos=n)
+        row.alora = self.model.alora_starts(req.keys, req.prompt_ids) or None
         row.sampler = Sampler(req.params, req.prompt_ids, self.tokenizer.eos_ids)
         row.stream = TextStream(self.tokenizer, req.prompt_ids, req.params)
         self._rows[slot] = row
@@ -343,7 +353,7 @@ class Engine:
         logits = None
         if req.score_prompt is not None:
             logits, (lp, tv, ti) = self.stepper.prefill_scored(slot, req.prompt_ids, req.keys, req.score_prompt,
-                                                               self.model.score_step)
+                                                               self._score)
             top = [list(zip(i.tolist(), v.tolist())) for v, i in zip(tv, ti)]
             req.emit(PromptScores(list(req.prompt_ids), [None, *lp.tolist()], [[], *top]))
         if req.params.max_new_tokens == 0:
