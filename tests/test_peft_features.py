@@ -34,6 +34,7 @@ INVOKE = [10, 11]
 IDS = torch.randint(12, 300, (2, 11), generator=torch.Generator().manual_seed(5))
 IDS[0, 4:6] = torch.tensor(INVOKE)  # aLoRA's invocation mid-prompt in row 0, near the end in row 1
 IDS[1, 7:9] = torch.tensor(INVOKE)
+IDS[0, 1], IDS[1, 2] = 70, 5  # two of the trainable tokens ("tokens" below)
 
 CASES = {
     "dora": dict(use_dora=True),
