@@ -69,7 +69,7 @@ def load(
     tgt_non_granular_index: int | None = None,
     quant: str | None = None,
     double_quant: bool = False,
-    kernels: str = "exact",
+    kernels: str | None = None,
     chat_template: str | os.PathLike | None = None,
     **kwargs: Any,
 ) -> Model:
@@ -93,10 +93,12 @@ def load(
     absmax quantization; ``dtype``: the 4-bit compute dtype). GPTQ and bitsandbytes folders load
     as saved.
 
-    ``kernels="q8"`` (in place, GGUF types Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/IQ4_NL/Q4_K/Q5_K/Q6_K, CPUs with
-    AVX2) computes as llama.cpp does: activations quantized to 8 bits per block of 32, integer dot
-    products; several times faster, with an activation-rounding error (bounded, see
-    ``qadapt/quant/native/ggml_kernels.c``) that ``kernels="exact"`` (the default) does not have.
+    ``kernels``: ``"auto"`` (the default, or ``$QADAPT_KERNELS``) computes in place as llama.cpp does on
+    the GGUF types its native kernels run (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/IQ4_NL/Q4_K/Q5_K/Q6_K, CPUs with AVX2):
+    activations quantized to 8 bits per block of 32, integer dot products, the fused decode step; several
+    times faster, with an activation-rounding error (bounded, see ``qadapt/quant/native/ggml_kernels.c``
+    and the README's numerical contract). ``"exact"``: float32 activations on gguf-py's weights for every
+    type, for verification. ``"q8"``: ``auto`` stated explicitly (a warning where it cannot run).
 
     ``chat_template``: a Jinja chat template (a string, or a ``.jinja`` / ``tokenizer_config.json`` file) used
     by :meth:`Model.chat` instead of the model's own; a model with neither refuses chat.
@@ -107,16 +109,17 @@ def load(
         raise InputError(f"unknown argument(s) to qadapt.load: {', '.join(sorted(kwargs))}")
     if mode not in MODES:
         raise InputError(f"mode must be one of {MODES}, got {mode!r}")
-    from .quant.kernels import check_kernels
+    from .quant.kernels import resolve_kernels
 
-    check_kernels(kernels)
-    if kernels == "q8" and mode != "inplace":
+    explicit = kernels
+    kernels = resolve_kernels(kernels)
+    if explicit == "q8" and mode != "inplace":
         raise InputError("kernels='q8' (--kernels q8) runs quantized weights in place; with mode='dequantize' "
                          "the weights are dense float and take the exact kernels: drop one of the two")
     path = _resolve_model_path(path_or_id, gguf_file, revision)
     base = load_base(path, mode=mode, dtype=_dtype(dtype), quant=quant, double_quant=double_quant, kernels=kernels)
-    if kernels == "q8":
-        _use_native_ops(base.decoder)
+    if kernels != "exact" and mode == "inplace":
+        _use_native_ops(base.decoder, warn=kernels == "q8")
     model = Model(base.decoder, base.tokenizer, base.layer_map, str(path), mode, base.base_format, base.info)
     if chat_template is not None:
         model.chat_template = _chat_template(chat_template)
@@ -143,15 +146,17 @@ def _chat_template(value: str | os.PathLike) -> str:
     return read_template(value)  # a path: a clear error when it does not exist
 
 
-def _use_native_ops(decoder: Decoder) -> None:
+def _use_native_ops(decoder: Decoder, warn: bool) -> None:
+    """The fused native decode step on a decoder built for the fast kernels (where the library runs)."""
     from .quant import native
 
     lib = native.library()
+    say = log.warning if warn else log.info
     if lib is None:
-        log.warning("kernels='q8': the native kernels are unavailable (no C compiler, or QADAPT_NATIVE=0); "
-                    "running the exact kernels")
+        say("the native kernels are unavailable (no C compiler, or QADAPT_NATIVE=0): the torch kernels run "
+            "(4-bit types in bf16)")
     elif not lib.simd:
-        log.warning("kernels='q8' needs AVX2; this CPU runs the exact kernels")
+        say("the q8 kernels need AVX2; this CPU runs the torch kernels (4-bit types in bf16)")
     else:
         from .models import native as native_decode
 

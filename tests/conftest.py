@@ -8,6 +8,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("QADAPT_NO_PROGRESS", "1")
+# The suite's references are float32 (transformers, PEFT, gguf-py): models run the exact kernels unless a
+# test asks for others; tests/test_default_kernels.py checks what a user gets by default (auto).
+os.environ.setdefault("QADAPT_KERNELS", "exact")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 import pytest  # noqa: E402

@@ -213,6 +213,8 @@ def tiny_arch(arch: str, seed: int = 0, wide: bool = False):
         kw["sliding_window"] = 6
     if arch == "phi3":
         kw.update(phi3_longrope((256 if wide else 64) // 4))
+    if arch == "qwen3":
+        kw["head_dim"] = 24 if not wide else 128  # explicit, not hidden / heads (as Qwen3's checkpoints)
     return tiny_hf(arch, seed=seed, **kw)
 
 

@@ -79,6 +79,13 @@ REAL = {
         "initializer_range": 0.02, "max_position_embeddings": 32768, "model_type": "mistral", "rms_norm_eps": 1e-05,
         "rope_theta": 10000.0, "sliding_window": 8, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
         "use_cache": True},
+    # Qwen/Qwen3-8B: per-head q/k RMSNorm, explicit head_dim (128 with hidden 4096 / 32 heads), no biases
+    "qwen3-8b": {
+        "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 1,
+        "eos_token_id": 2, "head_dim": 24, "hidden_act": "silu", "initializer_range": 0.02,
+        "max_position_embeddings": 40960, "max_window_layers": 36, "model_type": "qwen3", "rms_norm_eps": 1e-06,
+        "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False},
     # microsoft/Phi-4-mini-instruct: partial_rotary_factor 0.75, LongRoPE (original 4096 shrunk to 16), tied
     "phi-4-mini": {
         "architectures": ["Phi3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 1,
@@ -91,6 +98,9 @@ REAL = {
         "rope_theta": 10000.0, "sliding_window": 262144, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
         "use_cache": True},
 }
+
+# Qwen/Qwen3-0.6B: Qwen3-8B's fields with tied embeddings and head_dim 128 over hidden 1024 / 16 heads (64)
+REAL["qwen3-0.6b"] = {**REAL["qwen3-8b"], "head_dim": 32, "max_window_layers": 28, "tie_word_embeddings": True}
 
 
 def config(name: str, **sizes) -> dict:

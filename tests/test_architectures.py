@@ -31,7 +31,7 @@ from qadapt.layer_maps import get_layer_map
 
 from models import qwen1_checkpoint, save_hf, save_tokenizer, tiny_arch, tokenizer_metadata, write_quantized
 
-ARCHS = ["llama", "mistral", "phi3", "qwen2", "gpt2"]
+ARCHS = ["llama", "mistral", "phi3", "qwen2", "qwen3", "gpt2"]
 INT4_KERNEL = {"Q4_0", "Q4_1", "Q4_K"}
 # 12 tokens pass Phi-3's original context of 8 (long LongRoPE factors) and Mistral's/Phi-3's windows;
 # 6 tokens stay inside it (short factors)
@@ -40,17 +40,14 @@ IDS_SHORT = IDS_LONG[:, :6]
 
 
 def _inplace_tol(qtype: str, ref: torch.Tensor) -> float:
-    return (0.25 if qtype in INT4_KERNEL else 1e-5) * float(ref.abs().max()) + 1e-4
+    """The exact kernels: float32 maths on gguf-py's weights, every type (summation order only)."""
+    return 1e-5 * float(ref.abs().max()) + 1e-4
 
 
 def _check(got: torch.Tensor, want: torch.Tensor, mode: str, qtype: str) -> None:
     err = float((got - want).abs().max())
-    if mode == "dequantize" or qtype not in INT4_KERNEL:
-        tol = 1e-4 if mode == "dequantize" else _inplace_tol(qtype, want)
-        assert err <= tol, f"{mode} {qtype}: max |diff| {err} > {tol}"
-    else:
-        assert err <= _inplace_tol(qtype, want), f"{qtype}: max |diff| {err}"
-        assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= 0.8
+    tol = 1e-4 if mode == "dequantize" else _inplace_tol(qtype, want)
+    assert err <= tol, f"{mode} {qtype}: max |diff| {err} > {tol}"
 
 
 def _ref_logits(ref, ids) -> torch.Tensor:

@@ -61,9 +61,9 @@ def bases(tmp_path_factory):
 
 
 def _tol(mode: str, qtype: str, want: torch.Tensor) -> float:
-    if mode == "dequantize" or qtype not in ("Q4_0", "Q4_1", "Q4_K"):
-        return 1e-4
-    return models.int4_logit_tol(float(want.abs().max()))  # the base's int4 kernel (bf16); deltas are float32
+    """Float32 maths in another order in both modes (the exact kernels in place): 1e-4, or 1e-5 of a large
+    logit scale (the K-quant bases)."""
+    return max(1e-4, 1e-5 * float(want.abs().max()))
 
 
 @pytest.mark.parametrize("mode", ["dequantize", "inplace"])

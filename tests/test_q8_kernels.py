@@ -135,7 +135,7 @@ def test_release_pages_leaves_private_memory_alone():
 
 
 def test_unknown_kernels_is_a_clear_error(tmp_path):
-    with pytest.raises(InputError, match="kernels must be one of exact, q8"):
+    with pytest.raises(InputError, match="kernels must be one of auto, exact, q8"):
         qadapt.load(tmp_path / "x.gguf", kernels="fast")
     with pytest.raises(InputError, match="mode='dequantize'"):
         qadapt.load(tmp_path / "x.gguf", mode="dequantize", kernels="q8")

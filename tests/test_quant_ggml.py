@@ -127,16 +127,26 @@ def test_int4pack_kernel_semantics():
     assert ref.abs().max() < 256 and torch.equal(y, ref)
 
 
+def int4pack_layer(data, qtype, monkeypatch):
+    """A layer on torch's int4 kernel: the default kernels' path where the native library is missing."""
+    from qadapt.quant import native
+
+    monkeypatch.setattr(native, "library", lambda: None)
+    layer = GGMLLinear(data, qtype, (ROWS, COLS), kernels="auto")
+    assert layer.path == "int4pack"
+    assert GGMLLinear(data, qtype, (ROWS, COLS)).path == "blockwise"  # exact: never the bf16 kernel
+    return layer
+
+
 @pytest.mark.parametrize("qtype", INT4_TYPES)
-def test_forward_int4pack_matches_gguf_py(qtype):
+def test_forward_int4pack_matches_gguf_py(qtype, monkeypatch):
     """Reference: x @ gguf_dequantized.T in float64. The kernel rounds x, each group's scale s
     and zero z, and y to bf16 (2**-9 relative each); with |q - 8| <= 8 every weight is off by
     <= 2**-9 * A, A = 8|s| + |z|, so |err| <= 2**-8 * (|x| @ A.T) + 2**-8 * |y| (1% slack for
     bf16 s, z in A). Also cosine(y, ref) > 0.9999 per row."""
     data = raw_tensor(qtype, seed=4)
     w = reference(data, qtype).double()
-    layer = GGMLLinear(data, qtype, (ROWS, COLS))
-    assert layer.path == "int4pack"
+    layer = int4pack_layer(data, qtype, monkeypatch)
     x = torch.randn(5, COLS, generator=torch.Generator().manual_seed(5))
     y = layer(x).double()
     ref = x.double() @ w.T
@@ -153,7 +163,7 @@ def test_int4pack_long_inputs_go_blockwise_bf16(monkeypatch):
     from qadapt.quant import kernels
 
     data = raw_tensor("Q4_K")
-    layer = GGMLLinear(data, "Q4_K", (ROWS, COLS))
+    layer = int4pack_layer(data, "Q4_K", monkeypatch)
     monkeypatch.setattr(kernels, "INT4PACK_MAX_BATCH", 2)
     calls = []
     monkeypatch.setattr(layer._int4, "matmul", lambda x: calls.append(x))
@@ -227,7 +237,7 @@ def test_in_place_layer_holds_no_dense_copy(tmp_path, qtype):
         assert layer.weight_is_dense and all(t.data_ptr() == mm.ctypes.data for t in dense)
     else:
         assert not layer.weight_is_dense and not dense
-    assert layer.nbytes == (ROWS * COLS // 2 + COLS // 32 * ROWS * 4 if qtype == "Q4_K" else mm.nbytes)
+    assert layer.nbytes == mm.nbytes  # exact kernels: the blocks alone (no int4 copy)
 
 
 def test_bf16_in_bf16_runs_on_the_mapped_bytes(tmp_path):

@@ -18,7 +18,7 @@ import qadapt
 from real_configs import REAL, build, convert, dequantized_model, save
 
 IDS = torch.tensor([[1, 17, 250, 31, 77, 5, 299, 120, 64, 3] * 4])  # 40 tokens: past every shrunk context
-ARCH = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2", "phi3": "PHI3"}
+ARCH = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2", "qwen3": "QWEN3", "phi3": "PHI3"}
 
 
 def _ref(model, ids):

@@ -79,8 +79,11 @@ class Engine:
 
 
 def _load_kwargs(mode: str) -> dict[str, str]:
-    """The bench's qadapt mode as ``qadapt.load`` arguments (``q8``: in place, ``kernels="q8"``)."""
-    return {"mode": "inplace", "kernels": "q8"} if mode == "q8" else {"mode": mode}
+    """The bench's qadapt mode as ``qadapt.load`` arguments: ``q8`` is what ``qadapt.load(path)`` picks by
+    default (in place, ``kernels="auto"``); ``inplace`` the exact kernels, named."""
+    if mode == "q8":
+        return {"mode": "inplace", "kernels": "auto"}
+    return {"mode": "inplace", "kernels": "exact"} if mode == "inplace" else {"mode": mode}
 
 
 class QadaptEngine(Engine):

@@ -80,7 +80,7 @@ def summary_markdown(report: dict[str, Any]) -> str:
     m, s, mod = report["machine"], report["settings"], report["model"]
     ad = SUMMARY_ADAPTERS
     xlora = any(r["metric"] == "xlora_decode_tps" for r in report["results"])
-    head = ["format", "qadapt in place, exact", "qadapt in place, q8", "llama.cpp", "transformers + PEFT",
+    head = ["format", "qadapt in place, exact", "qadapt default (q8)", "llama.cpp", "transformers + PEFT",
             "exact / llama.cpp", "q8 / llama.cpp", "q8 / transformers", "q8 / bound"]
     if xlora:
         head.append(f"qadapt X-LoRA, {mod.get('xlora', {}).get('experts', '?')} experts (granular / fixed)")
@@ -90,9 +90,9 @@ def summary_markdown(report: dict[str, Any]) -> str:
         f"{', '.join(t.split('_')[0] for t in lora.get('targets', ('q', 'k', 'v', 'o')))}); random Llama "
         f"{mod['params'] / 1e9:.2f}B, {s['decode_tokens']} tokens after a {s['prompt_tokens']}-token prompt, median "
         f"of {s['runs']}; {m['cpu']}, {s['threads']} threads, read bandwidth {report['bandwidth_gbs']:.1f} GB/s. "
-        "`bound` = read bandwidth / bytes of weights one token reads. `exact`: float32 activations, gguf-py's "
-        "weights (`kernels=\"exact\"`, the default); `q8`: llama.cpp's arithmetic (`kernels=\"q8\"`, activations "
-        "rounded to 8 bits per block of 32).",
+        "`bound` = read bandwidth / bytes of weights one token reads. `q8`: what `qadapt.load(path)` picks by "
+        "default (`kernels=\"auto\"`: llama.cpp's arithmetic, activations rounded to 8 bits per block of 32); "
+        "`exact`: float32 activations, gguf-py's weights (`kernels=\"exact\"`, for verification).",
         "",
         "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
     ]

@@ -32,7 +32,8 @@ def _csv(value: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--formats", default=None, metavar="A,B",
               help=f"Formats (default: all): {', '.join(GGUF_FORMATS)} (GGUF), bf16 (transformers), "
                    "nf4 (bitsandbytes).")
-@click.option("--modes", default=None, metavar="A,B", help="qadapt modes (default: inplace,q8,dequantize; q8 = in place with kernels=q8).")
+@click.option("--modes", default=None, metavar="A,B", help="qadapt modes (default: inplace,q8,dequantize; q8 = what qadapt.load(path) picks by default, in place "
+                   "with kernels=auto; inplace = the exact kernels).")
 @click.option("--dequantize-formats", default=None, metavar="A,B",
               help="Formats qadapt's dequantize mode runs on (default: all selected); every file expands to "
                    "the same float32 model, so one is enough to show it.")

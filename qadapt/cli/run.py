@@ -34,7 +34,7 @@ def _adapter_options(f):
 
 def load_from_options(model, mode, dtype, gguf_file, revision, adapters=(), ordering=None,
                       adapter_model_id=None, activate=None, merge=False, quant=None, xlora=None,
-                      tgt_non_granular_index=None, kernels="exact", chat_template=None):
+                      tgt_non_granular_index=None, kernels=None, chat_template=None):
     """The one place the CLI and the server turn their options into ``qadapt.load``."""
     import qadapt
     from qadapt.adapters.sources import split_source
@@ -51,10 +51,11 @@ def _model_options(f):
     f = click.option("--chat-template", default=None, type=click.Path(dir_okay=False, exists=True), metavar="FILE",
                      help="Jinja chat template (.jinja, or a tokenizer_config.json holding `chat_template`) used "
                           "instead of the model's own; needed for chat with a model that has none.")(f)
-    f = click.option("--kernels", type=click.Choice(["exact", "q8"]), default="exact", show_default=True,
-                     help="In place: exact (float32 activations, gguf-py's weights: the reference numbers) or q8 "
-                          "(llama.cpp's arithmetic: activations rounded to 8 bits per block of 32, integer dot "
-                          "products; several times faster on Q4_0/Q8_0/K-quants, logits within ~1-3% of exact).")(f)
+    f = click.option("--kernels", type=click.Choice(["auto", "exact", "q8"]), default=None,
+                     help="In place: auto (the default, or $QADAPT_KERNELS: llama.cpp's arithmetic where the native "
+                          "kernels run it, activations rounded to 8 bits per block of 32, integer dot products; "
+                          "logits within ~1-3% of exact), exact (float32 activations, gguf-py's weights: the "
+                          "reference numbers, for verification) or q8 (auto, warning where it cannot run).")(f)
     f = click.option("--quant", default=None, metavar="TYPE",
                      help="Quantize a transformers checkpoint on load (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16, BF16).")(f)
     f = click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")(f)
@@ -97,7 +98,7 @@ def run(model, mode, kernels, dtype, gguf_file, revision, quant, chat_template, 
     \b
     Examples:
       qadapt run model.Q4_0.gguf -p "Once upon a time" -n 64
-      qadapt run model.Q4_K_M.gguf -p "Once upon a time" --kernels q8   # llama.cpp's speed and arithmetic
+      qadapt run model.Q4_K_M.gguf -p "Once upon a time" --kernels exact   # float32, for verification
       qadapt run --demo --adapter upper -p "the cat sees a dog =>"
       qadapt run model.Q8_0.gguf -p "Hello" --mode dequantize --json
       qadapt run TheOrg/Repo-GGUF --gguf-file repo.Q4_K_M.gguf -p "Hi" -t 0.8 --seed 1

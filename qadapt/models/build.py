@@ -122,10 +122,12 @@ def build_decoder(cfg: ModelConfig, layer_map: LayerMap, spec: FamilySpec, src: 
     def tname(role: str, i: int | None = None) -> str | None:
         return spec.tensor_name(role, fmt, i)
 
-    def norm(role: str, i: int | None = None) -> nn.Module:
+    def norm(role: str, i: int | None = None, width: int | None = None) -> nn.Module:
         w = src.vector(tname(role, i))
-        if w.numel() != cfg.hidden_size:
-            raise FormatError(f"`{tname(role, i)}` has {w.numel()} values, expected hidden size {cfg.hidden_size}")
+        want = width or cfg.hidden_size
+        if w.numel() != want:
+            raise FormatError(f"`{tname(role, i)}` has {w.numel()} values, expected {want} "
+                              f"({'head_dim' if width else 'hidden size'})")
         bname = tname(role + "_bias", i)
         b = src.vector(bname) if bname and src.has(bname) else None
         return make_norm(spec, w, b, cfg.norm_eps)
@@ -145,7 +147,8 @@ def build_decoder(cfg: ModelConfig, layer_map: LayerMap, spec: FamilySpec, src: 
     blocks = []
     for i in progress(range(cfg.num_hidden_layers), desc=desc, unit="block"):
         linears = {ls.role: linear(ls, i) for ls in block_specs}
-        blocks.append(Block(cfg, spec, linears, norm("attn_norm", i), norm("mlp_norm", i), qkv_split, i))
+        qk = (norm("q_norm", i, cfg.head_dim), norm("k_norm", i, cfg.head_dim)) if spec.qk_norm else None
+        blocks.append(Block(cfg, spec, linears, norm("attn_norm", i), norm("mlp_norm", i), qkv_split, i, qk))
 
     embed_name = tname("embed")
     embed = src.embedding(embed_name, (cfg.vocab_size, cfg.hidden_size))

@@ -161,12 +161,14 @@ class Block(nn.Module):
     ``x + down(act(gate) * up)`` (or ``down(act(up))``) of the second norm."""
 
     def __init__(self, cfg: ModelConfig, spec: FamilySpec, linears: dict[str, nn.Module], attn_norm: nn.Module,
-                 mlp_norm: nn.Module, qkv_split: tuple[int, int, int] | None, layer_idx: int):
+                 mlp_norm: nn.Module, qkv_split: tuple[int, int, int] | None, layer_idx: int,
+                 qk_norms: tuple[nn.Module, nn.Module] | None = None):
         super().__init__()
         self.cfg, self.spec, self.layer_idx = cfg, spec, layer_idx
         self.linears = nn.ModuleDict(linears)
         self.attn_norm, self.mlp_norm = attn_norm, mlp_norm
         self.qkv_split = qkv_split
+        self.q_norm, self.k_norm = qk_norms or (None, None)  # per head, before rotary (Qwen3)
 
     def forward(self, x: torch.Tensor, step: StepPlan, cache: Any, ctx: Any) -> torch.Tensor:
         h = self.attn_norm.forward(x)
@@ -187,6 +189,8 @@ class Block(nn.Module):
         B, T = q.shape[:2]
         H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm.forward(q), self.k_norm.forward(k)
         if step.rope is not None:
             q, k = step.rope.apply(q, step.cos, step.sin), step.rope.apply(k, step.cos, step.sin)
         if cache is not None:

@@ -34,6 +34,13 @@ _QWEN_TENSORS = {
 }
 
 
+_QWEN3_TENSORS = {
+    **_LLAMA_TENSORS,
+    "q_norm": ("model.layers.{i}.self_attn.q_norm.weight", "blk.{i}.attn_q_norm.weight"),
+    "k_norm": ("model.layers.{i}.self_attn.k_norm.weight", "blk.{i}.attn_k_norm.weight"),
+}
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     name: str
@@ -42,6 +49,7 @@ class FamilySpec:
     positions: str = "rope"  # "rope" | "learned"
     tensors: dict[str, tuple[str, str]] = field(default_factory=lambda: dict(_LLAMA_TENSORS))
     tie_embeddings_default: bool = False
+    qk_norm: bool = False  # an RMSNorm over each query and key head, before rotary (Qwen3, Gemma 3)
 
     def tensor_name(self, role: str, fmt: str, i: int | None = None) -> str | None:
         """The tensor name of ``role`` in ``fmt`` ("hf" or "gguf"), or None if the family has none."""
@@ -56,6 +64,7 @@ FAMILIES: dict[str, FamilySpec] = {
     "llama": FamilySpec("llama"),
     "mistral": FamilySpec("mistral"),
     "qwen2": FamilySpec("qwen2"),
+    "qwen3": FamilySpec("qwen3", tensors=dict(_QWEN3_TENSORS), qk_norm=True),
     "phi3": FamilySpec("phi3"),
     "qwen": FamilySpec("qwen", tensors=dict(_QWEN_TENSORS)),
     "gpt2": FamilySpec(

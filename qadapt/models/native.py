@@ -45,7 +45,7 @@ def apply(decoder: Decoder, lib: Any) -> None:
     for mod in decoder.modules():
         if type(mod) is RMSNorm:
             mod.__class__ = NativeRMSNorm
-        elif type(mod) is Block:
+        elif type(mod) is Block and mod.q_norm is None:  # the fused step has no per-head norms: per op there
             mod.__class__ = NativeBlock
             mod._groups = {}
         if isinstance(mod, (NativeRMSNorm, NativeBlock)):

@@ -352,15 +352,17 @@ class GGMLLinear(BaseLinear):
     ``dequantize()`` always returns the exact gguf-py weights.
 
     ``kernels="exact"``: ``compute_dtype`` (float32, exact up to accumulation order; or
-    bfloat16) applies to the blockwise and dense paths; int4pack always computes in bf16.
-    Small inputs go through the native kernels when they are available (see :mod:`.kernels`):
-    float32 whatever ``compute_dtype`` says, since that is both exact and fastest there.
+    bfloat16) applies to the blockwise and dense paths. Small inputs go through the native
+    kernels when they are available (see :mod:`.kernels`): float32 whatever ``compute_dtype``
+    says, since that is both exact and fastest there.
 
-    ``kernels="q8"``: llama.cpp's arithmetic on the types the native library runs that way
-    (``NativeKernels.supports_q8``): inputs quantized to 8 bits per block of 32, integer dot
-    products per weight block (error bound in ``ggml_kernels.c``). Q4_0, Q8_0, Q4_K and Q6_K
-    are repacked once into the 8-row layout (every input size; the file's pages are released),
-    the others run on the file's bytes up to ``Q8_ROW_MAX_BATCH`` rows. Other types stay exact.
+    ``kernels="q8"`` / ``"auto"`` (the default): llama.cpp's arithmetic on the types the native
+    library runs that way (``NativeKernels.supports_q8``): inputs quantized to 8 bits per block of
+    32, integer dot products per weight block (error bound in ``ggml_kernels.c``). Q4_0, Q8_0,
+    Q4_K and Q6_K are repacked once into the 8-row layout (every input size; the file's pages are
+    released), the others run on the file's bytes up to ``Q8_ROW_MAX_BATCH`` rows. Other types,
+    and every type without the native library, take the exact paths, except the 4-bit types
+    without it, which take torch's int4 kernel (bf16 activations: fast, not exact).
     """
 
     def __init__(
@@ -386,10 +388,11 @@ class GGMLLinear(BaseLinear):
         bt = block_type(qtype)
         lib = native.library()
         path = kernel_path(qtype, compute_dtype)
-        if kernels == "q8" and lib is not None and lib.supports_q8(qtype):
+        if kernels != "exact" and lib is not None and lib.supports_q8(qtype):
             path = "q8"
-        if path == "int4pack" and not int4pack_fits(self.out_features, self.in_features, bt.int4_group or 0):
-            path = "blockwise"
+        if path == "int4pack" and (kernels == "exact"
+                                   or not int4pack_fits(self.out_features, self.in_features, bt.int4_group or 0)):
+            path = "blockwise"  # exact: float32 activations (int4pack computes in bf16)
         if path == "int4pack" and not _kernels.INT4PACK_WITH_NATIVE and lib is not None:
             path = "blockwise"  # the native kernels run it exactly, without a repacked copy
         self.path = path

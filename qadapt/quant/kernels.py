@@ -81,10 +81,16 @@ _PACK_CHUNK_ROWS = 1024
 SCRATCH_BYTES = 8 << 20
 
 
-#: ``kernels=`` choices of the in-place GGUF layers: ``exact`` (float32 activations, gguf-py's
-#: weights: the table above) or ``q8`` (llama.cpp's arithmetic: activations quantized to 8
-#: bits per block of 32, integer dot products; see ``native/ggml_kernels.c`` for its bound).
-KERNELS: tuple[str, ...] = ("exact", "q8")
+#: ``kernels=`` choices of the in-place GGUF layers: ``auto`` (the default: ``q8`` on every type the
+#: native library runs that way on this CPU, else the fastest torch path, ``int4pack`` for the 4-bit
+#: types), ``exact`` (float32 activations and gguf-py's weights on every type: the native float32
+#: kernels and float32 dequantization, never ``int4pack``'s bf16) or ``q8`` (llama.cpp's arithmetic:
+#: activations quantized to 8 bits per block of 32, integer dot products; see ``native/ggml_kernels.c``
+#: for its bound; as ``auto`` where the type or CPU cannot).
+KERNELS: tuple[str, ...] = ("auto", "exact", "q8")
+#: the environment variable that sets the default (``auto`` when unset): the test suite, whose references
+#: are float32, sets ``exact``
+KERNELS_ENV = "QADAPT_KERNELS"
 #: Input rows up to which ``q8`` runs on the file's layout (types without the 8-row layout);
 #: larger inputs dequantize blockwise (Q5_K 5632x2048, 2 threads: 8 rows 1.9 ms vs 128 rows ~30 ms).
 Q8_ROW_MAX_BATCH = 8
@@ -95,6 +101,20 @@ def check_kernels(kernels: str) -> None:
         from ..errors import InputError
 
         raise InputError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+
+
+def resolve_kernels(kernels: str | None) -> str:
+    """``kernels`` as given, or the default: ``$QADAPT_KERNELS``, else ``auto``."""
+    import os
+
+    if kernels is None:
+        kernels = os.environ.get(KERNELS_ENV, "").strip() or "auto"
+        if kernels not in KERNELS:
+            from ..errors import InputError
+
+            raise InputError(f"${KERNELS_ENV} must be one of {', '.join(KERNELS)}, got {kernels!r}")
+    check_kernels(kernels)
+    return kernels
 
 
 def kernel_path(qtype: str, compute_dtype: torch.dtype = torch.float32) -> str:
