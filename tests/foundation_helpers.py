@@ -22,13 +22,18 @@ TINY_CONFIGS = {
     "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=64),
     "qwen3": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   head_dim=12),
+    "gemma2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=12),
+    "gemma3_text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=12),
 }
 ALL_TARGETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"],
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"],
     "gpt2": ["c_attn", "c_proj", "c_fc", "lm_head"],
 }
-ALL_TARGETS["mistral"] = ALL_TARGETS["qwen2"] = ALL_TARGETS["qwen3"] = ALL_TARGETS["llama"]
+for _arch in ("mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"):
+    ALL_TARGETS[_arch] = ALL_TARGETS["llama"]
 
 
 def orderings_dir() -> Path:

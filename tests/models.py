@@ -213,8 +213,12 @@ def tiny_arch(arch: str, seed: int = 0, wide: bool = False):
         kw["sliding_window"] = 6
     if arch == "phi3":
         kw.update(phi3_longrope((256 if wide else 64) // 4))
-    if arch == "qwen3":
-        kw["head_dim"] = 24 if not wide else 128  # explicit, not hidden / heads (as Qwen3's checkpoints)
+    if arch in ("qwen3", "gemma2", "gemma3_text"):
+        kw["head_dim"] = 24 if not wide else 128  # explicit, not hidden / heads (as these checkpoints)
+    if arch.startswith("gemma"):  # llama.cpp scales queries by 1/sqrt(head_dim): the checkpoints' own choice
+        kw.update(query_pre_attn_scalar=kw["head_dim"], sliding_window=6)
+    if arch == "gemma3_text":
+        kw["num_hidden_layers"] = 6  # five sliding layers, then a global one (GGUF carries no other pattern)
     return tiny_hf(arch, seed=seed, **kw)
 
 

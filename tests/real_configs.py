@@ -86,6 +86,25 @@ REAL = {
         "max_position_embeddings": 40960, "max_window_layers": 36, "model_type": "qwen3", "rms_norm_eps": 1e-06,
         "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": False,
         "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False},
+    # google/gemma-2-2b-it: soft-capped scores and logits, alternating sliding windows (4096, shrunk to 4),
+    # query_pre_attn_scalar = head_dim (256, shrunk with it), tied embeddings
+    "gemma-2-2b": {
+        "architectures": ["Gemma2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "attn_logit_softcapping": 50.0, "bos_token_id": 2, "cache_implementation": "hybrid", "eos_token_id": [1, 107],
+        "final_logit_softcapping": 30.0, "head_dim": 24, "hidden_act": "gelu_pytorch_tanh",
+        "hidden_activation": "gelu_pytorch_tanh", "initializer_range": 0.02, "max_position_embeddings": 8192,
+        "model_type": "gemma2", "pad_token_id": 0, "query_pre_attn_scalar": 24, "rms_norm_eps": 1e-06,
+        "rope_theta": 10000.0, "sliding_window": 4, "torch_dtype": "float32", "use_cache": True},
+    # google/gemma-3-1b-it: per-head q/k norms, five local layers (window 512 shrunk to 4, rotary base 10000)
+    # to one global (base 1e6); the vocabulary is the converter's tokenizer's (it drops rows past it)
+    "gemma-3-1b": {
+        "architectures": ["Gemma3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "attn_logit_softcapping": None, "bos_token_id": 2, "cache_implementation": "hybrid", "eos_token_id": [1, 106],
+        "final_logit_softcapping": None, "head_dim": 24, "hidden_activation": "gelu_pytorch_tanh",
+        "initializer_range": 0.02, "max_position_embeddings": 32768, "model_type": "gemma3_text",
+        "num_hidden_layers": 6, "pad_token_id": 0, "query_pre_attn_scalar": 24, "rms_norm_eps": 1e-06,
+        "rope_local_base_freq": 10000, "rope_scaling": None, "rope_theta": 1000000, "sliding_window": 4,
+        "sliding_window_pattern": 6, "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 300},
     # microsoft/Phi-4-mini-instruct: partial_rotary_factor 0.75, LongRoPE (original 4096 shrunk to 16), tied
     "phi-4-mini": {
         "architectures": ["Phi3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 1,
@@ -99,14 +118,17 @@ REAL = {
         "use_cache": True},
 }
 
+# google/gemma-3-4b-it's text model: Gemma 3 1B's fields with linear rope scaling (factor 8) on the global layers
+REAL["gemma-3-4b-text"] = {**REAL["gemma-3-1b"], "rope_scaling": {"factor": 8.0, "rope_type": "linear"}}
 # Qwen/Qwen3-0.6B: Qwen3-8B's fields with tied embeddings and head_dim 128 over hidden 1024 / 16 heads (64)
 REAL["qwen3-0.6b"] = {**REAL["qwen3-8b"], "head_dim": 32, "max_window_layers": 28, "tie_word_embeddings": True}
 
 
 def config(name: str, **sizes) -> dict:
-    """The shrunk config.json dict of checkpoint ``name`` (``sizes`` override the default small sizes)."""
+    """The shrunk config.json dict of checkpoint ``name`` (``sizes`` override the default small sizes; a real
+    config's own layer count or vocabulary, where the test needs it, stays)."""
     cfg = copy.deepcopy(REAL[name])
-    cfg.update(SIZES)
+    cfg.update({k: v for k, v in SIZES.items() if k not in ("num_hidden_layers", "vocab_size") or k not in cfg})
     cfg.update(sizes)
     return cfg
 
@@ -176,7 +198,8 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 def dequantized_model(model, gguf_path: Path, arch: str):
     """``model`` (transformers) with every weight replaced by gguf-py's dequantization of the GGUF tensor that
     gguf-py's name map gives for it; llama.cpp's q/k row permutation undone for the llama family. Only gguf-py
-    and transformers are involved: the reference for logits of a converter-written file.
+    and transformers are involved: the reference for logits of a converter-written file (Gemma's norms, which
+    the converter stores as 1 + w, given back to transformers as w).
 
     A sliding window the file does not carry is dropped from the reference: llama.cpp's converter writes none
     for Mistral 7B v0.1 (llama.cpp runs it with full attention), so full attention is what the file describes."""
@@ -203,5 +226,7 @@ def dequantized_model(model, gguf_path: Path, arch: str):
             w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(p.shape).astype(np.float32)
             if permute and key.endswith(("q_proj.weight", "k_proj.weight")):
                 w = _unpermute(w, c.num_attention_heads if "q_proj" in key else c.num_key_value_heads)
+            if arch.startswith("GEMMA") and key.endswith("norm.weight"):
+                w = w - 1  # the converter stores Gemma's 1 + w; transformers adds the 1 itself
             p.copy_(torch.from_numpy(np.ascontiguousarray(w)))
     return ref

@@ -31,7 +31,12 @@ from qadapt.layer_maps import get_layer_map
 
 from models import qwen1_checkpoint, save_hf, save_tokenizer, tiny_arch, tokenizer_metadata, write_quantized
 
-ARCHS = ["llama", "mistral", "phi3", "qwen2", "qwen3", "gpt2"]
+ARCHS = ["llama", "mistral", "phi3", "qwen2", "qwen3", "gemma2", "gemma3_text", "gpt2"]
+
+
+def _lm(arch: str) -> str:
+    """The layer map of a transformers model type (Gemma 3's text model is `gemma3_text` there)."""
+    return {"gemma3_text": "gemma3"}.get(arch, arch)
 INT4_KERNEL = {"Q4_0", "Q4_1", "Q4_K"}
 # 12 tokens pass Phi-3's original context of 8 (long LongRoPE factors) and Mistral's/Phi-3's windows;
 # 6 tokens stay inside it (short factors)
@@ -115,7 +120,7 @@ def test_gguf_logits_match_transformers(zoo, arch, qtype):
     path, ref = zoo(arch, f"gguf-{qtype}")
     for mode in ("dequantize", "inplace"):
         m = qadapt.load(path, mode=mode)
-        assert m.architecture == ("llama" if arch == "mistral" else arch)  # Mistral GGUFs declare `llama`
+        assert m.architecture == ("llama" if arch == "mistral" else _lm(arch))  # Mistral GGUFs declare `llama`
         assert m.base_format == "gguf"
         for ids in (IDS_SHORT, IDS_LONG):
             _check(m.logits(ids), _ref_logits(ref, ids), mode, qtype)
@@ -129,7 +134,7 @@ def test_hf_checkpoint_logits_match_transformers(zoo, arch, base):
     if base == "hf-sharded":
         assert (path / "model.safetensors.index.json").is_file()
     m = qadapt.load(path)
-    assert m.base_format == "full" and m.architecture == arch and m.tokenizer is not None
+    assert m.base_format == "full" and m.architecture == _lm(arch) and m.tokenizer is not None
     for ids in (IDS_SHORT, IDS_LONG):
         torch.testing.assert_close(m.logits(ids), _ref_logits(ref, ids), atol=1e-4, rtol=1e-5)
     g = m.generate("the cat", max_new_tokens=4)
@@ -142,7 +147,7 @@ def test_insitu_quantization_equals_gguf_py(zoo, arch, qtype):
     """Each quantized weight equals gguf-py's quantize-then-dequantize exactly; logits match transformers
     on those weights in both modes."""
     path, ref = zoo(arch, f"hf-{qtype}")
-    lm = get_layer_map(arch)
+    lm = get_layer_map(_lm(arch))
     for mode in ("inplace", "dequantize"):
         m = qadapt.load(path, quant=qtype, mode=mode)
         assert m.base_format == "gguf" and m.base_format_quant == qtype
@@ -162,7 +167,7 @@ def _make_adapter(base, out, arch: str, seed: int):
     """PEFT adapter on every target module of the layer map (lm_head included), random non-zero A and B."""
     import peft
 
-    targets = list(get_layer_map(arch).target_names)
+    targets = list(get_layer_map(_lm(arch)).target_names)
     torch.manual_seed(seed)
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False,
                           fan_in_fan_out=arch == "gpt2")
@@ -191,7 +196,7 @@ def test_adapter_on_every_target_matches_peft(zoo, tmp_path, arch, base):
     Phi-3, Conv1D with fan_in_fan_out for GPT-2, lm_head) over the dequantized transformers model."""
     path, ref = zoo(arch, base)
     folder, wrapped = _make_adapter(ref, tmp_path / "a", arch, seed=7)
-    lm = get_layer_map(arch)
+    lm = get_layer_map(_lm(arch))
     n = ref.config.num_hidden_layers if arch != "gpt2" else ref.config.n_layer
     assert wrapped == {r.path for r in lm.enumerate_modules(n)}  # PEFT wrapped exactly the table's modules
     quant = base[3:] if base.startswith("hf-") else None

@@ -36,7 +36,7 @@ def test_gptq_hint_and_unsupported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(raw))
     assert describe_model(model=str(tmp_path)).base_format_hint == "gptq"
     (tmp_path / "config.json").write_text(json.dumps({**raw, "model_type": "gemma"}))
-    with pytest.raises(UnsupportedError, match="gemma.*supported: gpt2, llama"):
+    with pytest.raises(UnsupportedError, match="gemma.*supported: gemma2, gemma3, gpt2, llama"):
         describe_model(model=str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(InputError, match="config.json.*hidden_size"):

@@ -251,7 +251,7 @@ FH_FORMS = {
 }
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2"])
 @pytest.mark.parametrize("form", list(FH_FORMS))
 def test_targets_equal_peft_on_every_layer_map(arch, form):
     """What qadapt applies (its plan: LoRA targets and the embedding) equals what PEFT's own injection wraps."""
@@ -265,7 +265,7 @@ def test_targets_equal_peft_on_every_layer_map(arch, form):
 
     kwargs = FH_FORMS[form](fh.ALL_TARGETS[arch])
     model = fh.tiny_model(arch)
-    lm = get_layer_map(arch)
+    lm = get_layer_map({"gemma3_text": "gemma3"}.get(arch, arch))
     try:
         wrapped = inject_adapter_in_model(LoraConfig(**kwargs), copy.deepcopy(model))
     except ValueError as e:

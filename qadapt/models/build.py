@@ -130,6 +130,8 @@ def build_decoder(cfg: ModelConfig, layer_map: LayerMap, spec: FamilySpec, src: 
                               f"({'head_dim' if width else 'hidden size'})")
         bname = tname(role + "_bias", i)
         b = src.vector(bname) if bname and src.has(bname) else None
+        if spec.gemma and fmt == "hf":  # transformers applies 1 + w (llama.cpp's converter stores w + 1)
+            w = w.float() + 1
         return make_norm(spec, w, b, cfg.norm_eps)
 
     def linear(ls, i):
@@ -148,7 +150,8 @@ def build_decoder(cfg: ModelConfig, layer_map: LayerMap, spec: FamilySpec, src: 
     for i in progress(range(cfg.num_hidden_layers), desc=desc, unit="block"):
         linears = {ls.role: linear(ls, i) for ls in block_specs}
         qk = (norm("q_norm", i, cfg.head_dim), norm("k_norm", i, cfg.head_dim)) if spec.qk_norm else None
-        blocks.append(Block(cfg, spec, linears, norm("attn_norm", i), norm("mlp_norm", i), qkv_split, i, qk))
+        post = (norm("post_attn_norm", i), norm("post_mlp_norm", i)) if "post_attn_norm" in spec.tensors else None
+        blocks.append(Block(cfg, spec, linears, norm("attn_norm", i), norm("mlp_norm", i), qkv_split, i, qk, post))
 
     embed_name = tname("embed")
     embed = src.embedding(embed_name, (cfg.vocab_size, cfg.hidden_size))

@@ -28,6 +28,15 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # Gemma-style attention and output (None: absent): per layer "full" or "sliding" (the window on the second
+    # kind only), the query scale (default head_dim ** -0.5), tanh soft-capping of attention scores and logits,
+    # the embedding scale, the sliding layers' own rotary (Gemma 3's local base)
+    layer_kinds: tuple[str, ...] | None = None
+    attn_scale: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    embed_scale: float | None = None
+    local_rope: RopeSpec | None = None
 
     def __post_init__(self) -> None:
         if self.rope is None:
@@ -75,34 +84,86 @@ def _eos_tuple(v: Any) -> tuple[int, ...]:
     return (int(v),)
 
 
+def _kinds(pattern: int | None, n: int, window: Any) -> tuple[str, ...] | None:
+    """A sliding-window pattern as per-layer kinds (every ``pattern``-th layer full, llama.cpp's and
+    transformers' rule), or None without one."""
+    if not pattern or not window:
+        return None
+    return tuple("full" if (i + 1) % pattern == 0 else "sliding" for i in range(n))
+
+
+def _gemma(spec, shapes: Mapping[str, int], **given: Any) -> dict[str, Any]:
+    """The Gemma fields of a family that has them (``spec.gemma``)."""
+    if not getattr(spec, "gemma", False):
+        return {}
+    return {"embed_scale": float(shapes["hidden_size"]) ** 0.5, **given}
+
+
 def config_from_gguf(gf, layer_map: LayerMap) -> ModelConfig:
     """From a :class:`~qadapt.formats.gguf.GGUFFile`'s metadata."""
+    from .family import FAMILIES
+
     meta = gf.arch_metadata
     shapes = layer_map.normalise_gguf_metadata(meta)
     eps = meta.get("attention.layer_norm_rms_epsilon", meta.get("attention.layer_norm_epsilon", 1e-5))
     tie = "output.weight" not in gf.tensors
     rope = rope_from_gguf(gf, meta, shapes["head_dim"])
+    spec = FAMILIES.get(layer_map.architecture)
+    window = meta.get("attention.sliding_window") or None
+    gemma = {}
+    if spec is not None and spec.gemma:
+        # llama.cpp's rules: queries scaled by 1/sqrt(head_dim), or 1/sqrt(hidden/heads) on the 27B models
+        # (their query_pre_attn_scalar; GGUF carries none); local layers' rotary base 10000 (Gemma 3)
+        big = shapes["num_hidden_layers"] in spec.gguf_27b_layers
+        scalar = shapes["hidden_size"] / shapes["num_attention_heads"] if big else shapes["head_dim"]
+        local = None
+        if spec.local_rope_theta:
+            local = RopeSpec("default", spec.local_rope_theta, rope.dim, rope.max_positions)
+        gemma = _gemma(spec, shapes, layer_kinds=_kinds(spec.swa_pattern, shapes["num_hidden_layers"], window),
+                       attn_scale=float(scalar) ** -0.5, attn_softcap=meta.get("attn_logit_softcapping") or None,
+                       final_softcap=meta.get("final_logit_softcapping") or None, local_rope=local)
     return ModelConfig(
         architecture=layer_map.architecture,
         **shapes,
         norm_eps=float(eps),
         rope=rope,
         context_length=rope.context(),
-        sliding_window=meta.get("attention.sliding_window") or None,
+        sliding_window=window,
         tie_embeddings=tie,
         bos_token_id=gf.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=_eos_tuple(gf.get("tokenizer.ggml.eos_token_id")),
+        **gemma,
     ).validate(str(gf.path))
 
 
 def config_from_hf(raw: Mapping[str, Any], layer_map: LayerMap, where: str, default_tie: bool) -> ModelConfig:
     """From a transformers ``config.json`` dict."""
+    from .family import FAMILIES
+
     shapes = layer_map.normalise_hf_config(raw)
     rope = rope_from_hf(raw, shapes["head_dim"], where)
     eps = raw.get("rms_norm_eps", raw.get("layer_norm_epsilon", raw.get("layer_norm_eps", 1e-5)))
     window = raw.get("sliding_window")
     if raw.get("use_sliding_window") is False:
         window = None
+    spec = FAMILIES.get(layer_map.architecture)
+    gemma = {}
+    if spec is not None and spec.gemma:
+        types = raw.get("layer_types")
+        if types is not None:
+            kinds = tuple({"sliding_attention": "sliding", "full_attention": "full"}.get(t, t) for t in types)
+            bad = [t for t in kinds if t not in ("full", "sliding")]
+            if bad or len(kinds) != shapes["num_hidden_layers"]:
+                raise FormatError(f"{where}: `layer_types` must list sliding_attention / full_attention for each of "
+                                  f"the {shapes['num_hidden_layers']} layers, got {types!r}")
+        else:
+            kinds = _kinds(raw.get("sliding_window_pattern", spec.swa_pattern), shapes["num_hidden_layers"], window)
+        local = rope_from_hf(raw, shapes["head_dim"], where, "sliding_attention") if spec.local_rope_theta else None
+        scalar = raw.get("query_pre_attn_scalar")
+        gemma = _gemma(spec, shapes, layer_kinds=kinds if window else None,
+                       attn_scale=float(scalar) ** -0.5 if scalar else None,
+                       attn_softcap=raw.get("attn_logit_softcapping") or None,
+                       final_softcap=raw.get("final_logit_softcapping") or None, local_rope=local)
     return ModelConfig(
         architecture=layer_map.architecture,
         **shapes,
@@ -113,4 +174,5 @@ def config_from_hf(raw: Mapping[str, Any], layer_map: LayerMap, where: str, defa
         tie_embeddings=bool(raw.get("tie_word_embeddings", default_tie)),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=_eos_tuple(raw.get("eos_token_id")),
+        **gemma,
     ).validate(where)

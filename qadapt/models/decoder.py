@@ -130,6 +130,20 @@ def _act(name: str, x: torch.Tensor) -> torch.Tensor:
     return F.silu(x) if name == "silu" else F.gelu(x, approximate="tanh")
 
 
+def _capped_attention(q, k, v, mask, scale: float | None, cap: float) -> torch.Tensor:
+    """Attention with tanh soft-capped scores (Gemma 2: ``cap * tanh(s / cap)`` before the mask), which
+    scaled_dot_product_attention has no form for: q [B, T, H, D], k/v [B, Hkv, S, D] -> [B, T, H*D]."""
+    B, T, H, D = q.shape
+    rep = H // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = torch.matmul(q.transpose(1, 2), k.transpose(2, 3)) * (scale if scale is not None else D ** -0.5)
+    s = torch.tanh(s / cap) * cap
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    a = torch.matmul(torch.softmax(s.float(), -1).to(q.dtype), v)
+    return a.transpose(1, 2).reshape(B, T, H * D)
+
+
 def call_linear(m: nn.Module, x: torch.Tensor, ctx: Any) -> torch.Tensor:
     """Adapter wrappers take the per-forward context (active adapters, X-LoRA scalings); base layers don't.
 
@@ -147,6 +161,8 @@ class StepPlan:
     rope: Rotary | None
     cos: torch.Tensor | None = None  # [B, T, 1, rope_dim]
     sin: torch.Tensor | None = None
+    #: the sliding layers' own (mask, cos, sin) where layers differ (Gemma: windowed local layers, their rotary)
+    local: tuple | None = None
 
 
 @dataclass
@@ -162,13 +178,23 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, spec: FamilySpec, linears: dict[str, nn.Module], attn_norm: nn.Module,
                  mlp_norm: nn.Module, qkv_split: tuple[int, int, int] | None, layer_idx: int,
-                 qk_norms: tuple[nn.Module, nn.Module] | None = None):
+                 qk_norms: tuple[nn.Module, nn.Module] | None = None,
+                 post_norms: tuple[nn.Module, nn.Module] | None = None):
         super().__init__()
         self.cfg, self.spec, self.layer_idx = cfg, spec, layer_idx
         self.linears = nn.ModuleDict(linears)
         self.attn_norm, self.mlp_norm = attn_norm, mlp_norm
         self.qkv_split = qkv_split
-        self.q_norm, self.k_norm = qk_norms or (None, None)  # per head, before rotary (Qwen3)
+        self.q_norm, self.k_norm = qk_norms or (None, None)  # per head, before rotary (Qwen3, Gemma 3)
+        self.post_attn_norm, self.post_mlp_norm = post_norms or (None, None)  # Gemma's sandwich norms
+        self.kind = cfg.layer_kinds[layer_idx] if cfg.layer_kinds else "full"
+
+    @property
+    def standard(self) -> bool:
+        """A Llama-shaped block (what the fused native decode step runs)."""
+        c = self.cfg
+        return self.q_norm is None and self.post_attn_norm is None and c.layer_kinds is None and \
+            c.attn_softcap is None and c.attn_scale is None
 
     def forward(self, x: torch.Tensor, step: StepPlan, cache: Any, ctx: Any) -> torch.Tensor:
         h = self.attn_norm.forward(x)
@@ -176,8 +202,10 @@ class Block(nn.Module):
             q, k, v = call_linear(self.linears["qkv"], h, ctx).split(self.qkv_split, dim=-1)
         else:
             q, k, v = self.project(("q", "k", "v"), h, ctx)
-        a = self.attend(q, k, v, step, cache)
-        return self.mlp(x + self.project(("o",), a, ctx)[0], ctx)
+        a = self.project(("o",), self.attend(q, k, v, step, cache), ctx)[0]
+        if self.post_attn_norm is not None:
+            a = self.post_attn_norm.forward(a)
+        return self.mlp(x + a, ctx)
 
     def project(self, roles: tuple[str, ...], h: torch.Tensor, ctx: Any) -> list[torch.Tensor]:
         """The linears ``roles`` on the same input ``h``."""
@@ -191,19 +219,23 @@ class Block(nn.Module):
         q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
         if self.q_norm is not None:
             q, k = self.q_norm.forward(q), self.k_norm.forward(k)
+        mask, cos, sin = step.local if self.kind == "sliding" and step.local else (step.mask, step.cos, step.sin)
         if step.rope is not None:
-            q, k = step.rope.apply(q, step.cos, step.sin), step.rope.apply(k, step.cos, step.sin)
+            q, k = step.rope.apply(q, cos, sin), step.rope.apply(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, step.positions, k, v)  # [B, Hkv, S, D]
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         k, v = k.to(q.dtype), v.to(q.dtype)
+        scale = cfg.attn_scale
+        if cfg.attn_softcap is not None:
+            return _capped_attention(q, k, v, mask, scale, cfg.attn_softcap)
         if T == 1:
             # one query per row: a KV head's H/Hkv query heads are the rows of one [rep, D] query
             # (no copies of the keys per query head); the mask [B, 1, 1, S] broadcasts over them
-            a = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, D), k, v, attn_mask=step.mask)
+            a = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, D), k, v, attn_mask=mask, scale=scale)
             return a.reshape(B, 1, H * D)
-        a = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=step.mask, enable_gqa=H != Hkv)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=H != Hkv, scale=scale)
         return a.transpose(1, 2).reshape(B, T, H * D)
 
     def mlp(self, x: torch.Tensor, ctx: Any) -> torch.Tensor:
@@ -216,7 +248,10 @@ class Block(nn.Module):
             h = _act(self.spec.act, gate) * up
         else:
             h = _act(self.spec.act, call_linear(self.linears["up"], h, ctx))
-        return x + call_linear(self.linears["down"], h, ctx)
+        h = call_linear(self.linears["down"], h, ctx)
+        if self.post_mlp_norm is not None:
+            h = self.post_mlp_norm.forward(h)
+        return x + h
 
 
 #: tokens per chunk of a long cached prefill (see Decoder.forward): exact kernels, and the q8 runtime
@@ -234,16 +269,20 @@ class Decoder(nn.Module):
         self.final_norm = final_norm
         self.lm_head = lm_head
         self.rope = rope
+        #: the sliding layers' rotary where it differs from the others' (Gemma 3's local base)
+        self.rope_local = Rotary(cfg.local_rope, rope.max_pos) if rope is not None and cfg.local_rope else None
         #: a cached forward that needs only the last position's logits runs at most this many tokens
         #: (rows x positions) at a time: activation memory is bounded whatever the prompt's length
         self.prefill_chunk = PREFILL_CHUNK
 
-    def mask(self, positions: torch.Tensor, n_keys: int | None) -> torch.Tensor | None:
-        """Boolean [B, 1, T, S]: key j is visible from a query at position p iff j <= p (and within the window).
+    def mask(self, positions: torch.Tensor, n_keys: int | None, window: int | None = -1) -> torch.Tensor | None:
+        """Boolean [B, 1, T, S]: key j is visible from a query at position p iff j <= p (and within the window:
+        the config's, unless ``window`` is given; None: no window).
 
         None for a cached decode step whose rows all sit at the last of the ``n_keys`` slots: they see them all
         (unless a sliding window cuts some)."""
-        window = self.cfg.sliding_window
+        if window == -1:
+            window = None if self.cfg.layer_kinds else self.cfg.sliding_window
         if n_keys is not None and positions.shape[1] == 1 and not (window and n_keys > window):
             if positions.shape[0] == 1 or int(positions.min()) == n_keys - 1:
                 return None
@@ -297,6 +336,8 @@ class Decoder(nn.Module):
         if ctx is not None and getattr(ctx, "alora", None):
             ctx.extra["positions"] = positions  # this chunk's: where aLoRA deltas apply
         x = self.embed(ids, ctx) if getattr(self.embed, "takes_context", False) else self.embed(ids)
+        if self.cfg.embed_scale is not None:  # Gemma: sqrt(hidden), in the weights' dtype as transformers does
+            x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         n_keys = None if cache is None else cache.prepare(positions)
@@ -306,6 +347,9 @@ class Decoder(nn.Module):
         if last_only:
             x = x[:, -1:]
         out = call_linear(self.lm_head, x, ctx).float() if logits else None
+        if out is not None and self.cfg.final_softcap is not None:
+            cap = self.cfg.final_softcap
+            out = torch.tanh(out / cap) * cap
         return ForwardOutput(out, x)
 
     def step_plan(self, positions: torch.Tensor, n_keys: int | None, rope_top: int | None, cache: Any) -> StepPlan:
@@ -313,6 +357,10 @@ class Decoder(nn.Module):
         step = StepPlan(positions, self.mask(positions, n_keys), self.rope)
         if self.rope is not None:
             step.cos, step.sin = self.rope.tables(positions, rope_top or n_keys)
+        if self.cfg.layer_kinds and "sliding" in self.cfg.layer_kinds:
+            rope = self.rope_local or self.rope
+            cos, sin = rope.tables(positions, rope_top or n_keys) if rope is not None else (None, None)
+            step.local = (self.mask(positions, n_keys, self.cfg.sliding_window), cos, sin)
         return step
 
     def layers(self, x: torch.Tensor, step: StepPlan, cache: Any, ctx: Any) -> torch.Tensor:

@@ -41,6 +41,15 @@ _QWEN3_TENSORS = {
 }
 
 
+_GEMMA2_TENSORS = {
+    **_LLAMA_TENSORS,
+    "post_attn_norm": ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.post_attention_norm.weight"),
+    "mlp_norm": ("model.layers.{i}.pre_feedforward_layernorm.weight", "blk.{i}.ffn_norm.weight"),
+    "post_mlp_norm": ("model.layers.{i}.post_feedforward_layernorm.weight", "blk.{i}.post_ffw_norm.weight"),
+}
+_GEMMA3_TENSORS = {**_GEMMA2_TENSORS, **{k: v for k, v in _QWEN3_TENSORS.items() if k in ("q_norm", "k_norm")}}
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     name: str
@@ -50,6 +59,14 @@ class FamilySpec:
     tensors: dict[str, tuple[str, str]] = field(default_factory=lambda: dict(_LLAMA_TENSORS))
     tie_embeddings_default: bool = False
     qk_norm: bool = False  # an RMSNorm over each query and key head, before rotary (Qwen3, Gemma 3)
+    # Gemma: norms stored as w and applied as 1 + w in transformers (llama.cpp's converter adds the 1), norms
+    # after attention and MLP too, embeddings scaled by sqrt(hidden), GeGLU; the config's sliding pattern
+    # (every n-th layer full), the local layers' rotary base in GGUF, the 27B layer counts whose queries
+    # llama.cpp scales by 1/sqrt(hidden/heads)
+    gemma: bool = False
+    swa_pattern: int | None = None
+    local_rope_theta: float | None = None
+    gguf_27b_layers: tuple[int, ...] = ()
 
     def tensor_name(self, role: str, fmt: str, i: int | None = None) -> str | None:
         """The tensor name of ``role`` in ``fmt`` ("hf" or "gguf"), or None if the family has none."""
@@ -67,6 +84,10 @@ FAMILIES: dict[str, FamilySpec] = {
     "qwen3": FamilySpec("qwen3", tensors=dict(_QWEN3_TENSORS), qk_norm=True),
     "phi3": FamilySpec("phi3"),
     "qwen": FamilySpec("qwen", tensors=dict(_QWEN_TENSORS)),
+    "gemma2": FamilySpec("gemma2", act="gelu_tanh", tensors=dict(_GEMMA2_TENSORS), tie_embeddings_default=True,
+                         gemma=True, swa_pattern=2, gguf_27b_layers=(46,)),
+    "gemma3": FamilySpec("gemma3", act="gelu_tanh", tensors=dict(_GEMMA3_TENSORS), tie_embeddings_default=True,
+                         qk_norm=True, gemma=True, swa_pattern=6, local_rope_theta=10000.0, gguf_27b_layers=(62,)),
     "gpt2": FamilySpec(
         "gpt2", norm="layer", act="gelu_tanh", positions="learned", tensors=dict(_GPT2_TENSORS),
         tie_embeddings_default=True,

@@ -76,7 +76,8 @@ def export_gguf(
         for i in range(cfg.num_hidden_layers) if per_block else [None]:
             h = hf.format(i=i) if per_block else hf
             if h in sd:
-                tensors.append((gg.format(i=i) if per_block else gg, sd[h]))
+                w = sd[h] + 1 if spec.gemma and "norm" in role else sd[h]  # as llama.cpp's converter stores them
+                tensors.append((gg.format(i=i) if per_block else gg, w))
     for ls in layer_map.layers:
         per_block = ls.per_block
         for i in range(cfg.num_hidden_layers) if per_block else [None]:
@@ -116,6 +117,10 @@ def export_gguf(
             writer.add_value_length(cfg.head_dim)
         if cfg.sliding_window:
             writer.add_sliding_window(int(cfg.sliding_window))
+        if cfg.attn_softcap:
+            writer.add_attn_logit_softcapping(float(cfg.attn_softcap))
+        if cfg.final_softcap:
+            writer.add_final_logit_softcapping(float(cfg.final_softcap))
         if spec.positions == "rope":
             tensors += _rope_scaling(writer, cfg.rope, path)
         writer.add_file_type(int(gguf.LlamaFileType.ALL_F32) if qtype == "F32" else 1)

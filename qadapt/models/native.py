@@ -45,7 +45,7 @@ def apply(decoder: Decoder, lib: Any) -> None:
     for mod in decoder.modules():
         if type(mod) is RMSNorm:
             mod.__class__ = NativeRMSNorm
-        elif type(mod) is Block and mod.q_norm is None:  # the fused step has no per-head norms: per op there
+        elif type(mod) is Block and mod.standard:  # the fused step runs Llama-shaped blocks; others per op
             mod.__class__ = NativeBlock
             mod._groups = {}
         if isinstance(mod, (NativeRMSNorm, NativeBlock)):
@@ -240,7 +240,7 @@ class NativeDecoder(Decoder):
 
     def step_plan(self, positions: torch.Tensor, n_keys: int | None, rope_top: int | None, cache: Any) -> StepPlan:
         base = super().step_plan(positions, n_keys, rope_top, cache)
-        step = NativeStep(base.positions, base.mask, base.rope, base.cos, base.sin)
+        step = NativeStep(base.positions, base.mask, base.rope, base.cos, base.sin, base.local)
         B, T = positions.shape
         if self.rope is not None and T == 1 and isinstance(cache, KVCache) and cache.k[0].dtype == torch.float32 \
                 and self.rope.dim % 2 == 0:

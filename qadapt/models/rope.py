@@ -126,13 +126,26 @@ def _num(params: Mapping[str, Any], key: str, where: str, default: Any = None) -
     return v
 
 
-def rope_from_hf(raw: Mapping[str, Any], head_dim: int, where: str) -> RopeSpec:
-    """From ``config.json``: ``rope_parameters`` (transformers 5) or ``rope_scaling`` + ``rope_theta``."""
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def rope_from_hf(raw: Mapping[str, Any], head_dim: int, where: str, layer_type: str = "full_attention") -> RopeSpec:
+    """From ``config.json``: ``rope_parameters`` (transformers 5; per layer type, as Gemma 3 writes them:
+    ``layer_type`` picks one) or ``rope_scaling`` + ``rope_theta`` (Gemma 3's local layers:
+    ``rope_local_base_freq``, unscaled)."""
     params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     if not isinstance(params, dict):
         raise FormatError(f"{where}: `rope_scaling` must be an object, got {params!r}")
     if any(isinstance(v, dict) for v in params.values()):
-        raise UnsupportedError(f"{where}: rope parameters per layer type ({', '.join(params)}) are not supported")
+        unknown = [k for k in params if k not in LAYER_TYPES]
+        if unknown:
+            raise UnsupportedError(f"{where}: rope parameters for layer type(s) {', '.join(unknown)} are not supported")
+        raw = {**raw, "rope_parameters": params.get(layer_type) or {}}
+        return rope_from_hf(raw, head_dim, where)
+    if layer_type == "sliding_attention" and raw.get("rope_local_base_freq") is not None:
+        raw = {**raw, "rope_parameters": {"rope_type": "default", "rope_theta": raw["rope_local_base_freq"]},
+               "rope_scaling": None}
+        return rope_from_hf(raw, head_dim, where)
     kind = str(params.get("rope_type", params.get("type", "default")) or "default").lower()
     kind = {"su": "longrope", "none": "default"}.get(kind, kind)
     if kind not in KINDS:
