@@ -135,6 +135,13 @@ class Model:
         spec, idx = hit
         if idx is None:
             return self.decoder, "lm_head"
+        if spec.per_expert:
+            from .layer_maps import expert_of
+
+            e = expert_of(path, spec)
+            if e is None or e >= self.config.num_experts:
+                raise InputError(f"{path}: this {self.architecture} base has {self.config.num_experts} experts")
+            return self.decoder.blocks[idx].experts[e], spec.role
         return self.decoder.blocks[idx].linears, spec.role
 
     def _wrapper(self, path: str):
@@ -401,7 +408,7 @@ class Model:
 
     # ------------------------------------------------------------------ introspection
     def targetable_layers(self) -> list[str]:
-        return [r.path for r in self.layer_map.enumerate_modules(self.config.num_hidden_layers)]
+        return [r.path for r in self.layer_map.modules(self.config.shapes)]
 
     def memory_bytes(self) -> int:
         from .models.build import model_bytes

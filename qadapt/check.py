@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import InputError, QadaptError, SourceError, UnsupportedError, did_you_mean
-from .layer_maps import LayerMap, base_format_of, supported_architectures
+from .layer_maps import LayerMap, base_format_of, expert_of, supported_architectures
 from .model_info import ModelInfo, describe_model
 from .ordering import Ordering, read_ordering
 
@@ -76,12 +76,13 @@ def _brief(v: Any) -> str:
     return str(v)
 
 
-def adapter_summary(cfg, shapes: dict[str, dict[str, tuple]], lm, n_layers: int) -> tuple[dict[str, Any], list[str]]:
+def adapter_summary(cfg, shapes: dict[str, dict[str, tuple]], lm, config: dict[str, int]) -> tuple[dict[str, Any],
+                                                                                                   list[str]]:
     """What an adapter carries and what will be applied on a base (as :func:`qadapt.adapters.loading.build_adapter`
     decides it, from the config and the file's tensor names), and what PEFT would refuse."""
     from .adapters.loading import plan_adapter
 
-    plan = plan_adapter(cfg, lm, n_layers)
+    plan = plan_adapter(cfg, lm, config)
     lora = {m for m, sh in shapes.items() if "A" in sh}
     applied = sorted(lora & plan.targets)
     emb = lm.embedding_path
@@ -282,7 +283,14 @@ def _check_module(path: str, info: ModelInfo, report: CheckReport, where: str, w
             "layer-out-of-range", f"{who}`{path}` is in block {blk}, but the model has {n} blocks (0..{n - 1})", where
         )
         return None
-    return (blk if blk is not None else float("inf"), lm.layers.index(spec))
+    n_exp = (info.config or {}).get("num_experts")
+    e = expert_of(path, spec)
+    if e is not None and n_exp is not None and e >= n_exp:
+        report.problem("layer-out-of-range", f"{who}`{path}` is expert {e}, but the model has {n_exp} experts per "
+                                             f"layer (0..{n_exp - 1})", where)
+        return None
+    # PEFT's enumeration: a block's own modules in table order, then each expert's
+    return (blk if blk is not None else float("inf"), -1 if e is None else e, lm.layers.index(spec))
 
 
 def _block_of(path: str) -> int:
@@ -381,14 +389,14 @@ def _check_adapter_modules(name, cfg, shapes, ordering, info: ModelInfo, report:
     n_layers = info.num_hidden_layers
     planned = None
     if n_layers is not None:
-        summary, refused = adapter_summary(cfg, shapes, lm, n_layers)
+        summary, refused = adapter_summary(cfg, shapes, lm, config)
         report.adapters[name] = summary
         for msg in refused:
             report.problem("adapter-targets", who + msg, where)
         for module in summary["not_applied"]:
             report.warn("adapter-untargeted", f"{who}`{module}` has LoRA weights that adapter_config.json does not "
                         "target: PEFT leaves them out, and so does qadapt", where)
-        planned = set(lm_targets(cfg, lm, n_layers))
+        planned = set(lm_targets(cfg, lm, config))
     fitting = 0
     for module, sh in shapes.items():
         if not {"A", "B"} & set(sh) or (planned is not None and module not in planned):
@@ -431,11 +439,11 @@ def _check_adapter_modules(name, cfg, shapes, ordering, info: ModelInfo, report:
         )
         return
     if n_layers is not None:
-        absent = [p for p in lm_targets(cfg, lm, n_layers) if p not in shapes]
+        absent = [p for p in lm_targets(cfg, lm, config) if p not in shapes]
         if absent:
             report.warn("adapter-missing-weights", f"{who}adapter_config.json targets {len(absent)} module(s) with no "
                         f"weights, e.g. `{absent[0]}`", where)
 
 
-def lm_targets(cfg, lm, n_layers: int) -> list[str]:
-    return [m.path for m in lm.enumerate_modules(n_layers) if cfg.matches(m.path, lm)]
+def lm_targets(cfg, lm, config: dict[str, int]) -> list[str]:
+    return [m.path for m in lm.modules(config) if cfg.matches(m.path, lm)]

@@ -9,7 +9,7 @@ from typing import Any
 def describe(model: str, gguf_file: str | None = None, revision: str | None = None) -> dict[str, Any]:
     from .load_model import _resolve_model_path
     from .formats.gguf import GGUFFile
-    from .layer_maps import get_layer_map
+    from .layer_maps import gguf_layer_map
     from .models.config import config_from_gguf
 
     path = _resolve_model_path(model, gguf_file, revision)
@@ -18,7 +18,7 @@ def describe(model: str, gguf_file: str | None = None, revision: str | None = No
 
         return describe_folder(path)
     gf = GGUFFile(path)
-    lm = get_layer_map(gf.architecture)
+    lm = gguf_layer_map(gf)
     cfg = config_from_gguf(gf, lm)
     shapes = cfg.shapes
     targetable = []

@@ -22,7 +22,8 @@ from typing import Any, Iterator, Mapping
 from .errors import FormatError, QadaptError, UnsupportedError
 
 BASE_FORMATS = ("full", "gguf", "gptq", "bnb")
-ROLES = ("q", "k", "v", "o", "qkv", "gate", "up", "gate_up", "down", "lm_head")
+ROLES = ("q", "k", "v", "o", "qkv", "gate", "up", "gate_up", "down", "lm_head", "router", "expert_gate",
+         "expert_up", "expert_down")
 NORMALISED_KEYS = (
     "hidden_size",
     "num_hidden_layers",
@@ -32,6 +33,8 @@ NORMALISED_KEYS = (
     "intermediate_size",
     "vocab_size",
 )
+#: normalised keys a table may define (mixture-of-experts models); absent from the config of the others
+OPTIONAL_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size")
 _MODULE_KEYS = {
     "name": str,
     "path": str,
@@ -153,8 +156,16 @@ class LayerSpec:
     def per_block(self) -> bool:
         return "{layer_idx}" in self.path
 
-    def module_path(self, layer_idx: int | None = None) -> str:
-        return self.path.format(layer_idx=layer_idx) if self.per_block else self.path
+    @property
+    def per_expert(self) -> bool:
+        """One module per expert of a mixture-of-experts layer (``{expert_idx}`` in the path; in GGUF all
+        the experts' weights are one merged tensor, [experts, out, in])."""
+        return "{expert_idx}" in self.path
+
+    def module_path(self, layer_idx: int | None = None, expert_idx: int | None = None) -> str:
+        if not self.per_block:
+            return self.path
+        return self.path.format(layer_idx=layer_idx, expert_idx=expert_idx)
 
     def gguf_name(self, layer_idx: int | None = None) -> str:
         return self.gguf.format(layer_idx=layer_idx) if "{layer_idx}" in self.gguf else self.gguf
@@ -205,7 +216,7 @@ class LayerMap:
 
     def _normalise(self, exprs, raw, what: str) -> dict[str, int]:
         out: dict[str, int] = {}
-        for key in NORMALISED_KEYS:
+        for key in NORMALISED_KEYS + tuple(k for k in OPTIONAL_KEYS if k in exprs):
             value = resolve_first(list(exprs[key]), raw)
             if value is None:
                 wanted = " or ".join(f"`{e}`" for e in exprs[key])
@@ -213,11 +224,16 @@ class LayerMap:
             out[key] = value
         return out
 
+    def modules(self, shapes: Mapping[str, int], targets: list[str] | None = None) -> list["ResolvedLayer"]:
+        """:meth:`enumerate_modules` for a model of these normalised shapes (its experts included)."""
+        return self.enumerate_modules(shapes["num_hidden_layers"], targets, shapes.get("num_experts", 0))
+
     # ---- enumeration
     def enumerate_modules(
-        self, num_hidden_layers: int, targets: list[str] | None = None
+        self, num_hidden_layers: int, targets: list[str] | None = None, num_experts: int = 0
     ) -> list[ResolvedLayer]:
-        """Modules in PEFT's enumeration order: per block in definition order, then top-level.
+        """Modules in PEFT's enumeration order: per block in definition order (each expert's in turn),
+        then top-level.
 
         This mirrors ``named_modules()`` of the transformers model (the table lists
         layers in definition order), so the index of a module here is its X-LoRA
@@ -225,10 +241,13 @@ class LayerMap:
         """
         wanted = None if targets is None else set(targets)
         out: list[ResolvedLayer] = []
+        experts = [s for s in self.layers if s.per_expert and (wanted is None or s.name in wanted)]
         for i in range(num_hidden_layers):
             for s in self.layers:
-                if s.per_block and (wanted is None or s.name in wanted):
+                if s.per_block and not s.per_expert and (wanted is None or s.name in wanted):
                     out.append(ResolvedLayer(s.module_path(i), s, i))
+            for e in range(num_experts):
+                out.extend(ResolvedLayer(s.module_path(i, e), s, i) for s in experts)
         for s in self.layers:
             if not s.per_block and (wanted is None or s.name in wanted):
                 out.append(ResolvedLayer(s.path, s, None))
@@ -249,8 +268,19 @@ class LayerMap:
 @functools.lru_cache(maxsize=None)
 def _path_regexes(lm: LayerMap) -> tuple[re.Pattern, ...]:
     return tuple(
-        re.compile(re.escape(s.path).replace(re.escape("{layer_idx}"), r"(\d+)")) for s in lm.layers
+        re.compile(re.escape(s.path).replace(re.escape("{layer_idx}"), r"(\d+)").replace(re.escape("{expert_idx}"),
+                                                                                         r"(\d+)"))
+        for s in lm.layers
     )
+
+
+def expert_of(path: str, spec: LayerSpec) -> int | None:
+    """The expert index in a per-expert module path."""
+    if not spec.per_expert:
+        return None
+    m = re.fullmatch(re.escape(spec.path).replace(re.escape("{layer_idx}"), r"\d+").replace(
+        re.escape("{expert_idx}"), r"(\d+)"), path)
+    return int(m.group(1)) if m else None
 
 
 # --------------------------------------------------------------------------- loading
@@ -292,7 +322,10 @@ def parse_layer_map(data: Any, source: str = "<memory>") -> LayerMap:
                     _check_expr(e)
                 except (ValueError, SyntaxError) as err:
                     _fail(source, f"{section}.{key}", str(err))
-        unknown = set(sec) - set(NORMALISED_KEYS)
+        for key in OPTIONAL_KEYS:
+            if key in sec and (not isinstance(sec[key], list) or not sec[key]):
+                _fail(source, f"{section}.{key}", "expected a non-empty list of expressions")
+        unknown = set(sec) - set(NORMALISED_KEYS) - set(OPTIONAL_KEYS)
         if unknown:
             _fail(source, f"{section}", f"unknown key(s) {sorted(unknown)}; expected {list(NORMALISED_KEYS)}")
     specs = []
@@ -326,8 +359,9 @@ def parse_layer_map(data: Any, source: str = "<memory>") -> LayerMap:
         if bad or not m["formats"]:
             _fail(source, f"{where}.formats", f"{bad or 'empty'}: expected a subset of {list(BASE_FORMATS)}")
         fields = set(re.findall(r"{(\w*)}", m["path"]))
-        if fields - {"layer_idx"}:
-            _fail(source, f"{where}.path", f"only {{layer_idx}} may be substituted, got {sorted(fields)}")
+        if fields - {"layer_idx", "expert_idx"} or ("expert_idx" in fields and "layer_idx" not in fields):
+            _fail(source, f"{where}.path", f"only {{layer_idx}} (and within it {{expert_idx}}) may be substituted, "
+                                           f"got {sorted(fields)}")
         if m["path"] in seen_paths:
             _fail(source, f"{where}.path", f"duplicate path {m['path']}")
         seen_paths.add(m["path"])
@@ -395,6 +429,14 @@ def get_layer_map(arch: str) -> LayerMap:
     raise UnsupportedError(
         f"architecture `{arch}` is not supported; supported: {', '.join(supported_architectures())}"
     )
+
+
+def gguf_layer_map(gf) -> LayerMap:
+    """The table of a GGUF file: its declared architecture, except that llama.cpp writes Mixtral as `llama`
+    with an expert count."""
+    if gf.architecture == "llama" and gf.get("llama.expert_count"):
+        return get_layer_map("mixtral")
+    return get_layer_map(gf.architecture)
 
 
 def base_format_of(quant: str | None) -> tuple[str, str | None]:

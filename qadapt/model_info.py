@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import InputError
 from .io import read_json
-from .layer_maps import LayerMap, get_layer_map
+from .layer_maps import LayerMap, get_layer_map, gguf_layer_map
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def _describe_local(path: Path) -> ModelInfo:
         return _from_hf_config(read_json(cfg, "model config"), str(cfg))
     if is_gguf(path):
         gf = GGUFFile(path)
-        lm = get_layer_map(gf.architecture)
+        lm = gguf_layer_map(gf)
         return ModelInfo(lm.architecture, lm, lm.normalise_gguf_metadata(gf.arch_metadata), str(path), "gguf")
     if path.suffix == ".json":
         return _from_hf_config(read_json(path, "model config"), str(path))

@@ -159,7 +159,7 @@ def parse_assignment(text: str, what: str) -> tuple[str, str]:
     return name.strip(), value.strip()
 
 
-def enumerate_layers(layer_map, num_hidden_layers: int, targets: Sequence[str]) -> dict[str, int]:
+def enumerate_layers(layer_map, num_hidden_layers: int, targets: Sequence[str], num_experts: int = 0) -> dict[str, int]:
     """PEFT's enumeration of the modules ``targets`` wraps: module path -> classifier row.
 
     ``targets`` follows PEFT's ``target_modules`` list rules (exact name or dotted
@@ -168,7 +168,7 @@ def enumerate_layers(layer_map, num_hidden_layers: int, targets: Sequence[str]) 
     """
     from .adapters.peft_format import ALL_LINEAR, LoraAdapterConfig
 
-    modules = [m.path for m in layer_map.enumerate_modules(num_hidden_layers)]
+    modules = [m.path for m in layer_map.enumerate_modules(num_hidden_layers, num_experts=num_experts)]
     tm: Any = ALL_LINEAR if [t.lower() for t in targets] == [ALL_LINEAR] else tuple(targets)
     for t in [] if isinstance(tm, str) else targets:
         if not any(LoraAdapterConfig(target_modules=(t,)).matches(p, layer_map) for p in modules):
@@ -181,10 +181,12 @@ def enumerate_layers(layer_map, num_hidden_layers: int, targets: Sequence[str]) 
 
 
 def create_ordering(
-    layer_map, num_hidden_layers: int, targets: Sequence[str], names: Sequence[str], base_model_id: str | None
+    layer_map, num_hidden_layers: int, targets: Sequence[str], names: Sequence[str], base_model_id: str | None,
+    num_experts: int = 0,
 ) -> Ordering:
-    """A new ordering, as mistral.rs's ``create_ordering.py`` writes it, built from the table without weights."""
-    layers = enumerate_layers(layer_map, num_hidden_layers, targets)
+    """A new ordering, as mistral.rs's ``create_ordering.py`` writes it, built from the table without weights
+    (``num_experts``: a mixture-of-experts model's experts per layer, whose layers may be targets too)."""
+    layers = enumerate_layers(layer_map, num_hidden_layers, targets, num_experts)
     return Ordering(base_model_id=base_model_id, order=tuple(names), layers=layers)
 
 

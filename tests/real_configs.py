@@ -118,6 +118,23 @@ REAL = {
         "use_cache": True},
 }
 
+# mistralai/Mixtral-8x7B-v0.1: eight experts per layer, two per token (renormalised); GGUF: arch `llama`
+REAL["mixtral-8x7b"] = {
+    "architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
+    "hidden_act": "silu", "initializer_range": 0.02, "max_position_embeddings": 32768, "model_type": "mixtral",
+    "num_experts_per_tok": 2, "num_local_experts": 8, "output_router_logits": False, "rms_norm_eps": 1e-05,
+    "rope_theta": 1e6, "router_aux_loss_coef": 0.02, "sliding_window": None, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "use_cache": True}
+# Qwen/Qwen3-30B-A3B: 128 experts of width 768, 8 per token (shrunk to 16 of width 32, 4 per token),
+# norm_topk_prob, Qwen3's per-head q/k norms
+REAL["qwen3-30b-a3b"] = {
+    "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 1,
+    "decoder_sparse_step": 1, "eos_token_id": 2, "head_dim": 24, "hidden_act": "silu", "initializer_range": 0.02,
+    "max_position_embeddings": 40960, "max_window_layers": 48, "mlp_only_layers": [], "model_type": "qwen3_moe",
+    "moe_intermediate_size": 32, "norm_topk_prob": True, "num_experts": 16, "num_experts_per_tok": 4,
+    "output_router_logits": False, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000.0,
+    "router_aux_loss_coef": 0.001, "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "use_cache": True, "use_sliding_window": False}
 # google/gemma-3-4b-it's text model: Gemma 3 1B's fields with linear rope scaling (factor 8) on the global layers
 REAL["gemma-3-4b-text"] = {**REAL["gemma-3-1b"], "rope_scaling": {"factor": 8.0, "rope_type": "linear"}}
 # Qwen/Qwen3-0.6B: Qwen3-8B's fields with tied embeddings and head_dim 128 over hidden 1024 / 16 heads (64)
@@ -172,13 +189,25 @@ def sentencepiece_model() -> bytes:
     return out.getvalue()
 
 
+#: model types whose converter reads only a transformers BPE tokenizer (tokenizer.json), not tokenizer.model
+BPE_ONLY = ("qwen3_moe",)
+
+
 def convert(root: Path, jobs: list[tuple[Path, Path, str]]) -> None:
     """llama.cpp's convert_hf_to_gguf.py (with the sdist's gguf-py) on each (folder, out file, outtype), in one
     process. Each folder gets the tiny SentencePiece tokenizer.model the converter reads."""
+    from models import save_tokenizer
+
     model = sentencepiece_model()
     for folder, _, _ in jobs:
         (folder / "tokenizer.model").write_bytes(model)
+        if json.loads((folder / "config.json").read_text())["model_type"] in BPE_ONLY:
+            save_tokenizer(folder)
+    # the converter names a BPE tokenizer's pre-tokenizer by hashing what it makes of a test text, and knows only
+    # real tokenizers' hashes: the tiny one is declared `qwen2` (the tokenizer is not what these tests compare)
     driver = ("import runpy, sys\n"
+              "import conversion.base\n"
+              "conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'qwen2'\n"
               f"for args in {[[str(f), '--outfile', str(o), '--outtype', t] for f, o, t in jobs]!r}:\n"
               "    sys.argv = ['convert_hf_to_gguf.py', *args]\n"
               "    runpy.run_path('convert_hf_to_gguf.py', run_name='__main__')\n")
@@ -214,8 +243,19 @@ def dequantized_model(model, gguf_path: Path, arch: str):
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch], ref.config.num_hidden_layers)
     permute = arch == "LLAMA"
     c = ref.config
+
+    def deq(name):
+        t = tensors[name]
+        return gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+
     with torch.no_grad():
         for key, p in ref.state_dict().items():
+            if key.endswith((".experts.gate_up_proj", ".experts.down_proj")):  # transformers 5's merged experts
+                blk = f"blk.{key.split('.')[2]}"
+                w = (np.concatenate([deq(f"{blk}.ffn_gate_exps.weight"), deq(f"{blk}.ffn_up_exps.weight")], 1)
+                     if key.endswith("gate_up_proj") else deq(f"{blk}.ffn_down_exps.weight"))
+                p.copy_(torch.from_numpy(np.ascontiguousarray(w.reshape(p.shape))))
+                continue
             g = names.get_name(key, try_suffixes=(".weight", ".bias"))
             if g not in tensors:
                 if key == "lm_head.weight" and "output.weight" not in tensors:

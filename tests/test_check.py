@@ -108,7 +108,8 @@ def test_gemma_ordering_is_unsupported():
     for kwargs in ({}, {"arch": "gemma"}):
         r = check_ordering(path, **kwargs)
         assert codes(r.problems) == ["unsupported-architecture"]
-        assert "gemma" in r.problems[0].message and "llama, mistral, phi3" in r.problems[0].message
+        msg = r.problems[0].message
+        assert "`gemma`" in msg and all(a in msg for a in ("llama", "mistral", "mixtral", "phi3", "gemma2"))
 
 
 def test_bad_quant_is_usage_error(tmp_path):
@@ -168,8 +169,9 @@ def test_unsupported_peft_features_and_rank_mismatch(tmp_path, llama, adapters):
 
     bad = shutil.copytree(adapters["good"], tmp_path / "bad")
     cfg = json.loads((bad / "adapter_config.json").read_text())
-    cfg.update(target_parameters=["mlp.experts.gate_up_proj"], r=8)
+    cfg.update(layer_replication=[[0, 1]], target_parameters=["mlp.experts.gate_up_proj"], r=8)
     (bad / "adapter_config.json").write_text(json.dumps(cfg))
     r = check_ordering(_ordering(tmp_path), model=str(llama), adapters=[("a", str(bad))])
-    assert "adapter-unsupported" in codes(r.problems) and "adapter-rank" in codes(r.problems)
-    assert any("target_parameters" in p.message and "bad" in p.message for p in r.problems)
+    assert {"adapter-unsupported", "adapter-rank", "adapter-targets"} <= set(codes(r.problems))
+    assert any("layer_replication" in p.message and "bad" in p.message for p in r.problems)
+    assert any("target_parameters" in p.message and "match no parameter" in p.message for p in r.problems)

@@ -20,7 +20,8 @@ def test_every_shipped_table_loads(path):
     lm = load_layer_map_file(path)
     assert lm.architecture == path.stem and lm.layers
     config = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "head_dim": 8, "intermediate_size": 64, "vocab_size": 128}
+              "head_dim": 8, "intermediate_size": 64, "vocab_size": 128, "num_experts": 4, "num_experts_per_tok": 2,
+              "moe_intermediate_size": 16}
     for spec in lm.layers:
         assert all(v > 0 for v in spec.shape(config)), spec.name
 
@@ -98,7 +99,9 @@ def test_gguf_names_match_gguf_py_tensor_map(name):
             if ls.tied_to and tmap.get_name(ls.module_path()) is None:
                 continue  # always tied in llama.cpp (Gemma 2): the head is the token table, no GGUF name of its own
             for i in range(n) if ls.per_block else [None]:
-                pairs.append((ls.module_path(i), ls.gguf_name(i)))
+                # a per-expert module: gguf-py maps the merged tensor's name (the path without the expert index)
+                hf = ls.path.replace(".{expert_idx}", "").format(layer_idx=i) if ls.per_expert else ls.module_path(i)
+                pairs.append((hf, ls.gguf_name(i)))
         for hf, gg in spec.tensors.values():
             for i in range(n) if "{i}" in hf else [None]:
                 pairs.append((hf.format(i=i) if i is not None else hf, gg.format(i=i) if i is not None else gg))

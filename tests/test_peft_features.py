@@ -274,7 +274,7 @@ def test_targets_equal_peft_on_every_layer_map(arch, form):
         theirs = {n for n, mod in wrapped.named_modules() if isinstance(mod, LoraLayer)}
         refused = None
     cfg = LoraAdapterConfig.from_dict(kwargs)
-    plan = plan_adapter(cfg, lm, model.config.num_hidden_layers)
+    plan = plan_adapter(cfg, lm, {"num_hidden_layers": model.config.num_hidden_layers})
     ours = set(plan.targets) | ({lm.embedding_path} if plan.embedding_lora else set())
     assert ours == theirs, (arch, form, sorted(ours ^ theirs))
     assert bool(plan.problems) == bool(refused), (plan.problems, refused)

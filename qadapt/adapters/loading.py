@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from ..errors import AdapterError, did_you_mean
-from ..layer_maps import LayerMap
+from ..layer_maps import LayerMap, expert_of
+from .experts import merged_key, selects, split_merged
 from .lora import EmbeddingParts, LoraAdapter, LoraFactors, SavedModule
 from .peft_format import LoraAdapterConfig, load_adapter_parts, read_adapter_config
 from .tensors import LORA_KINDS
@@ -46,13 +47,17 @@ def build_adapter(
     if base_id and cfg.base_model_name_or_path and not _same_base(cfg.base_model_name_or_path, base_id):
         log.warning("adapter `%s` was trained on `%s`, the base here is `%s`", name, cfg.base_model_name_or_path,
                     base_id)
-    plan = plan_adapter(cfg, layer_map, shapes["num_hidden_layers"])
+    plan = plan_adapter(cfg, layer_map, shapes)
     if plan.problems:
         raise AdapterError(f"adapter `{name}` ({folder}) does not fit this {layer_map.architecture} base:\n  - "
                            + "\n  - ".join(plan.problems))
     b = _Builder(name, cfg, layer_map, shapes, base_format, plan, strict)
-    for module, parts in load_adapter_parts(folder, dtype).items():
-        b.module(module, parts)
+    parts = load_adapter_parts(folder, dtype)
+    experts, b.problems, b.ignored = split_merged(parts, cfg, layer_map, shapes)
+    for module, tensors in parts.items():
+        b.module(module, tensors)
+    for module, (tensors, scale) in experts.items():
+        b.module(module, tensors, scale)
     if b.problems:
         raise AdapterError(f"adapter `{name}` ({folder}) does not fit this {layer_map.architecture} base:\n  - "
                            + "\n  - ".join(b.problems))
@@ -85,11 +90,19 @@ class Plan:
         self.problems: list[str] = []
 
 
-def plan_adapter(cfg: LoraAdapterConfig, layer_map: LayerMap, n_layers: int) -> Plan:
-    """The modules ``cfg`` selects on a base with this layer map and block count."""
+def plan_adapter(cfg: LoraAdapterConfig, layer_map: LayerMap, shapes: dict[str, int]) -> Plan:
+    """The modules ``cfg`` selects on a base with this layer map and normalised shapes."""
     plan = Plan()
-    modules = [r.path for r in layer_map.enumerate_modules(n_layers)]
+    modules = [r.path for r in layer_map.modules(shapes)]
     plan.targets = {p for p in modules if cfg.matches(p, layer_map)}
+    if cfg.target_parameters:  # merged expert parameters (transformers 5): their per-expert modules here
+        hits = {r.path for r in layer_map.modules(shapes) if r.spec.per_expert
+                and selects(cfg.target_parameters, merged_key(r.layer_idx, r.spec.role))}
+        if not hits:
+            plan.problems.append(f"its `target_parameters` {list(cfg.target_parameters)} match no parameter of this "
+                                 f"{layer_map.architecture} base (merged mixture-of-experts weights: "
+                                 "`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`)")
+        plan.targets |= hits
     emb = layer_map.embedding_path
     plan.embedding_lora = emb is not None and cfg.matches_embedding(emb)
     replaceable = modules + ([emb] if emb else [])
@@ -129,7 +142,9 @@ class _Builder:
         self.problems: list[str] = []
         self.ignored: list[str] = []
 
-    def module(self, path: str, parts: dict[str, torch.Tensor]) -> None:
+    def module(self, path: str, parts: dict[str, torch.Tensor], scale: float | None = None) -> None:
+        """Sort one module's tensors (``scale``: its LoRA scale where the config's patterns name another
+        module, as for merged experts)."""
         if not all(bool(t.isfinite().all()) for t in parts.values()):
             if self.strict:
                 self.problems.append(f"module `{path}` has NaN or infinite weights (refused with strict)")
@@ -143,7 +158,7 @@ class _Builder:
         targeted = path in self.plan.targets
         if hit is None:
             if (lora and self._named_target(path)) or path in self.plan.saved:
-                concrete = [r.path for r in self.lm.enumerate_modules(self.shapes["num_hidden_layers"])]
+                concrete = [r.path for r in self.lm.modules(self.shapes)]
                 self.problems.append(f"module `{path}` is not an adapter-targetable layer of {self.lm.architecture}"
                                      f"{did_you_mean(path, concrete)}")
             else:
@@ -153,6 +168,11 @@ class _Builder:
         if idx is not None and idx >= self.shapes["num_hidden_layers"]:
             self.problems.append(f"module `{path}`: block {idx} does not exist (the base has "
                                  f"{self.shapes['num_hidden_layers']} blocks)")
+            return
+        e = expert_of(path, spec)
+        if e is not None and e >= self.shapes.get("num_experts", 0):
+            self.problems.append(f"module `{path}`: expert {e} does not exist (the base has "
+                                 f"{self.shapes.get('num_experts', 0)} experts per layer)")
             return
         if self.fmt not in spec.formats:
             self.problems.append(f"module `{path}`: adapters on `{spec.name}` are not supported on a {self.fmt} base")
@@ -164,7 +184,7 @@ class _Builder:
             elif "emb_A" in parts:
                 self.problems.append(f"module `{path}` holds embedding LoRA tensors but is a linear layer")
             else:
-                self._factors(path, parts, in_f, out_f)
+                self._factors(path, parts, in_f, out_f, scale)
         saved = self._saved(path, parts, targeted)
         if saved is not None:
             if saved.weight is not None and tuple(saved.weight.shape) != (out_f, in_f):
@@ -180,7 +200,8 @@ class _Builder:
             return isinstance(t, str) and t.lower() != "all-linear"
         return any(path == x or path.endswith(f".{x}") for x in t)
 
-    def _factors(self, path: str, parts: dict[str, torch.Tensor], in_f: int, out_f: int) -> None:
+    def _factors(self, path: str, parts: dict[str, torch.Tensor], in_f: int, out_f: int,
+                 scale: float | None = None) -> None:
         a, b = parts.get("A"), parts.get("B")
         if a is None:
             self.problems.append(f"module `{path}` has DoRA or bias tensors but no lora_A/lora_B")
@@ -190,7 +211,7 @@ class _Builder:
                                  f"base layer (in={in_f}, out={out_f}): expected A [r, {in_f}] and B [{out_f}, r]")
             return
         r, _alpha = self.cfg.rank_alpha(path)
-        if a.shape[0] != r:
+        if a.shape[0] != r and scale is None:
             log.warning("adapter `%s`: module `%s` has rank %d, its config says %d", self.name, path, a.shape[0], r)
         mag = parts.get("magnitude")
         if self.cfg.use_dora and mag is None:
@@ -204,7 +225,8 @@ class _Builder:
         if "B_bias" in parts and not self.cfg.lora_bias:
             log.warning("adapter `%s`: module `%s` has a lora_B bias but `lora_bias` is false: not applied (as PEFT)",
                         self.name, path)
-        self.factors[path] = LoraFactors(a, b, self.cfg.scale(path), bias=bias, magnitude=mag)
+        self.factors[path] = LoraFactors(a, b, self.cfg.scale(path) if scale is None else scale, bias=bias,
+                                         magnitude=mag)
 
     def _saved(self, path: str, parts: dict[str, torch.Tensor], targeted: bool) -> SavedModule | None:
         """The module's own parameters PEFT would load back: a modules_to_save copy, a targeted module's

@@ -150,6 +150,15 @@ class AdapterContext:
             pos, start = pos.index_select(0, ix), start.index_select(0, ix)
         return pos >= start.unsqueeze(1)
 
+    def narrow(self, rows: torch.Tensor, cols: torch.Tensor) -> "AdapterContext":
+        """A context for a forward whose rows are single tokens of this one's (row ``rows[n]``, position
+        ``cols[n]``): a mixture-of-experts layer runs an expert on the tokens routed to it."""
+        ctx = AdapterContext(self.active, None if self.rows is None else tuple(self.rows[i] for i in rows.tolist()))
+        if self.alora:
+            ctx.alora = {n: s.index_select(0, rows) for n, s in self.alora.items()}
+            ctx.extra["positions"] = self.extra["positions"][rows, cols].unsqueeze(1)
+        return ctx
+
     def row_groups(self) -> dict[str, torch.Tensor]:
         """adapter name -> indices of the rows that use it (computed once per forward)."""
         cached = self.extra.get("_groups")

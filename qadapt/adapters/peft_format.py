@@ -238,9 +238,6 @@ class LoraAdapterConfig:
         if kind != "LORA":
             out.append(f"{src}: `peft_type` is {self.peft_type}; qadapt runs LoRA adapters: convert it with PEFT's "
                        "convert_to_lora (`qadapt adapters convert FOLDER OUT`)")
-        if self.target_parameters:
-            out.append(f"{src}: `target_parameters` lists {list(self.target_parameters)}: LoRA on raw parameters "
-                       "(mixture-of-experts weights) is not supported yet")
         if self.layer_replication:
             out.append(f"{src}: `layer_replication` is set: replicated layers are not supported")
         if self.use_qalora:

@@ -437,6 +437,10 @@ def ordering_problems(ckpt: XLoraCheckpoint, order: Sequence[str] | None, layers
 
 def classifier_rows(wrapped: set[str], layers: dict[str, int] | None, layer_map, n_blocks: int) -> dict[str, int]:
     """Module path -> classifier row: the ordering's ``layers``, else PEFT's enumeration of the wrapped modules."""
+    experts = [p for p in wrapped if (hit := layer_map.match_path(p)) is not None and hit[0].per_expert]
+    if experts:
+        raise UnsupportedError(f"X-LoRA on the experts of a mixture-of-experts layer (`{experts[0]}`) is not "
+                               "supported: target the attention layers or the router")
     if layers is not None:
         return dict(layers)
     paths = [m.path for m in layer_map.enumerate_modules(n_blocks) if m.path in wrapped]

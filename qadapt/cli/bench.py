@@ -56,8 +56,11 @@ def _csv(value: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
               help="Only measure constrained decoding's per-token overhead (JSON schema, JSON object, regex, "
                    "choice) with the vocabulary of this GGUF (a model, or llama.cpp's "
                    "models/ggml-vocab-llama-bpe.gguf for Llama 3's 128k tokens), then exit.")
+@click.option("--moe", "moe", type=click.Choice(["Q8_0", "Q4_0"]), default=None,
+              help="Only measure mixture-of-experts decode (a random Mixtral-shaped GGUF of this type, with and "
+                   "without LoRA on every expert, beside llama.cpp) against its active-parameter bound, then exit.")
 def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup, decode_tokens, prompt_tokens,
-          no_xlora, xlora_formats, threads, cache, force, as_json, constrained) -> None:
+          no_xlora, xlora_formats, threads, cache, force, as_json, constrained, moe) -> None:
     """Benchmark qadapt beside llama.cpp and transformers + PEFT, against the memory-bandwidth bound.
 
     \b
@@ -71,6 +74,7 @@ def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup,
       qadapt bench --quick --out /tmp/bench
       qadapt bench --engines qadapt,llama.cpp --formats Q4_0,Q8_0 --out docs/bench --force
       qadapt bench --constrained llama.cpp/models/ggml-vocab-llama-bpe.gguf
+      qadapt bench --moe Q8_0
     """
     import json
 
@@ -85,6 +89,15 @@ def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup,
         torch.set_num_threads(threads)
         result = measure(Tokenizer.from_gguf(GGUFFile(constrained)), sequences=runs or 10)
         click.echo(json.dumps(result, indent=2) if as_json else constrained_table(result))
+        return
+
+    if moe:
+        from ..bench.moe import markdown as moe_table
+        from ..bench.moe import measure as measure_moe
+
+        result = measure_moe(Path(cache or default_cache()) / "moe", moe, quick=quick, tokens=decode_tokens or 64,
+                             runs=runs or 5, threads=threads)
+        click.echo(json.dumps(result, indent=2) if as_json else moe_table(result))
         return
 
     from ..bench import BenchSettings, run_bench

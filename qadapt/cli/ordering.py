@@ -45,7 +45,7 @@ def create(model, arch, num_layers, base_model_id, targets, names, output, force
         raise click.UsageError("--arch needs --num-layers (the model's number of decoder blocks)")
     new = ordmod.create_ordering(
         info.layer_map, n, ordmod.split_list(targets, "--targets"), ordmod.split_list(names, "--names"),
-        base_model_id or model,
+        base_model_id or model, num_experts=(info.config or {}).get("num_experts", 0),
     )
     if new.base_model_id is None:
         log.warning("no base_model_id written (pass --base-model-id): mistral.rs requires one")

@@ -135,7 +135,7 @@ class HFSource:
                               f"{list(shape[::-1]) if transposed else list(shape)}")
         return w
 
-    def linear(self, name, shape, row_perm=None, transposed=False):
+    def linear(self, name, shape, row_perm=None, transposed=False, quantize=True):
         from ..quant.base import DenseLinear
         from ..quant.ggml import make_linear
 
@@ -147,7 +147,7 @@ class HFSource:
         bias = self.vector(bname) if self.has(bname) else None
         if bias is not None and bias.numel() != shape[0]:
             raise FormatError(f"{self.ckpt.where[bname]}: `{bname}` has {bias.numel()} values, expected {shape[0]}")
-        if self.quant is None:
+        if self.quant is None or not quantize:
             return DenseLinear(w.to(self.dtype).contiguous(), bias, qtype=self.ckpt.dtype_name(name))
         from ..quantize import quantize_weight
 

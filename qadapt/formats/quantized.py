@@ -135,7 +135,8 @@ class BnbQuantizer(_Reader):
         from ..quant.bnb import make_bnb_linear
 
         hit = self.layer_map.match_path(name.removesuffix(".weight"))
-        if hit is None or not hit[0].per_block:  # lm_head / tied embeddings: not converted
+        if hit is None or not hit[0].per_block or hit[0].role == "router":  # lm_head / tied embeddings / a
+            return None  # mixture-of-experts router: not converted (as transformers' bitsandbytes integration)
             return None
         w = self.ckpt.tensor(name)
         w = w.T if transposed else w
@@ -204,9 +205,8 @@ def describe_folder(folder) -> dict[str, Any]:
     lm = hf_layer_map(ckpt.config, ckpt.folder / "config.json")
     gptq = read_gptq_config(ckpt.folder, ckpt.config)
     bnb = read_bnb_config(ckpt.config, str(ckpt.folder / "config.json")) if gptq is None else None
-    n_blocks = int(ckpt.config.get("num_hidden_layers", ckpt.config.get("n_layer", 0)) or 0)
     layers = []
-    for row in lm.enumerate_modules(n_blocks):
+    for row in lm.modules(lm.normalise_hf_config(ckpt.config)):
         names = [n for n in ckpt.where if n.startswith(row.path + ".")]
         nbytes = sum(ckpt.headers[n]["data_offsets"][1] - ckpt.headers[n]["data_offsets"][0] for n in names)
         if f"{row.path}.qweight" in ckpt.where:

@@ -31,7 +31,9 @@ class TensorSource(Protocol):
     def has(self, name: str) -> bool: ...
 
     def linear(self, name: str, shape: tuple[int, int], row_perm: torch.Tensor | None,
-               transposed: bool = False) -> nn.Module: ...
+               transposed: bool = False, quantize: bool = True) -> nn.Module: ...
+
+    def expert_linear(self, name: str, expert: int, n_experts: int, shape: tuple[int, int]) -> nn.Module: ...
 
     def vector(self, name: str) -> torch.Tensor: ...
 
@@ -76,7 +78,7 @@ class GGUFSource:
             )
         return t
 
-    def linear(self, name, shape, row_perm=None, transposed=False):
+    def linear(self, name, shape, row_perm=None, transposed=False, quantize=True):
         from ..quant.ggml import make_linear, take_rows
 
         t = self._check(name, shape)
@@ -88,6 +90,14 @@ class GGUFSource:
         if row_perm is not None:  # the layer holds its own permuted copy: the pages read for it need not
             native.release_pages(t.data)  # stay resident until the load's end (GGUFFile.release_pages)
         return layer
+
+    def expert_linear(self, name, expert, n_experts, shape):
+        """Expert ``expert``'s [out, in] slice of a merged [experts, out, in] tensor (llama.cpp stores a layer's
+        experts as one tensor per projection); the layer reads the file's bytes in place."""
+        from ..quant.ggml import make_linear
+
+        t = self._check(name, (n_experts, *shape))
+        return make_linear(t.data[expert], t.qtype, shape, mode=self.mode, dtype=self.dtype, kernels=self.kernels)
 
     def vector(self, name):
         from ..quant.ggml import dequantize_array
@@ -141,9 +151,18 @@ def build_decoder(cfg: ModelConfig, layer_map: LayerMap, spec: FamilySpec, src: 
             if ls.gguf_permute_heads:
                 perm = llama_cpp_unpermute(out_f, evaluate(ls.gguf_permute_heads, shapes))
             return src.linear(ls.gguf_name(i) + ".weight", (out_f, in_f), perm)
-        return src.linear(ls.module_path(i) + ".weight", (out_f, in_f), None, transposed=ls.conv1d)
+        # a router stays as stored (llama.cpp's quantizer leaves `ffn_gate_inp` alone: its top-k is fragile)
+        return src.linear(ls.module_path(i) + ".weight", (out_f, in_f), None, transposed=ls.conv1d,
+                          quantize=ls.role != "router")
 
-    block_specs = [ls for ls in layer_map.layers if ls.per_block]
+    def expert(ls, i, e):
+        in_f, out_f = ls.shape(shapes)
+        if fmt == "gguf":
+            return src.expert_linear(ls.gguf_name(i) + ".weight", e, cfg.num_experts, (out_f, in_f))
+        return src.linear(ls.module_path(i, e) + ".weight", (out_f, in_f), None)
+
+    block_specs = [ls for ls in layer_map.layers if ls.per_block and not ls.per_expert]
+    expert_specs = [ls for ls in layer_map.layers if ls.per_expert]
     fused = {ls.role: ls for ls in block_specs if ls.role == "qkv"}
     qkv_split = tuple(evaluate(e, shapes) for e in fused["qkv"].fused) if fused else None
     blocks = []
@@ -151,7 +170,9 @@ def build_decoder(cfg: ModelConfig, layer_map: LayerMap, spec: FamilySpec, src: 
         linears = {ls.role: linear(ls, i) for ls in block_specs}
         qk = (norm("q_norm", i, cfg.head_dim), norm("k_norm", i, cfg.head_dim)) if spec.qk_norm else None
         post = (norm("post_attn_norm", i), norm("post_mlp_norm", i)) if "post_attn_norm" in spec.tensors else None
-        blocks.append(Block(cfg, spec, linears, norm("attn_norm", i), norm("mlp_norm", i), qkv_split, i, qk, post))
+        experts = [{ls.role: expert(ls, i, e) for ls in expert_specs} for e in range(cfg.num_experts)]
+        blocks.append(Block(cfg, spec, linears, norm("attn_norm", i), norm("mlp_norm", i), qkv_split, i, qk, post,
+                            experts))
 
     embed_name = tname("embed")
     embed = src.embedding(embed_name, (cfg.vocab_size, cfg.hidden_size))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..errors import FormatError
+from ..errors import FormatError, UnsupportedError
 from ..layer_maps import LayerMap
 from .rope import RopeSpec, rope_from_gguf, rope_from_hf
 
@@ -31,6 +31,12 @@ class ModelConfig:
     # Gemma-style attention and output (None: absent): per layer "full" or "sliding" (the window on the second
     # kind only), the query scale (default head_dim ** -0.5), tanh soft-capping of attention scores and logits,
     # the embedding scale, the sliding layers' own rotary (Gemma 3's local base)
+    # mixture of experts (0: a dense MLP): experts per layer, routed per token, their MLP width (0: the
+    # config's intermediate_size), whether the top-k routing weights are renormalised to sum to 1
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk: bool = True
     layer_kinds: tuple[str, ...] | None = None
     attn_scale: float | None = None
     attn_softcap: float | None = None
@@ -53,7 +59,7 @@ class ModelConfig:
     @property
     def shapes(self) -> dict[str, int]:
         """The normalised config the layer map's shape expressions are written against."""
-        return {
+        out = {
             "hidden_size": self.hidden_size,
             "num_hidden_layers": self.num_hidden_layers,
             "num_attention_heads": self.num_attention_heads,
@@ -62,12 +68,18 @@ class ModelConfig:
             "intermediate_size": self.intermediate_size,
             "vocab_size": self.vocab_size,
         }
+        if self.num_experts:
+            out.update(num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
+                       moe_intermediate_size=self.moe_intermediate_size or self.intermediate_size)
+        return out
 
     def validate(self, where: str) -> "ModelConfig":
         s = self.shapes
         bad = [k for k, v in s.items() if not isinstance(v, int) or v <= 0]
         if bad:
             raise FormatError(f"{where}: {', '.join(bad)} must be positive integers, got {s}")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise FormatError(f"{where}: {self.num_experts_per_tok} experts per token out of {self.num_experts}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise FormatError(
                 f"{where}: {self.num_attention_heads} attention heads are not a multiple of "
@@ -148,6 +160,11 @@ def config_from_hf(raw: Mapping[str, Any], layer_map: LayerMap, where: str, defa
         window = None
     spec = FAMILIES.get(layer_map.architecture)
     gemma = {}
+    if shapes.get("num_experts"):
+        if raw.get("mlp_only_layers") or int(raw.get("decoder_sparse_step") or 1) != 1:
+            raise UnsupportedError(f"{where}: dense MLP layers among the mixture-of-experts ones (`mlp_only_layers`, "
+                                   "`decoder_sparse_step`) are not supported")
+        gemma["norm_topk"] = bool(raw.get(spec.norm_topk_key, True)) if spec and spec.norm_topk_key else True
     if spec is not None and spec.gemma:
         types = raw.get("layer_types")
         if types is not None:

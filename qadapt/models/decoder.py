@@ -179,7 +179,8 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, spec: FamilySpec, linears: dict[str, nn.Module], attn_norm: nn.Module,
                  mlp_norm: nn.Module, qkv_split: tuple[int, int, int] | None, layer_idx: int,
                  qk_norms: tuple[nn.Module, nn.Module] | None = None,
-                 post_norms: tuple[nn.Module, nn.Module] | None = None):
+                 post_norms: tuple[nn.Module, nn.Module] | None = None,
+                 experts: list[dict[str, nn.Module]] | None = None):
         super().__init__()
         self.cfg, self.spec, self.layer_idx = cfg, spec, layer_idx
         self.linears = nn.ModuleDict(linears)
@@ -188,13 +189,15 @@ class Block(nn.Module):
         self.q_norm, self.k_norm = qk_norms or (None, None)  # per head, before rotary (Qwen3, Gemma 3)
         self.post_attn_norm, self.post_mlp_norm = post_norms or (None, None)  # Gemma's sandwich norms
         self.kind = cfg.layer_kinds[layer_idx] if cfg.layer_kinds else "full"
+        #: a mixture-of-experts MLP: per expert its expert_gate / expert_up / expert_down, routed by "router"
+        self.experts = nn.ModuleList(nn.ModuleDict(e) for e in experts) if experts else None
 
     @property
     def standard(self) -> bool:
         """A Llama-shaped block (what the fused native decode step runs)."""
         c = self.cfg
         return self.q_norm is None and self.post_attn_norm is None and c.layer_kinds is None and \
-            c.attn_softcap is None and c.attn_scale is None
+            c.attn_softcap is None and c.attn_scale is None and self.experts is None
 
     def forward(self, x: torch.Tensor, step: StepPlan, cache: Any, ctx: Any) -> torch.Tensor:
         h = self.attn_norm.forward(x)
@@ -240,6 +243,8 @@ class Block(nn.Module):
 
     def mlp(self, x: torch.Tensor, ctx: Any) -> torch.Tensor:
         h = self.mlp_norm.forward(x)
+        if self.experts is not None:
+            return x + self.moe(h, ctx)
         if "gate_up" in self.linears:
             gate, up = call_linear(self.linears["gate_up"], h, ctx).chunk(2, dim=-1)
             h = _act(self.spec.act, gate) * up
@@ -252,6 +257,30 @@ class Block(nn.Module):
         if self.post_mlp_norm is not None:
             h = self.post_mlp_norm.forward(h)
         return x + h
+
+
+    def moe(self, h: torch.Tensor, ctx: Any) -> torch.Tensor:
+        """A sparse mixture of experts (Mixtral, Qwen3-MoE): each token's router softmax (float32), its top k
+        experts (weights renormalised to sum to 1 where the config says so), each expert's gated MLP on the
+        tokens routed to it, summed with those weights. Each expert runs once per forward on its tokens; an
+        adapter context with per-row adapters or aLoRA starts is narrowed to those tokens."""
+        cfg = self.cfg
+        B, T, D = h.shape
+        logits = call_linear(self.linears["router"], h, ctx).reshape(B * T, -1)
+        weights, chosen = torch.topk(torch.softmax(logits.float(), -1), cfg.num_experts_per_tok, dim=-1)
+        if cfg.norm_topk:
+            weights = weights / weights.sum(-1, keepdim=True)
+        flat = h.reshape(B * T, D)
+        out = torch.zeros_like(flat)
+        for e in torch.unique(chosen).tolist():
+            tok, slot = torch.where(chosen == e)
+            sub = ctx.narrow(tok // T, tok % T) if ctx is not None and (ctx.rows or ctx.alora) else ctx
+            ex = self.experts[e]
+            xe = flat.index_select(0, tok).unsqueeze(0 if sub is ctx else 1)  # [1, n, D], or a row per token
+            ye = _act(self.spec.act, call_linear(ex["expert_gate"], xe, sub)) * call_linear(ex["expert_up"], xe, sub)
+            ye = call_linear(ex["expert_down"], ye, sub).reshape(-1, D)
+            out.index_add_(0, tok, ye * weights[tok, slot].unsqueeze(1).to(ye.dtype))
+        return out.reshape(B, T, D)
 
 
 #: tokens per chunk of a long cached prefill (see Decoder.forward): exact kernels, and the q8 runtime

@@ -67,6 +67,9 @@ class FamilySpec:
     swa_pattern: int | None = None
     local_rope_theta: float | None = None
     gguf_27b_layers: tuple[int, ...] = ()
+    # mixture of experts: the config key that says whether top-k routing weights are renormalised (None:
+    # always, as Mixtral)
+    norm_topk_key: str | None = None
 
     def tensor_name(self, role: str, fmt: str, i: int | None = None) -> str | None:
         """The tensor name of ``role`` in ``fmt`` ("hf" or "gguf"), or None if the family has none."""
@@ -88,6 +91,8 @@ FAMILIES: dict[str, FamilySpec] = {
                          gemma=True, swa_pattern=2, gguf_27b_layers=(46,)),
     "gemma3": FamilySpec("gemma3", act="gelu_tanh", tensors=dict(_GEMMA3_TENSORS), tie_embeddings_default=True,
                          qk_norm=True, gemma=True, swa_pattern=6, local_rope_theta=10000.0, gguf_27b_layers=(62,)),
+    "mixtral": FamilySpec("mixtral"),
+    "qwen3_moe": FamilySpec("qwen3_moe", tensors=dict(_QWEN3_TENSORS), qk_norm=True, norm_topk_key="norm_topk_prob"),
     "gpt2": FamilySpec(
         "gpt2", norm="layer", act="gelu_tanh", positions="learned", tensors=dict(_GPT2_TENSORS),
         tie_embeddings_default=True,

@@ -78,9 +78,17 @@ def export_gguf(
             if h in sd:
                 w = sd[h] + 1 if spec.gemma and "norm" in role else sd[h]  # as llama.cpp's converter stores them
                 tensors.append((gg.format(i=i) if per_block else gg, w))
+    keep_f32 = tuple(keep_f32)
     for ls in layer_map.layers:
         per_block = ls.per_block
         for i in range(cfg.num_hidden_layers) if per_block else [None]:
+            if ls.per_expert:  # one merged [experts, out, in] tensor per projection, as llama.cpp's converter
+                names = [ls.module_path(i, e) + ".weight" for e in range(cfg.num_experts)]
+                if all(n in sd for n in names):
+                    tensors.append((ls.gguf_name(i) + ".weight", np.stack([sd[n] for n in names])))
+                continue
+            if ls.role == "router":  # kept F32, as llama.cpp's converter and quantizer keep it
+                keep_f32 += (ls.gguf_name(i) + ".weight",)
             src = ls.module_path(i)
             if src + ".weight" not in sd:
                 continue
@@ -117,6 +125,14 @@ def export_gguf(
             writer.add_value_length(cfg.head_dim)
         if cfg.sliding_window:
             writer.add_sliding_window(int(cfg.sliding_window))
+        if cfg.num_experts:
+            writer.add_expert_count(cfg.num_experts)
+            writer.add_expert_used_count(cfg.num_experts_per_tok)
+            if cfg.moe_intermediate_size:
+                writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+            if not cfg.norm_topk:
+                raise InputError(f"{path}: routing weights that are not renormalised (`norm_topk_prob: false`) have "
+                                 f"no GGUF form: llama.cpp renormalises a {arch} model's")
         if cfg.attn_softcap:
             writer.add_attn_logit_softcapping(float(cfg.attn_softcap))
         if cfg.final_softcap:
@@ -131,7 +147,7 @@ def export_gguf(
                 data, tname = raw[name]
                 writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=gguf.GGMLQuantizationType[tname])
                 continue
-            is_matrix = w.ndim == 2 and name.endswith(".weight") and not name.startswith("position_embd")
+            is_matrix = w.ndim in (2, 3) and name.endswith(".weight") and not name.startswith("position_embd")
             if is_matrix and name not in keep_f32:
                 data, t = quantize(w, qtype)
             else:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError, UnsupportedError
-from ..layer_maps import LayerMap, get_layer_map, hf_layer_map
+from ..layer_maps import LayerMap, gguf_layer_map, hf_layer_map
 from ..tokenizer import Tokenizer
 from .decoder import Decoder
 
@@ -54,7 +54,7 @@ def _load_gguf(path: Path, mode: str, dtype: torch.dtype, kernels: str = "exact"
     from .family import FAMILIES
 
     gf = GGUFFile(path)  # raises the precise error for empty / non-GGUF / truncated files
-    lm = get_layer_map(gf.architecture)
+    lm = gguf_layer_map(gf)
     cfg = config_from_gguf(gf, lm)
     tok = _gguf_tokenizer(gf)
     if tok is not None:

@@ -86,6 +86,10 @@ class BnbLinear(BaseLinear):
         bnb = require_bnb()
         _check_quant(quant, compute_dtype)
         out_f, in_f = weight.shape
+        if quant != "int8" and (in_f % blocksize or out_f % 32):
+            raise UnsupportedError(f"{name or 'a linear'} is {out_f} x {in_f}: bitsandbytes' 4-bit CPU kernel needs "
+                                   f"input features in whole {blocksize}-value blocks and output features in "
+                                   "multiples of 32 (use int8, or a GGUF type)")
         with torch.no_grad():
             if quant == "int8":
                 inner = bnb.nn.Linear8bitLt(in_f, out_f, bias=bias is not None, has_fp16_weights=False,
