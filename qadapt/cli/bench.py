@@ -59,8 +59,12 @@ def _csv(value: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--moe", "moe", type=click.Choice(["Q8_0", "Q4_0"]), default=None,
               help="Only measure mixture-of-experts decode (a random Mixtral-shaped GGUF of this type, with and "
                    "without LoRA on every expert, beside llama.cpp) against its active-parameter bound, then exit.")
+@click.option("--serving-costs", "serving", type=click.Choice(["Q4_0", "Q8_0", "Q4_K_M"]), default=None,
+              help="Only measure what a serving replica's time goes to (adapter load, prefill per token, a batched "
+                   "decode step by the number of distinct adapters in it), the costs tools/fleet_sim.py runs on; "
+                   "with --out, written to DIR/serving-costs.json. Then exit.")
 def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup, decode_tokens, prompt_tokens,
-          no_xlora, xlora_formats, threads, cache, force, as_json, constrained, moe) -> None:
+          no_xlora, xlora_formats, threads, cache, force, as_json, constrained, moe, serving) -> None:
     """Benchmark qadapt beside llama.cpp and transformers + PEFT, against the memory-bandwidth bound.
 
     \b
@@ -75,6 +79,7 @@ def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup,
       qadapt bench --engines qadapt,llama.cpp --formats Q4_0,Q8_0 --out docs/bench --force
       qadapt bench --constrained llama.cpp/models/ggml-vocab-llama-bpe.gguf
       qadapt bench --moe Q8_0
+      qadapt bench --serving-costs Q4_0 --out docs/fleet
     """
     import json
 
@@ -98,6 +103,18 @@ def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup,
         result = measure_moe(Path(cache or default_cache()) / "moe", moe, quick=quick, tokens=decode_tokens or 64,
                              runs=runs or 5, threads=threads)
         click.echo(json.dumps(result, indent=2) if as_json else moe_table(result))
+        return
+
+    if serving:
+        from ..bench.serving import markdown as serving_table
+        from ..bench.serving import measure as measure_serving
+        from ..io import write_json
+
+        result = measure_serving(Path(cache or default_cache()), serving, runs=runs or 3, threads=threads,
+                                 steps=decode_tokens or 16, quick=quick)
+        if out:
+            write_json(Path(out) / "serving-costs.json", result, force=force)
+        click.echo(json.dumps(result, indent=2) if as_json else serving_table(result))
         return
 
     from ..bench import BenchSettings, run_bench

@@ -141,7 +141,7 @@ class Server:
     def __init__(self, model: Any, *, base_name: str, api_key: str | None = None, allow_runtime: bool = False,
                  adapter_root: str | None = None, max_batch: int = 8, max_adapters: int = 0, max_rank: int = 0,
                  max_queue: int = 64, max_seq_len: int | None = None, default_adapters: tuple[str, ...] = (),
-                 max_body_bytes: int = MAX_BODY_BYTES, max_mixes: int = 8):
+                 max_body_bytes: int = MAX_BODY_BYTES, max_mixes: int = 8, max_adapter_bytes: int = 0):
         if model.tokenizer is None:
             raise InputError(f"{model.source} has no tokenizer: the server needs one to read prompts")
         if model.merged_adapters:
@@ -158,7 +158,7 @@ class Server:
         self.max_body_bytes = max_body_bytes
         self.metrics = Metrics()
         self.registry = AdapterRegistry(model, max_adapters=max_adapters, max_rank=max_rank, adapter_root=adapter_root,
-                                        default=default_adapters, max_mixes=max_mixes)
+                                        default=default_adapters, max_mixes=max_mixes, max_bytes=max_adapter_bytes)
         ctx = model.config.context_length
         self.max_seq_len = min(max_seq_len or ctx, ctx)
         self.engine = Engine(model, self.registry, max_batch=max_batch, max_queue=max_queue,
@@ -339,6 +339,8 @@ class Server:
             ("qadapt_adapter_loads_total", "counter", "Adapters loaded at run time.", self.registry.loads),
             ("qadapt_adapter_evictions_total", "counter", "Adapters evicted (least recently used).",
              self.registry.evictions),
+            ("qadapt_resident_adapter_bytes", "gauge", "Memory of the resident adapter versions.",
+             self.registry.resident_bytes()),
             ("qadapt_adapter_refs", "gauge", "Adapter references held by queued and running requests.",
              self.registry.in_use()),
         ]

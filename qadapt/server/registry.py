@@ -7,8 +7,10 @@ admitted, and holds a reference on them until it ends, so unloading or replacing
 an adapter only changes the mapping: the old key leaves the model when the last
 request using it finishes. Past ``max_adapters`` resident adapters the least
 recently used one that no request holds is unloaded (its source is remembered, and
-it is loaded again on its next use); adapters above ``max_rank`` are refused from
-their config and weight headers, before any tensor is read.
+it is loaded again on its next use), and likewise past ``max_bytes`` of resident
+adapter memory; adapters above ``max_rank`` are refused from their config and
+weight headers, before any tensor is read. :meth:`remember` makes a name known
+without loading it (a fleet replica loads the adapters it is routed on first use).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class Known:
     key: str | None
     rank: int
     trusted: bool = False  # given at start: reloaded from its folder without the adapter-root check
+    nbytes: int = 0  # memory of the resident version (0 while evicted)
     token: str | None = field(default=None, repr=False)  # the Hub token it was fetched with (kept in memory)
     last_used: float = field(default_factory=time.monotonic)
     loaded_at: float = field(default_factory=time.time)
@@ -65,8 +68,9 @@ class AdapterRegistry:
     """Thread-safe: the event loop resolves and acquires, the engine thread releases, loads run in workers."""
 
     def __init__(self, model: Any, *, max_adapters: int = 0, max_rank: int = 0, adapter_root: str | None = None,
-                 default: tuple[str, ...] = (), max_mixes: int = 8):
+                 default: tuple[str, ...] = (), max_mixes: int = 8, max_bytes: int = 0):
         self.model = model
+        self.max_bytes = max_bytes
         self.max_mixes = max_mixes
         self._mixes: OrderedDict[MixSpec, str] = OrderedDict()  # recent last
         self.mixes_built = 0
@@ -84,10 +88,14 @@ class AdapterRegistry:
             check_name(name)
             rank = max((f.A.shape[0] for f in adapter.factors.values()), default=0)
             self._check_rank(name, rank)
-            self._known[name] = Known(name, str(adapter.folder), "local", name, rank, trusted=True)
+            self._known[name] = Known(name, str(adapter.folder), "local", name, rank, trusted=True,
+                                      nbytes=adapter.nbytes)
         self.default = self._checked_default(default)
         if max_adapters and len(self._known) > max_adapters:
             raise InputError(f"{len(self._known)} adapters given at start, more than --max-adapters {max_adapters}")
+        if max_bytes and self.resident_bytes() > max_bytes:
+            raise InputError(f"the adapters given at start hold {self.resident_bytes()} bytes, more than "
+                             f"--max-adapter-bytes {max_bytes}")
 
     # ------------------------------------------------------------------ queries
     def names(self) -> list[str]:
@@ -108,6 +116,10 @@ class AdapterRegistry:
     def resident(self) -> int:
         with self._lock:
             return sum(1 for k in self._known.values() if k.key is not None) + len(self._retired)
+
+    def resident_bytes(self) -> int:
+        with self._lock:
+            return sum(k.nbytes for k in self._known.values() if k.key is not None)
 
     def in_use(self) -> int:
         """References held by requests (queued or running); 0 when the server is idle."""
@@ -201,6 +213,7 @@ class AdapterRegistry:
                     if k in self._retired:
                         self._drop(k)
             self._trim_mixes()
+            self._trim_bytes("")
 
     # ------------------------------------------------------------------ management
     def load(self, name: str, source: str, adapter_source: str | None = None, *, replace: bool = False,
@@ -223,15 +236,45 @@ class AdapterRegistry:
                 self._version += 1
                 key = f"{name}@{self._version}"
             self.model.load_adapter(key, str(folder), "local")
+            nbytes = self.model.adapters[key].nbytes
             with self._lock:
+                if self.max_bytes and nbytes > self.max_bytes:
+                    self._drop(key)
+                    raise InputError(f"adapter `{name}` holds {nbytes} bytes, more than --max-adapter-bytes "
+                                     f"{self.max_bytes} by itself")
                 old = self._known.get(name)
-                entry = Known(name, source, adapter_source, key, rank, trusted=_trusted, token=token)
+                entry = Known(name, source, adapter_source, key, rank, trusted=_trusted, token=token, nbytes=nbytes)
                 self._known[name] = entry
                 if old is not None and old.key is not None:
                     self._retire(old.key)
                 self.loads += 1
+                self._trim_bytes(name)
             log.info("adapter %s loaded from %s as %s (rank %d)", name, source, key, rank)
             return entry
+
+    def remember(self, name: str, folder: str) -> None:
+        """Know ``name`` (a local adapter folder given at start) without loading it: loaded on first use."""
+        check_name(name)
+        rank = adapter_rank(Path(folder))
+        self._check_rank(name, rank)
+        with self._lock:
+            if name in self._known:
+                raise InputError(f"adapter `{name}` is given twice")
+            self._known[name] = Known(name, str(folder), "local", None, rank, trusted=True)
+
+    def warm(self, names: tuple[str, ...]) -> int:
+        """Load the known ones of ``names`` that are not resident (a fleet replica's adapter-affinity load,
+        blocking); how many it loaded."""
+        loaded = 0
+        for name in names:
+            with self._lock:
+                k = self._known.get(name)
+                if k is None or k.key is not None:
+                    continue
+            self.load(k.name, k.source, k.adapter_source, replace=True, _reload=True, _trusted=k.trusted,
+                      token=k.token)
+            loaded += 1
+        return loaded
 
     def ensure(self, name: str, source: str, adapter_source: str | None = None, token: str | None = None) -> Known:
         """``name`` resident, loading it from ``source`` unless it already is (LoRAX's just-in-time loading)."""
@@ -301,11 +344,26 @@ class AdapterRegistry:
             idle = [k for k in others() if not self._refs.get(k.key)]
             if not idle:
                 raise Busy(f"all {self.max_adapters} resident adapters are in use (--max-adapters); retry later")
-            victim = min(idle, key=lambda k: k.last_used)
-            log.info("evicting adapter %s (least recently used; --max-adapters %d)", victim.name, self.max_adapters)
-            self._retire(victim.key)
-            victim.key = None
-            self.evictions += 1
+            self._evict(min(idle, key=lambda k: k.last_used), f"--max-adapters {self.max_adapters}")
+
+    def _trim_bytes(self, name: str) -> None:
+        """Evict least-recently-used idle adapters other than ``name`` while resident memory is past
+        ``max_bytes`` (lock held); adapters held by requests stay until their requests end."""
+        while self.max_bytes and self.resident_bytes() > self.max_bytes:
+            idle = [k for k in self._known.values() if k.key is not None and k.name != name
+                    and not self._refs.get(k.key)]
+            if not idle:
+                log.warning("adapters hold %d bytes, past --max-adapter-bytes %d, all in use: evicting when "
+                            "they are free", self.resident_bytes(), self.max_bytes)
+                return
+            self._evict(min(idle, key=lambda k: k.last_used), f"--max-adapter-bytes {self.max_bytes}")
+
+    def _evict(self, victim: Known, why: str) -> None:
+        log.info("evicting adapter %s (least recently used; %s)", victim.name, why)
+        self._retire(victim.key)
+        victim.key = None
+        victim.nbytes = 0
+        self.evictions += 1
 
     def _retire(self, key: str) -> None:
         if self._refs.get(key):
