@@ -84,6 +84,7 @@ def test_routing_by_adapter_affinity(fleet):
     assert sum(s["adapter_loads"] for s in rep.values()) == 6, rep
     assert sum(s["affinity_hits"] for s in rep.values()) == 6, rep
     assert all(s["keys"] for s in rep.values()), f"one replica took every adapter: {rep}"
+    print(f"\nfleet routing: {json.dumps({r: {k: s[k] for k in ('requests', 'affinity_hits', 'adapter_loads', 'keys')} for r, s in rep.items()})}")
     text = httpx.get(url + "/metrics").text
     for r, s in rep.items():
         assert metric(text, "qadapt_fleet_adapter_loads_total", f'replica="{r}"') == s["adapter_loads"]
@@ -170,6 +171,7 @@ def test_killing_a_replica_answers_every_request(fleet):
                 outcome["ok"] += 1
     assert outcome["ok"] + outcome["503"] == 12
     fleet["kill"] = outcome
+    print(f"\nreplica killed with 12 requests in flight: {outcome}")
     deadline = time.monotonic() + 120
     while True:
         got = [complete(url, name, n=40) for name in ADAPTERS]
