@@ -50,6 +50,8 @@ class Model:
         # held by every forward and by every change of the adapters: a change lands between two steps,
         # never inside one (the server changes adapters from request threads while its engine decodes)
         self.lock = threading.RLock()
+        self.device = torch.device("cpu")  # where the weights and the KV cache live (qadapt.device.place)
+        self._slots: Any = None  # adapters.slots.SlotBank once placed for the device kernels
 
     @property
     def config(self) -> ModelConfig:
@@ -79,6 +81,10 @@ class Model:
         their invocation occurs in ``ids`` (a whole-sequence forward, PEFT's rule)."""
         from .adapters.lora import AdapterContext
 
+        if self._slots is not None:
+            from .device import slot_context
+
+            return slot_context(self, active, rows, alora, ids)
         if rows is not None and any(r != rows[0] for r in rows):
             per_row = tuple(tuple(n for n in r if n not in self._merged) for r in rows)
             return AdapterContext(rows=per_row, alora=self._alora_starts(per_row, alora, ids))
@@ -190,6 +196,10 @@ class Model:
 
         if adapter.name in self.adapters:
             raise InputError(f"an adapter named `{adapter.name}` is already loaded; unload it first")
+        if self.device.type != "cpu":
+            from .device import check_adapter
+
+            check_adapter(self, adapter)
         with self.lock:
             attach(self, adapter)
             self.adapters[adapter.name] = adapter
@@ -247,10 +257,10 @@ class Model:
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Full causal forward without cache: LongTensor [batch, seq] -> float32 [batch, seq, vocab]."""
-        ids = self._check_ids(input_ids)
+        ids = self._check_ids(input_ids).to(self.device)
         if self._xlora is not None:  # scaling pass + classifier, then the real pass
-            return self.decoder(ids, ctx=self._xlora.context(self.decoder, ids)).logits
-        return self.decoder(ids, ctx=self._context(ids=ids)).logits
+            return self.decoder(ids, ctx=self._xlora.context(self.decoder, ids)).logits.cpu()
+        return self.decoder(ids, ctx=self._context(ids=ids)).logits.cpu()
 
     def xlora_scalings(self) -> torch.Tensor | None:
         """The last X-LoRA scalings, float32 [batch, seq, n_layers or 1, n_adapters] (after softmax, before
@@ -271,11 +281,12 @@ class Model:
 
     def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
         c = self.config
-        cache = KVCache(c.num_hidden_layers, batch, max_len, c.num_key_value_heads, c.head_dim)
+        shape = (c.num_hidden_layers, batch, max_len, c.num_key_value_heads, c.head_dim)
+        cache = KVCache(*shape, device=self.device)
         if self._xlora is not None:  # the scaling pass keeps its own cache; non-granular state per row
             from .adapters.xlora import XLoraCache
 
-            return XLoraCache(cache, KVCache(c.num_hidden_layers, batch, max_len, c.num_key_value_heads, c.head_dim))
+            return XLoraCache(cache, KVCache(*shape, device=self.device))
         return cache
 
     @torch.inference_mode()
@@ -287,7 +298,8 @@ class Model:
         None: the active adapters). ``alora``: per row, where its aLoRA adapters start (:meth:`alora_starts` of
         its prompt; without it, where their invocation occurs in ``ids``). Merged adapters are not applied
         twice; X-LoRA runs its scaling pass and classifier. Holds :attr:`lock`, so adapter changes wait for
-        the step to end."""
+        the step to end. On an accelerator the logits come back to the host (sampling runs there)."""
+        ids, positions = ids.to(self.device), positions.to(self.device)
         with self.lock:
             if self._xlora is not None:
                 if rows is not None and any(r != self._xlora.order for r in rows):
@@ -295,9 +307,9 @@ class Model:
 
                     raise unsupported_with_xlora("choosing adapters per row")
                 ctx = self._xlora.context(self.decoder, ids, positions, cache)
-                return self.decoder(ids, positions, cache.real, ctx=ctx, last_only=True).logits[:, -1]
+                return self.decoder(ids, positions, cache.real, ctx=ctx, last_only=True).logits[:, -1].cpu()
             ctx = self._context(rows=rows, alora=alora, ids=ids)
-            return self.decoder(ids, positions, cache, ctx=ctx, last_only=True).logits[:, -1]
+            return self.decoder(ids, positions, cache, ctx=ctx, last_only=True).logits[:, -1].cpu()
 
     @torch.inference_mode()
     def score_step(self, ids: torch.Tensor, positions: torch.Tensor, cache: Any,
@@ -306,6 +318,7 @@ class Model:
         """:meth:`step` that also scores its input (a prompt's log-probabilities): the last logits [B, V] and
         (logprob of each next input token [B, T-1], the ``top`` most likely log-probabilities and ids
         [B, T-1, top]). Not with X-LoRA."""
+        ids, positions = ids.to(self.device), positions.to(self.device)
         with self.lock:
             if self._xlora is not None:
                 from .adapters.xlora import unsupported_with_xlora
@@ -313,7 +326,7 @@ class Model:
                 raise unsupported_with_xlora("scoring a prompt")
             ctx = self._context(rows=rows, alora=alora, ids=ids)
             out = self.decoder(ids, positions, cache, ctx=ctx, last_only=True, score=top)
-            return out.logits[:, -1], out.scores
+            return out.logits[:, -1].cpu(), tuple(t.cpu() for t in out.scores)
 
     # ------------------------------------------------------------------ text
     def _tokenizer(self) -> Tokenizer:

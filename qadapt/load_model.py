@@ -71,6 +71,9 @@ def load(
     double_quant: bool = False,
     kernels: str | None = None,
     chat_template: str | os.PathLike | None = None,
+    device: str | None = None,
+    max_slots: int | None = None,
+    max_slot_rank: int | None = None,
     **kwargs: Any,
 ) -> Model:
     """Load a base model: a GGUF file (local, or ``org/repo`` + ``gguf_file`` on the Hub).
@@ -100,6 +103,13 @@ def load(
     and the README's numerical contract). ``"exact"``: float32 activations on gguf-py's weights for every
     type, for verification. ``"q8"``: ``auto`` stated explicitly (a warning where it cannot run).
 
+    ``device``: ``"cuda"`` (or ``"cuda:N"``) runs on an NVIDIA GPU: GGUF weights stay in their blocks there
+    (``kernels="triton"``: Q8_0/Q4_0/Q4_K/Q6_K multiplied by Triton kernels that decode the blocks, the other
+    types dequantized a chunk at a time), dequantize mode holds them dense in ``dtype``; the KV cache is on
+    the GPU and each batch's adapters sit in ``max_slots`` device slots of rank up to ``max_slot_rank``
+    (16 and 64 by default), one gathered kernel pair per layer. ``kernels="triton"`` without a device runs
+    the same on CPU under Triton's interpreter (``TRITON_INTERPRET=1``): slow, for verification.
+
     ``chat_template``: a Jinja chat template (a string, or a ``.jinja`` / ``tokenizer_config.json`` file) used
     by :meth:`Model.chat` instead of the model's own; a model with neither refuses chat.
     """
@@ -112,15 +122,31 @@ def load(
     from .quant.kernels import resolve_kernels
 
     explicit = kernels
+    on_device = device is not None and torch.device(device).type != "cpu"
+    if on_device and kernels is None:
+        kernels = "triton"
     kernels = resolve_kernels(kernels)
+    if on_device and kernels not in ("triton", "exact") and mode == "inplace":
+        raise InputError(f"kernels={kernels!r} are CPU kernels; on {device} GGUF weights run with kernels='triton'")
+    if on_device and mode == "inplace":
+        kernels = "triton"
+    if (max_slots is not None or max_slot_rank is not None) and not (on_device or kernels == "triton"):
+        raise InputError("max_slots / max_slot_rank size the device slots: they apply with device='cuda' or "
+                         "kernels='triton'")
     if explicit == "q8" and mode != "inplace":
         raise InputError("kernels='q8' (--kernels q8) runs quantized weights in place; with mode='dequantize' "
                          "the weights are dense float and take the exact kernels: drop one of the two")
     path = _resolve_model_path(path_or_id, gguf_file, revision)
     base = load_base(path, mode=mode, dtype=_dtype(dtype), quant=quant, double_quant=double_quant, kernels=kernels)
-    if kernels != "exact" and mode == "inplace":
+    if kernels not in ("exact", "triton") and mode == "inplace":
         _use_native_ops(base.decoder, warn=kernels == "q8")
     model = Model(base.decoder, base.tokenizer, base.layer_map, str(path), mode, base.base_format, base.info)
+    if on_device and xlora is not None:
+        raise InputError(f"X-LoRA on {device} is not supported yet (its classifier runs on the CPU); drop --device")
+    if on_device or kernels == "triton":
+        from .device import DEFAULT_SLOT_RANK, DEFAULT_SLOTS, place
+
+        place(model, device or "cpu", slots=max_slots or DEFAULT_SLOTS, slot_rank=max_slot_rank or DEFAULT_SLOT_RANK)
     if chat_template is not None:
         model.chat_template = _chat_template(chat_template)
     if xlora is not None:

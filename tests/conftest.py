@@ -12,6 +12,10 @@ os.environ.setdefault("QADAPT_NO_PROGRESS", "1")
 # test asks for others; tests/test_default_kernels.py checks what a user gets by default (auto).
 os.environ.setdefault("QADAPT_KERNELS", "exact")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Triton reads its settings when first imported (by any module): without a GPU its kernels run under the
+# interpreter (tests/test_triton.py)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..errors import AdapterError
 from ..quant.native import lora_plan, row_stride
+from .context import AdapterContext  # noqa: F401  (re-exported: where callers have always imported it)
 
 log = logging.getLogger(__name__)
 
@@ -120,56 +121,6 @@ class LoraAdapter:
             if ids[i:i + len(inv)] == inv:
                 return i
         return None
-
-
-@dataclass(frozen=True)
-class AdapterContext:
-    """What a forward applies.
-
-    ``active``: adapter names applied to every row. ``rows``: per batch row, its own
-    adapter names (heterogeneous batches, as LoRAX's BGMV: each row gathers its
-    adapters); when set it replaces ``active``. ``xlora`` (set by the X-LoRA runtime)
-    carries per-token scalings; plain LoRA leaves it None.
-    """
-
-    active: tuple[str, ...] = ()
-    rows: tuple[tuple[str, ...], ...] | None = None
-    xlora: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    #: aLoRA adapter name -> per batch row, the position its delta starts at (a huge value: never)
-    alora: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def token_mask(self, name: str, ix: torch.Tensor | None) -> torch.Tensor | None:
-        """[rows, T] where ``name``'s delta applies (None: everywhere), from the positions of the running
-        forward (``extra["positions"]``, set per chunk by the decoder)."""
-        start = self.alora.get(name)
-        if start is None:
-            return None
-        pos = self.extra["positions"]
-        if ix is not None:
-            pos, start = pos.index_select(0, ix), start.index_select(0, ix)
-        return pos >= start.unsqueeze(1)
-
-    def narrow(self, rows: torch.Tensor, cols: torch.Tensor) -> "AdapterContext":
-        """A context for a forward whose rows are single tokens of this one's (row ``rows[n]``, position
-        ``cols[n]``): a mixture-of-experts layer runs an expert on the tokens routed to it."""
-        ctx = AdapterContext(self.active, None if self.rows is None else tuple(self.rows[i] for i in rows.tolist()))
-        if self.alora:
-            ctx.alora = {n: s.index_select(0, rows) for n, s in self.alora.items()}
-            ctx.extra["positions"] = self.extra["positions"][rows, cols].unsqueeze(1)
-        return ctx
-
-    def row_groups(self) -> dict[str, torch.Tensor]:
-        """adapter name -> indices of the rows that use it (computed once per forward)."""
-        cached = self.extra.get("_groups")
-        if cached is None:
-            groups: dict[str, list[int]] = {}
-            for i, names in enumerate(self.rows or ()):
-                for n in names:
-                    groups.setdefault(n, []).append(i)
-            cached = {n: torch.tensor(ix) for n, ix in groups.items()}
-            self.extra["_groups"] = cached
-        return cached
 
 
 class LoraLinear(nn.Module):
@@ -347,6 +298,15 @@ class LoraLinear(nn.Module):
         names = tuple(n for n in groups if self.has(n))
         if not names:
             return y
+        slots = ctx.extra.get("slots")
+        if slots is not None and not self._general_needed(names, ctx):  # device slots: one gathered kernel pair
+            bank, indices = slots
+            if x.dim() == 3 and x.shape[1] > 1:
+                indices = [ix.repeat_interleave(x.shape[1]) for ix in indices]
+            y2d = y.reshape(-1, self.out_features)
+            if not y2d.is_contiguous():
+                y2d = y2d.contiguous()
+            return bank.apply(self, x.reshape(-1, self.in_features), y2d, indices).view(y.shape)
         if self._general_needed(names, ctx):
             return self._general(x, y, ctx, [(n, None if len(groups[n]) == x.shape[0] else groups[n])
                                              for n in names])

@@ -34,7 +34,7 @@ def _adapter_options(f):
 
 def load_from_options(model, mode, dtype, gguf_file, revision, adapters=(), ordering=None,
                       adapter_model_id=None, activate=None, merge=False, quant=None, xlora=None,
-                      tgt_non_granular_index=None, kernels=None, chat_template=None):
+                      tgt_non_granular_index=None, kernels=None, chat_template=None, device=None):
     """The one place the CLI and the server turn their options into ``qadapt.load``."""
     import qadapt
     from qadapt.adapters.sources import split_source
@@ -44,14 +44,17 @@ def load_from_options(model, mode, dtype, gguf_file, revision, adapters=(), orde
     return qadapt.load(model, mode=mode, dtype=dtype, gguf_file=gguf_file, revision=revision, adapters=named,
                        ordering=ordering, adapter_model_id=adapter_model_id, activate=act, merge=merge,
                        quant=quant, xlora=xlora, tgt_non_granular_index=tgt_non_granular_index, kernels=kernels,
-                       chat_template=chat_template)
+                       chat_template=chat_template, device=device)
 
 
 def _model_options(f):
+    f = click.option("--device", default=None, metavar="DEV",
+                     help="cuda (or cuda:N): run on an NVIDIA GPU (GGUF weights in place through Triton kernels, "
+                          "adapters in device slots; pip install 'qadapt[cuda]'). Default: the CPU.")(f)
     f = click.option("--chat-template", default=None, type=click.Path(dir_okay=False, exists=True), metavar="FILE",
                      help="Jinja chat template (.jinja, or a tokenizer_config.json holding `chat_template`) used "
                           "instead of the model's own; needed for chat with a model that has none.")(f)
-    f = click.option("--kernels", type=click.Choice(["auto", "exact", "q8"]), default=None,
+    f = click.option("--kernels", type=click.Choice(["auto", "exact", "q8", "triton"]), default=None,
                      help="In place: auto (the default, or $QADAPT_KERNELS: llama.cpp's arithmetic where the native "
                           "kernels run it, activations rounded to 8 bits per block of 32, integer dot products; "
                           "logits within ~1-3% of exact), exact (float32 activations, gguf-py's weights: the "
@@ -90,9 +93,9 @@ def _model_options(f):
 @click.option("--seed", default=None, type=int, help="Seed for sampling.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object {text, token_ids, ...} at the end.")
-def run(model, mode, kernels, dtype, gguf_file, revision, quant, chat_template, adapters, ordering, adapter_model_id,
-        activate, merge, xlora, tgt_non_granular_index, demo, prompt, as_chat, system, max_tokens, temperature, top_k,
-        top_p, repetition_penalty, seed, stop, as_json):
+def run(model, mode, kernels, dtype, gguf_file, revision, quant, chat_template, device, adapters, ordering,
+        adapter_model_id, activate, merge, xlora, tgt_non_granular_index, demo, prompt, as_chat, system, max_tokens,
+        temperature, top_k, top_p, repetition_penalty, seed, stop, as_json):
     """Generate text from MODEL (a .gguf file, or org/repo with --gguf-file).
 
     \b
@@ -106,6 +109,7 @@ def run(model, mode, kernels, dtype, gguf_file, revision, quant, chat_template, 
       qadapt run model.Q4_K_M.gguf --chat --system "Be brief." -p "What is LoRA?"
       qadapt run model.Q8_0.gguf --ordering lora.json --adapter-model-id ./adapters --activate a -p "hi"
       qadapt run model.Q4_K.gguf --xlora ./my-xlora --ordering xlora.json --tgt-non-granular-index 2 -p "hi"
+      qadapt run model.Q4_K_M.gguf --device cuda --adapter upper=./adapters/upper -p "hello"
     """
     if demo:
         from qadapt.demo.run import run_options
@@ -117,7 +121,8 @@ def run(model, mode, kernels, dtype, gguf_file, revision, quant, chat_template, 
         raise click.UsageError("--system needs --chat")
     m = load_from_options(model, mode, dtype, gguf_file, revision, adapters, ordering, adapter_model_id,
                           activate, merge, quant=quant, xlora=xlora,
-                          tgt_non_granular_index=tgt_non_granular_index, kernels=kernels, chat_template=chat_template)
+                          tgt_non_granular_index=tgt_non_granular_index, kernels=kernels, chat_template=chat_template,
+                          device=device)
     kw = dict(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
               repetition_penalty=repetition_penalty, seed=seed, stop=list(stop))
     if as_chat:

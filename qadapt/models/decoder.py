@@ -107,6 +107,8 @@ class Rotary(nn.Module):
         n = int(positions.max()) + 1
         key = self._variant(top)
         cos, sin = self._table(key, top, n * 2 if n > self.max_pos and not isinstance(key, int) else n)
+        if cos.device != positions.device:  # built on the CPU, kept on the device the model runs on
+            cos, sin = self._tables[key] = (cos.to(positions.device), sin.to(positions.device))
         return cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -315,7 +317,7 @@ class Decoder(nn.Module):
         if n_keys is not None and positions.shape[1] == 1 and not (window and n_keys > window):
             if positions.shape[0] == 1 or int(positions.min()) == n_keys - 1:
                 return None
-        keys = torch.arange(n_keys if n_keys is not None else positions.shape[1])
+        keys = torch.arange(n_keys if n_keys is not None else positions.shape[1], device=positions.device)
         q = positions.unsqueeze(-1)
         if n_keys is None:  # no cache: keys are this chunk's own positions
             keys = positions.unsqueeze(1)
@@ -334,7 +336,7 @@ class Decoder(nn.Module):
         log-probability [B, T-1] and the ``k`` most likely tokens at each position (a prompt's logprobs)."""
         B, T = ids.shape
         if positions is None:
-            positions = torch.arange(T).expand(B, T)
+            positions = torch.arange(T, device=ids.device).expand(B, T)
         step = max(1, self.prefill_chunk // B)
         if score is not None:
             step = min(step, SCORE_CHUNK)  # a chunk's full logits [B, step, V] are held at once

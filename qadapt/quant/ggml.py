@@ -69,13 +69,13 @@ def _bit_planes(b: torch.Tensor, width: int) -> torch.Tensor:
 def _bits32(b: torch.Tensor) -> torch.Tensor:
     """Four bytes per block [n, 4], read as a little-endian uint32 -> its 32 bits [n, 32]
     (bit i is element i), as gguf-py's ``qh.view(np.uint32)``."""
-    shifts = torch.arange(32, dtype=torch.int32)
+    shifts = torch.arange(32, dtype=torch.int32, device=b.device)
     return ((b.contiguous().view(torch.int32) >> shifts) & 1).to(torch.uint8)
 
 
 def _iq4_values(codes: torch.Tensor) -> torch.Tensor:
     """4-bit codes -> IQ4 codebook values, float32 (index_select: a fast gather)."""
-    return _IQ4_VALUES.index_select(0, codes.reshape(-1).to(torch.int32)).reshape(codes.shape)
+    return _IQ4_VALUES.to(codes.device).index_select(0, codes.reshape(-1).to(torch.int32)).reshape(codes.shape)
 
 
 def _affine(scale: torch.Tensor, q: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
@@ -278,7 +278,7 @@ class IQ4_XS(BlockType, name="IQ4_XS"):
         d, sh, sl, qs = _split(b, 2, 2, QK_K // 64)
         lo = _bits(sl, (0, 4), 0x0F, 1)
         sh16 = sh[:, :1].to(torch.int32) | (sh[:, 1:].to(torch.int32) << 8)
-        hi = (sh16 >> torch.arange(0, 16, 2, dtype=torch.int32)) & 0x03
+        hi = (sh16 >> torch.arange(0, 16, 2, dtype=torch.int32, device=b.device)) & 0x03
         sc = ((lo.to(torch.int32) | (hi << 4)) - 32).float()
         return _affine(_f16(d) * sc, _iq4_values(_nibbles(qs, 16)))
 
@@ -386,6 +386,12 @@ class GGMLLinear(BaseLinear):
         self.register_buffer("int4_scales", None)
         self._int4_group = 0
         bt = block_type(qtype)
+        if kernels == "triton":  # the device kernels: the file's blocks as they are (moved with .to(device))
+            from .triton.ggml import TYPES
+
+            self.path = "triton" if qtype in TYPES else "blockwise"
+            self._native_type, self._lib = False, None
+            return
         lib = native.library()
         path = kernel_path(qtype, compute_dtype)
         if kernels != "exact" and lib is not None and lib.supports_q8(qtype):
@@ -452,6 +458,13 @@ class GGMLLinear(BaseLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)
+        if self.path == "triton":
+            from .triton.ggml import matmul as triton_matmul
+
+            # on the GPU prefills multiply float16 tiles on tensor cores (float32 accumulation); the CPU
+            # interpreter, where the tests run, multiplies float32
+            y = triton_matmul(x2d, self._raw, self.qtype, self.in_features, exact=x2d.device.type != "cuda")
+            return _kernels.finish(y, x, self.bias, self.out_features)
         if self.path == "q8":
             lib = self._lib
             if self._x8 is not None:
@@ -545,6 +558,8 @@ class GGMLEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [...] -> float32 [..., dim]."""
         flat = ids.reshape(-1)
+        if self.raw.device.type != "cpu":  # on an accelerator: the rows of the table there, dequantized there
+            return dequantize_rows(self.raw[flat], self.qtype).reshape(*ids.shape, self.embedding_dim)
         raw = None
         if self._file is not None and flat.numel() and 0 <= int(flat.min()) and int(flat.max()) < self.num_embeddings:
             raw = self._file.take(flat.tolist())

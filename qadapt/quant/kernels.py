@@ -86,8 +86,11 @@ SCRATCH_BYTES = 8 << 20
 #: types), ``exact`` (float32 activations and gguf-py's weights on every type: the native float32
 #: kernels and float32 dequantization, never ``int4pack``'s bf16) or ``q8`` (llama.cpp's arithmetic:
 #: activations quantized to 8 bits per block of 32, integer dot products; see ``native/ggml_kernels.c``
-#: for its bound; as ``auto`` where the type or CPU cannot).
-KERNELS: tuple[str, ...] = ("auto", "exact", "q8")
+#: for its bound; as ``auto`` where the type or CPU cannot) or ``triton`` (the Triton kernels: CUDA, or the CPU
+#: under ``TRITON_INTERPRET=1``; GGUF Q8_0/Q4_0/Q4_K/Q6_K multiplied from the file's blocks, the other types
+#: dequantized a chunk of rows at a time on the device; a batch's adapters in device slots, one gathered
+#: kernel pair per layer: :mod:`qadapt.quant.triton`).
+KERNELS: tuple[str, ...] = ("auto", "exact", "q8", "triton")
 #: the environment variable that sets the default (``auto`` when unset): the test suite, whose references
 #: are float32, sets ``exact``
 KERNELS_ENV = "QADAPT_KERNELS"
@@ -182,7 +185,7 @@ def blockwise_matmul(
     """
     x2d = x2d.to(compute_dtype)
     xt = x2d.t()
-    out_t = torch.empty(out_features, x2d.shape[0], dtype=compute_dtype)
+    out_t = torch.empty(out_features, x2d.shape[0], dtype=compute_dtype, device=x2d.device)
     step = max(1, SCRATCH_BYTES // (in_features * 4))
     for r0 in range(0, out_features, step):
         r1 = min(r0 + step, out_features)

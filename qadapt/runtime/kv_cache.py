@@ -15,10 +15,10 @@ from ..errors import QadaptError
 
 class KVCache:
     def __init__(self, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         shape = (batch, n_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(n_layers)]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.max_len, self.batch = max_len, batch
         self._n_keys = 0
         self._span: slice | None = None
@@ -38,10 +38,11 @@ class KVCache:
         self._n_keys = top
         B, T = positions.shape
         start = top - T
-        if start >= 0 and ((B == 1 and T == 1) or torch.equal(positions, torch.arange(start, top).expand(B, T))):
+        if start >= 0 and ((B == 1 and T == 1) or torch.equal(
+                positions, torch.arange(start, top, device=positions.device).expand(B, T))):
             self._span, self._rows = slice(start, top), None
         else:
-            self._span, self._rows = None, torch.arange(B).unsqueeze(1).expand_as(positions)
+            self._span, self._rows = None, torch.arange(B, device=positions.device).unsqueeze(1).expand_as(positions)
         return top
 
     def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):

@@ -319,6 +319,7 @@ def build_app(cfg: FleetConfig) -> Any:
 #: app_builder's arguments: name -> (type, default); server options as `qadapt serve` names them
 _BUILDER_ARGS = {"model": (str, None), "adapters": (str, ""), "replicas": (int, 2), "replica_cpus": (float, 1.0),
                  "served_model_name": (str, None), "mode": (str, "inplace"), "kernels": (str, None),
+                 "device": (str, None),
                  "api_key": (str, None), "max_batch": (int, 8), "max_queue": (int, 64), "max_adapters": (int, 32),
                  "max_adapter_bytes": (int, 0), "max_rank": (int, 256), "max_seq_len": (int, 4096),
                  "max_body_bytes": (int, 4 << 20), "allow_runtime_adapters": (bool, False),
@@ -359,7 +360,7 @@ def app_builder(args: dict[str, Any]) -> Any:
                    "max_body_bytes": v["max_body_bytes"], "max_adapter_bytes": v["max_adapter_bytes"],
                    "default_adapters": ()}
     cfg = FleetConfig(model=v["model"], load_opts={"mode": v["mode"], "dtype": None, "gguf_file": None,
-                                                   "revision": None, "kernels": v["kernels"]},
+                                                   "revision": None, "kernels": v["kernels"], "device": v["device"]},
                       adapters=folders, server_opts=server_opts,
                       base_name=v["served_model_name"] or Path(v["model"]).stem, replicas=v["replicas"],
                       replica_cpus=v["replica_cpus"], threads=max(1, int(v["replica_cpus"])),

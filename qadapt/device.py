@@ -1,0 +1,92 @@
+"""A model on a compute device: its weights moved there, its adapters applied from device slots.
+
+``qadapt.load(..., device="cuda")`` builds the model as on CPU (GGUF layers keep the file's blocks:
+``kernels="triton"``), then :func:`place` moves every weight and buffer to the device and gives the
+model a :class:`~qadapt.adapters.slots.SlotBank`: from then on every forward names each row's adapters
+and each LoRA layer adds them with one gathered kernel pair (the factors stay in host memory and
+are copied into the slots the batch needs). Token ids and positions go to the device in
+:meth:`Model.step`; its logits come back to the host, where sampling runs.
+
+``device="cpu"`` with ``kernels="triton"`` runs the same code on CPU under Triton's interpreter
+(``TRITON_INTERPRET=1``): how CI tests the device path without a GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .errors import UnsupportedError
+
+#: device slots for adapters, and their rank, unless load(..., max_slots=, max_slot_rank=) says otherwise
+DEFAULT_SLOTS = 16
+DEFAULT_SLOT_RANK = 64
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UnsupportedError(f"device={str(device)!r}: torch sees no CUDA device (a CPU build of torch, or no GPU "
+                               "visible); install torch's CUDA build on a machine with an NVIDIA GPU")
+    if dev.type not in ("cpu", "cuda"):
+        raise UnsupportedError(f"device={str(device)!r}: qadapt runs on cpu and cuda")
+    return dev
+
+
+def place(model: Any, device: str | torch.device, *, slots: int = DEFAULT_SLOTS,
+          slot_rank: int = DEFAULT_SLOT_RANK) -> None:
+    """Move ``model`` to ``device`` and apply its adapters through device slots from now on."""
+    from .adapters.slots import SlotBank
+    from .quant.ggml import GGMLLinear
+    from .quant.triton import require
+
+    dev = check_device(device)
+    for name, m in model.decoder.named_modules():
+        path = getattr(m, "path", None)
+        if isinstance(m, GGMLLinear) and path not in ("triton", "blockwise", "dense"):
+            raise UnsupportedError(f"{name}: a GGUF layer built for the {path} CPU kernels cannot run on {dev}; "
+                                   "load with kernels='triton'")
+        if dev.type == "cuda" and type(m).__name__ in ("GPTQLinear", "BnbLinear"):
+            raise UnsupportedError(f"{name}: {type(m).__name__} in place on CUDA is not supported yet; load the "
+                                   "checkpoint with mode='dequantize' (dense bf16/fp16 on the device)")
+    if any(getattr(m, "path", None) == "triton" for m in model.decoder.modules()):
+        require(dev, "the GGUF Triton kernels")
+    model.decoder.to(dev)
+    model.device = dev
+    model._slots = SlotBank(slots, slot_rank, dev)
+
+
+def check_adapter(model: Any, a: Any) -> None:
+    """Adapters on an accelerator: plain LoRA factors only (the slots' kernel); others refused by name."""
+    name = a.name
+    kinds = []
+    if any(not f.plain for f in a.factors.values()):
+        kinds.append("DoRA / LoRA bias / aLoRA factors")
+    if a.saved:
+        kinds.append("saved modules (modules_to_save, trainable tokens)")
+    if a.embedding is not None:
+        kinds.append("an embedding LoRA")
+    if kinds:
+        raise UnsupportedError(f"adapter `{name}` carries {', '.join(kinds)}: on {model.device} only plain LoRA "
+                               "runs yet (the device slots); use the CPU for it")
+
+
+def slot_context(model: Any, active: tuple[str, ...] | None, rows: tuple[tuple[str, ...], ...] | None,
+                 alora: Any, ids: torch.Tensor | None) -> Any:
+    """The forward's adapter context with every row's adapters in device slots (None: no adapters)."""
+    from .adapters.lora import AdapterContext, LoraLinear, adapters_epoch
+
+    keep = lambda names: tuple(n for n in names if n not in model._merged)  # noqa: E731
+    if rows is not None:
+        per_row = tuple(keep(r) for r in rows)
+    else:
+        batch = ids.shape[0] if ids is not None else len(alora) if alora is not None else 1
+        per_row = (keep(model._active if active is None else active),) * batch
+    if not any(per_row):
+        return None
+    layers = [m for m in model.decoder.modules() if isinstance(m, LoraLinear)]
+    indices = model._slots.prepare(per_row, layers, adapters_epoch())
+    ctx = AdapterContext(rows=per_row, alora=model._alora_starts(per_row, alora, ids))
+    ctx.extra["slots"] = (model._slots, indices)
+    return ctx

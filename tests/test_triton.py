@@ -1,0 +1,212 @@
+"""The device path on CPU: qadapt's Triton kernels under Triton's interpreter, and the model run through them.
+
+References: gguf-py's dequantization (``gguf.quants.dequantize``) for the GGUF block kernels; a plain
+per-row loop (``y[m] += scale * Bt.T @ (A @ x[m])``) for the gathered LoRA kernels; for whole models,
+qadapt's ``kernels="exact"`` CPU path (itself checked against transformers on gguf-py's weights and
+PEFT in tests/test_gguf_runtime.py, test_lora.py and test_architectures.py).
+
+Tolerances, from the error model of each path:
+- dequantization: 0 (the kernels do gguf-py's float32 operations in gguf-py's order);
+- float32 matmuls: 1e-5 of the output's scale (float32 accumulation over <= 512 terms in a different
+  order: a few ulps of the largest partial sums);
+- the float16 tensor-core matmul: each product's factors are rounded to float16 (relative 2^-11 each), so
+  ``|err| <= 2^-10 * sum_k |x_k w_k|`` per output, checked against that bound computed from the data;
+- whole models: 1e-5 of the logit scale, as the exact path's own contract (the measured worst case here
+  is 2.6e-6, Q6_K).
+
+On a machine with CUDA the device tests at the end run too (``device="cuda"`` against the CPU's exact
+path); without it they skip. ``tools/gpu_check.py`` is the prepared GPU run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported: it reads its settings then
+pytest.importorskip("triton")
+
+import numpy as np  # noqa: E402
+from gguf import GGMLQuantizationType, quants  # noqa: E402
+
+import qadapt  # noqa: E402
+from models import random_blocks, tiny_arch, tiny_hf, write_quantized  # noqa: E402
+from server_helpers import write_peft_adapter  # noqa: E402
+
+from qadapt.errors import UnsupportedError  # noqa: E402
+
+TYPES = ["Q8_0", "Q4_0", "Q4_K", "Q6_K"]
+dev_cpu = pytest.mark.skipif(torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                             reason="the CPU interpreter tests run where there is no GPU")
+
+
+def _blocks(qtype: str, rows: int, cols: int, seed: int = 0):
+    blocks = random_blocks(qtype, rows, cols, np.random.default_rng(seed))
+    raw = torch.from_numpy(np.ascontiguousarray(blocks)).reshape(rows, -1)
+    ref = quants.dequantize(np.asarray(blocks).reshape(rows, -1), GGMLQuantizationType[qtype])
+    return raw, torch.from_numpy(ref.astype(np.float32)).reshape(rows, cols)
+
+
+@dev_cpu
+@pytest.mark.parametrize("qtype", TYPES)
+def test_gguf_kernels_match_gguf_py(qtype):
+    from qadapt.quant.triton import ggml as tg
+
+    raw, w = _blocks(qtype, 40, 512)  # 40 rows: not a multiple of the kernels' 64-row tiles
+    assert torch.equal(tg.dequantize(raw, qtype, 512), w)
+    g = torch.Generator().manual_seed(1)
+    w64 = w.double()
+    for m in (1, 3, 21):  # GEMV (decode), GEMV with several rows, the tiled kernel with a partial row tile
+        x = torch.randn(m, 512, generator=g)
+        want = (x.double() @ w64.T)
+        got = tg.matmul(x, raw, qtype, 512, exact=True).double()
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (qtype, m)
+        if m > tg.GEMV_MAX_ROWS:  # the float16 tensor-core path
+            fast = tg.matmul(x, raw, qtype, 512).double()
+            bound = 2.0 ** -10 * (x.double().abs() @ w64.abs().T) * 1.01 + 1e-6
+            assert ((fast - want).abs() <= bound).all(), qtype
+
+
+@dev_cpu
+def test_gguf_kernels_check_their_inputs():
+    from qadapt.quant.triton import ggml as tg
+
+    raw, _ = _blocks("Q4_K", 4, 256)
+    with pytest.raises(ValueError, match="Q5_K"):
+        tg.matmul(torch.zeros(1, 256), raw, "Q5_K", 256)
+    with pytest.raises(ValueError, match="uint8"):
+        tg.matmul(torch.zeros(1, 512), raw, "Q4_K", 512)
+    with pytest.raises(ValueError, match="whole blocks"):
+        tg.matmul(torch.zeros(1, 100), raw, "Q4_K", 100)
+    with pytest.raises(ValueError, match=r"\[M, 256\]"):
+        tg.matmul(torch.zeros(1, 128), raw, "Q4_K", 256)
+
+
+@dev_cpu
+def test_bgmv_matches_a_per_row_loop():
+    from qadapt.adapters.slots import bgmv_reference
+    from qadapt.quant.triton.bgmv import bgmv
+
+    g = torch.Generator().manual_seed(0)
+    S, R, K, N, M = 5, 12, 96, 80, 9
+    a, bt = torch.randn(S, R, K, generator=g), torch.randn(S, R, N, generator=g)
+    scale = torch.rand(S, generator=g)
+    idx = torch.tensor([0, 3, -1, 3, 4, 1, 1, -1, 2], dtype=torch.int32)
+    x, y0 = torch.randn(M, K, generator=g), torch.randn(M, N, generator=g)
+    want = y0.clone().double()
+    for m in range(M):
+        s = int(idx[m])
+        if s >= 0:
+            want[m] += float(scale[s]) * (bt[s].double().T @ (a[s].double() @ x[m].double()))
+    for fn in (bgmv, bgmv_reference):
+        got = fn(x, y0.clone(), a, bt, scale, idx).double()
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), fn.__name__
+        assert torch.equal(got[2], y0[2].double())  # rows without a slot untouched
+    with pytest.raises(ValueError, match="slot indices"):
+        bgmv(x, y0.clone(), a, bt, scale, torch.full((M,), S, dtype=torch.int32))
+    with pytest.raises(ValueError, match="x must be"):
+        bgmv(x[:, :10], y0.clone(), a, bt, scale, idx)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("triton")
+    out = {}
+    for name, hf, qtype in (("q8", tiny_hf("llama", seed=3), "Q8_0"), ("q4k", tiny_arch("llama", seed=3, wide=True),
+                                                                       "Q4_K")):
+        write_quantized(hf, d / f"{name}.gguf", qtype, seed=4)
+        ads = {n: str(write_peft_adapter(hf, d / name / n, 10 + i)) for i, n in enumerate("abc")}
+        out[name] = (d / f"{name}.gguf", ads)
+    return out
+
+
+@dev_cpu
+@pytest.mark.parametrize("which", ["q8", "q4k"])
+def test_model_on_the_triton_path_matches_exact(models, which):
+    """The whole model through the device path (GGUF kernels, adapters in slots, per-row mixes, a decode
+    step) against the exact CPU path, logits within 1e-5 of their scale."""
+    path, ads = models[which]
+    ref = qadapt.load(path, kernels="exact", adapters=ads, activate=[])
+    tri = qadapt.load(path, kernels="triton", adapters=ads, activate=[])
+    from qadapt.quant.ggml import GGMLLinear
+
+    assert tri._slots is not None
+    assert {m.path for m in tri.decoder.modules() if isinstance(m, GGMLLinear)} == {"triton"}
+    ids = torch.tensor([[1, 5, 9, 33, 7, 2]])
+    for act in ([], ["a", "b"]):
+        ref.activate_adapters(act)
+        tri.activate_adapters(act)
+        want = ref.logits(ids)
+        assert (tri.logits(ids) - want).abs().max() <= 1e-5 * want.abs().max(), act
+    rows = (("a",), ("b",), (), ("a", "c"))
+    x = torch.randint(0, 200, (4, 5), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(5).expand(4, 5)
+    c1, c2 = ref.new_cache(16, 4), tri.new_cache(16, 4)
+    for step in range(2):
+        want, got = ref.step(x, pos, c1, rows=rows), tri.step(x, pos, c2, rows=rows)
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), step
+        x, pos = want.argmax(-1, keepdim=True), torch.full((4, 1), 5 + step)
+    assert tri._slots.swaps == 3  # a, b, c: each copied into a slot once
+
+
+@dev_cpu
+def test_slots_swap_by_lru_and_refuse_an_overfull_batch(models):
+    path, ads = models["q8"]
+    ref = qadapt.load(path, kernels="exact", adapters=ads, activate=[])
+    tri = qadapt.load(path, kernels="triton", adapters=ads, activate=[], max_slots=2)
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    for name in ("a", "b", "c", "a", "c"):  # c evicts a (least recent), a then evicts b
+        ref.activate_adapters([name])
+        tri.activate_adapters([name])
+        want = ref.logits(ids)
+        assert (tri.logits(ids) - want).abs().max() <= 1e-5 * want.abs().max(), name
+    assert tri._slots.swaps == 4  # a, b, c, a again; the last c was still in its slot
+    with pytest.raises(UnsupportedError, match="3 distinct adapters.*2 device slots"):
+        tri.step(torch.ones(3, 1, dtype=torch.long), torch.zeros(3, 1, dtype=torch.long), tri.new_cache(4, 3),
+                 rows=(("a",), ("b",), ("c",)))
+
+
+def test_cuda_without_a_gpu_is_refused_by_name(models):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(UnsupportedError, match="no CUDA device"):
+        qadapt.load(models["q8"][0], device="cuda")
+
+
+def test_triton_on_cpu_without_the_interpreter_is_refused(models):
+    code = ("import qadapt\ntry:\n    qadapt.load(%r, kernels='triton')\nexcept qadapt.errors.UnsupportedError as e:\n"
+            "    print(e)\n") % str(models["q8"][0])
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
+
+
+# ------------------------------------------------------------------------------------------ on a GPU
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (tools/gpu_check.py runs these)")
+
+
+@cuda
+@pytest.mark.parametrize("which", ["q8", "q4k"])
+def test_cuda_model_matches_the_cpu(models, which):
+    """On the GPU: the float16 tensor-core prefill and the float32 GEMV decode against the CPU's exact path;
+    tolerance 2e-3 of the logit scale (float16 rounding of activations and weights, 2^-10 relative per
+    product, over a 2-layer model)."""
+    path, ads = models[which]
+    ref = qadapt.load(path, kernels="exact", adapters=ads, activate=["a"])
+    gpu = qadapt.load(path, device="cuda", adapters=ads, activate=["a"])
+    ids = torch.tensor([[1, 5, 9, 33, 7, 2]])
+    want = ref.logits(ids)
+    assert (gpu.logits(ids) - want).abs().max() <= 2e-3 * want.abs().max()
+    rows = (("a",), ("b",), (), ("a", "c"))
+    x, pos = torch.randint(0, 200, (4, 5)), torch.arange(5).expand(4, 5)
+    want = ref.step(x, pos, ref.new_cache(8, 4), rows=rows)
+    got = gpu.step(x, pos, gpu.new_cache(8, 4), rows=rows)
+    assert (got - want).abs().max() <= 2e-3 * want.abs().max()
+    assert ref.generate("hello", max_new_tokens=6) == gpu.generate("hello", max_new_tokens=6)

@@ -1,0 +1,307 @@
+#!/usr/bin/env python
+"""The prepared GPU run: qadapt's CUDA tests, then decode speed on a Llama-3-8B-shaped model against the HBM bound.
+
+Made for a machine with one NVIDIA GPU, torch (CUDA), Triton, transformers and PEFT, and no package index:
+what else it needs travels as wheels made here first (``--prepare``). In order:
+
+1. installs the carried wheels (gguf, pytest, httpx and their dependencies) with ``--no-index``;
+2. runs the GPU tests (``pytest tests/test_triton.py``: the kernels and ``device="cuda"`` models against
+   the CPU's exact path);
+3. measures the copy bandwidth (a device-to-device copy of 4 GiB: read + write bytes over time);
+4. writes a random Llama-3-8B-shaped GGUF per type (Q4_0, Q8_0, Q4_K_M; random blocks with small scales:
+   the bytes a real file has, no quantization run) and measures batch-1 decode tokens/s with one rank-16
+   LoRA on q/k/v/o through ``qadapt.load(path, device="cuda")``, against the bound (weight bytes read per
+   token over the measured bandwidth) and against transformers + PEFT in bf16 on the same GPU;
+5. aggregate decode tokens/s for 64 sequences on 64 different adapters and on one shared adapter.
+GPTQ 4-bit and nf4 in place on CUDA are not supported yet: reported as such.
+
+Examples::
+
+    python tools/gpu_check.py --prepare .gpu/wheels            # here, with an index: the wheels to carry
+    python tools/gpu_check.py --wheels .gpu/wheels --out $OUT/gpu  # on the GPU machine
+    TRITON_INTERPRET=1 python tools/gpu_check.py --tiny --device cpu --out /tmp/gpu  # the script itself, on CPU
+
+Writes ``OUT/gpu_check.json`` and ``OUT/gpu_check.md``; exit status 0 when the tests passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WHEELS = ["gguf==0.19.0", "pytest>=8", "httpx>=0.27", "pyyaml", "click>=8.1", "jinja2>=3.1.6", "tqdm>=4.66"]
+
+# Llama 3 8B's configuration (meta-llama/Meta-Llama-3-8B config.json)
+LLAMA3_8B = dict(hidden=4096, layers=32, ff=14336, heads=32, kv_heads=8, vocab=128256, rope_theta=500000.0)
+TINY = dict(hidden=256, layers=2, ff=512, heads=4, kv_heads=2, vocab=512, rope_theta=10000.0)
+#: llama.cpp's Q4_K_M recipe, simplified: attn_v, ffn_down and the output in Q6_K, the rest Q4_K
+MIXES = {"Q4_0": {}, "Q8_0": {}, "Q4_K_M": {"attn_v": "Q6_K", "ffn_down": "Q6_K", "output": "Q6_K"}}
+SCALE_OFFSETS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_K": (0, 2), "Q6_K": (208,)}
+
+
+def prepare(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "-d", str(folder), *WHEELS], check=True)
+    print(f"wheels in {folder}: {len(list(folder.glob('*.whl')))}; carry it to the GPU machine")
+
+
+def install(folder: Path) -> None:
+    """Each carried package not importable yet, alone (a wheel for another Python fails alone)."""
+    import importlib.util
+
+    for w in WHEELS:
+        name = w.split("=")[0].split(">")[0]
+        if importlib.util.find_spec({"pyyaml": "yaml"}.get(name, name)) is None:
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(folder),
+                            name], check=False)
+
+
+def write_model(path: Path, shape: dict, base_type: str) -> int:
+    """A random GGUF of ``shape`` (types per :data:`MIXES`); returns the bytes one token's decode reads."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    from qadapt.io import atomic_path
+
+    rng = np.random.default_rng(0)
+    h, f, L, v = shape["hidden"], shape["ff"], shape["layers"], shape["vocab"]
+    kv = h // shape["heads"] * shape["kv_heads"]
+    mix = MIXES[base_type]
+    default = "Q4_K" if base_type == "Q4_K_M" else base_type
+    with atomic_path(path, force=True) as tmp:
+        return _write_gguf(GGUFWriter(str(tmp), "llama"), rng, h, f, L, v, kv, shape, mix, default)
+
+
+def _write_gguf(w, rng, h, f, L, v, kv, shape, mix, default) -> int:
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from qadapt.bench.make import tokenizer_metadata
+    from qadapt.models.gguf_export import _add_kv
+
+    w.add_context_length(8192)
+    w.add_embedding_length(h)
+    w.add_block_count(L)
+    w.add_feed_forward_length(f)
+    w.add_head_count(shape["heads"])
+    w.add_head_count_kv(shape["kv_heads"])
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(shape["rope_theta"])
+    for k, val in tokenizer_metadata(v).items():
+        _add_kv(w, k, val)
+    read = 0
+
+    def quant(name: str, rows: int, cols: int, kind: str) -> None:
+        nonlocal read
+        qt = mix.get(kind, default)
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[qt]]
+        data = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
+        for off in SCALE_OFFSETS[qt]:
+            data[:, :, off:off + 2] = rng.uniform(1e-4, 1e-3, (rows, cols // block)).astype(np.float16).view(
+                np.uint8).reshape(rows, cols // block, 2)
+        w.add_tensor(name, data.reshape(rows, -1), raw_dtype=GGMLQuantizationType[qt])
+        if kind != "token_embd":
+            read += data.nbytes
+
+    quant("token_embd.weight", v, h, "token_embd")
+    w.add_tensor("output_norm.weight", np.ones(h, np.float32))
+    quant("output.weight", v, h, "output")
+    for i in range(L):
+        p = f"blk.{i}."
+        w.add_tensor(p + "attn_norm.weight", np.ones(h, np.float32))
+        w.add_tensor(p + "ffn_norm.weight", np.ones(h, np.float32))
+        for name, rows, cols, kind in (("attn_q", h, h, "attn_q"), ("attn_k", kv, h, "attn_k"),
+                                       ("attn_v", kv, h, "attn_v"), ("attn_output", h, h, "attn_output"),
+                                       ("ffn_gate", f, h, "ffn_gate"), ("ffn_up", f, h, "ffn_up"),
+                                       ("ffn_down", h, f, "ffn_down")):
+            quant(p + name + ".weight", rows, cols, kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return read + 2 * h * 4 * L + h * 4  # + the norms
+
+
+def write_adapter(folder: Path, shape: dict, seed: int, rank: int = 16) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    h = shape["hidden"]
+    kv = h // shape["heads"] * shape["kv_heads"]
+    sd = {}
+    for i in range(shape["layers"]):
+        for m, out in (("q_proj", h), ("k_proj", kv), ("v_proj", kv), ("o_proj", h)):
+            k = f"base_model.model.model.layers.{i}.self_attn.{m}"
+            sd[k + ".lora_A.weight"] = (torch.randn(rank, h, generator=g) * h ** -0.5).contiguous()
+            sd[k + ".lora_B.weight"] = (torch.randn(out, rank, generator=g) * 0.01).contiguous()
+    from qadapt.io import atomic_path, write_json
+
+    with atomic_path(folder / "adapter_model.safetensors", force=True) as tmp:
+        save_file(sd, str(tmp))
+    write_json(folder / "adapter_config.json", dict(
+        peft_type="LORA", task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank, lora_dropout=0.0, bias="none",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]), force=True)
+    return folder
+
+
+def bandwidth(device: str) -> float:
+    import torch
+
+    n = (4 << 30) // 4 if device == "cuda" else (64 << 20) // 4
+    a = torch.empty(n, dtype=torch.float32, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    times = []
+    for _ in range(5):
+        _sync(device)
+        t = time.perf_counter()
+        b.copy_(a)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * a.numel() * 4 / min(times)
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def decode_tps(model, batch: int, rows, tokens: int, device: str) -> float:
+    import torch
+
+    cache = model.new_cache(16 + tokens + 1, batch)
+    ids = torch.randint(0, 200, (batch, 16))
+    model.step(ids, torch.arange(16).expand(batch, 16), cache, rows=rows)
+    tok = torch.randint(0, 200, (batch, 1))
+    _sync(device)
+    t = time.perf_counter()
+    for s in range(tokens):
+        model.step(tok, torch.full((batch, 1), 16 + s), cache, rows=rows)
+    _sync(device)
+    return batch * tokens / (time.perf_counter() - t)
+
+
+def hf_peft_tps(shape: dict, adapter: Path, tokens: int, device: str) -> float:
+    import torch
+    from peft import PeftModel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=shape["hidden"], intermediate_size=shape["ff"], num_hidden_layers=shape["layers"],
+                      num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
+                      vocab_size=shape["vocab"], rope_theta=shape["rope_theta"], torch_dtype="bfloat16")
+    with torch.device(device):
+        m = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    m = PeftModel.from_pretrained(m, str(adapter)).eval()
+    ids = torch.randint(0, 200, (1, 16), device=device)
+    with torch.inference_mode():
+        m.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        _sync(device)
+        t = time.perf_counter()
+        m.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        _sync(device)
+    return tokens / (time.perf_counter() - t)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("Examples::")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prepare", type=Path, help="download the wheels to carry into this folder, then exit")
+    p.add_argument("--wheels", type=Path, help="install these carried wheels first (no index)")
+    p.add_argument("--out", type=Path, required=False, default=Path("gpu-check"))
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="a 2-layer model instead of the 8B shape (a dry run)")
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--types", default="Q4_0,Q8_0,Q4_K_M")
+    p.add_argument("--rows", type=int, default=64, help="sequences (each on its own adapter) in the batched run")
+    p.add_argument("--no-tests", action="store_true")
+    a = p.parse_args(argv)
+    if a.prepare:
+        prepare(a.prepare)
+        return 0
+    if a.wheels:
+        install(a.wheels)
+    # the CPU kernels are not what this measures: no first-use compile of them on the GPU machine
+    os.environ.setdefault("QADAPT_NATIVE", "0")
+    sys.path.insert(0, str(ROOT))
+    a.out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"rows": a.rows, "device": a.device, "shape": "tiny" if a.tiny else "llama-3-8b", "runs": {}}
+    ok = True
+    if not a.no_tests:
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton.py"],
+                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        report["tests"] = {"exit": r.returncode, "tail": r.stdout[-3000:] + r.stderr[-2000:]}
+        ok = r.returncode == 0
+        print(r.stdout[-1500:], flush=True)
+    import torch
+
+    import qadapt
+
+    shape = TINY if a.tiny else LLAMA3_8B
+    bw = bandwidth(a.device)
+    report["copy_bandwidth_GBps"] = bw / 1e9
+    work = a.out / "models"
+    work.mkdir(exist_ok=True)
+    adapters = {f"a{k}": str(write_adapter(work / f"a{k}", shape, k)) for k in range(a.rows)}
+    for qtype in a.types.split(","):
+        path = work / f"llama.{qtype}.gguf"
+        t = time.perf_counter()
+        read = write_model(path, shape, qtype)
+        run = {"bytes_per_token": read, "write_s": time.perf_counter() - t}
+        try:
+            m = qadapt.load(path, device=a.device, kernels="triton", adapters={"a0": adapters["a0"]}, activate=["a0"],
+                            max_slots=64)
+            run["decode_tps_1_lora"] = decode_tps(m, 1, None, a.tokens, a.device)
+            run["bound_tps"] = bw / read
+            run["fraction_of_bound"] = run["decode_tps_1_lora"] / run["bound_tps"]
+            for k in range(1, a.rows):
+                m.load_adapter(f"a{k}", adapters[f"a{k}"])
+            many = tuple((f"a{k}",) for k in range(a.rows))
+            steps = max(2, a.tokens // 4)
+            run["tps_64_rows_64_adapters"] = decode_tps(m, a.rows, many, steps, a.device)
+            run["tps_64_rows_1_adapter"] = decode_tps(m, a.rows, (("a0",),) * a.rows, steps, a.device)
+            run["ratio_64_vs_1"] = run["tps_64_rows_64_adapters"] / run["tps_64_rows_1_adapter"]
+            del m
+        except Exception as e:  # a failure is a finding: recorded, the other types still run
+            run["error"] = f"{type(e).__name__}: {e}"
+            ok = False
+        path.unlink()
+        report["runs"][qtype] = run
+        print(qtype, json.dumps(run), flush=True)
+        if a.device == "cuda":
+            torch.cuda.empty_cache()
+    for kind in ("gptq-4bit", "nf4"):
+        report["runs"][kind] = {"error": "in place on CUDA is not supported yet (dequantize mode runs them)"}
+    try:
+        report["transformers_peft_bf16_tps"] = hf_peft_tps(shape, Path(adapters["a0"]), a.tokens, a.device)
+    except Exception as e:
+        report["transformers_peft_bf16_tps"] = f"{type(e).__name__}: {e}"
+    from qadapt.io import atomic_write, write_json
+
+    write_json(a.out / "gpu_check.json", report, force=True)
+    lines = [f"GPU check on {a.device} ({report['shape']}): copy bandwidth {report['copy_bandwidth_GBps']:.0f} GB/s; "
+             f"transformers + PEFT bf16: {report['transformers_peft_bf16_tps']}", "",
+             f"| type | decode tok/s, 1 LoRA | bound | fraction | {a.rows} rows x {a.rows} adapters | x 1 adapter | ratio |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for qt, r in report["runs"].items():
+        if "error" in r:
+            lines.append(f"| {qt} | {r['error']} |||||")
+        else:
+            lines.append(f"| {qt} | {r['decode_tps_1_lora']:.1f} | {r['bound_tps']:.1f} | {r['fraction_of_bound']:.2f} "
+                         f"| {r['tps_64_rows_64_adapters']:.0f} | {r['tps_64_rows_1_adapter']:.0f} | "
+                         f"{r['ratio_64_vs_1']:.2f} |")
+    atomic_write(a.out / "gpu_check.md", "\n".join(lines) + "\n", force=True)
+    print("\n".join(lines))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
