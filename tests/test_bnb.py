@@ -163,3 +163,22 @@ def test_missing_bitsandbytes_is_a_clear_error(fp_folder, monkeypatch):
     with pytest.raises(UnsupportedError, match="qadapt\\[bnb\\]"):
         qadapt.load(fp_folder, quant="nf4")
     assert qadapt.load(fp_folder).base_format == "full"
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("case", ["nf4", "int8"])
+def test_new_families_quantized_on_load_match_transformers_bnb(tmp_path, arch, case):
+    """Qwen3 (q/k norms), Gemma 2 (sandwich norms, soft-capping) and Gemma 3 (local/global layers) through
+    bitsandbytes on load: reference and tolerance as above. Wide shapes: bitsandbytes' 4-bit CPU kernel
+    takes inputs in multiples of 64 and outputs in multiples of 32."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from models import tiny_arch
+
+    tiny_arch(arch, seed=3, wide=True).save_pretrained(tmp_path)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=BitsAndBytesConfig(**CASES[case][1]),
+                                               device_map="cpu").eval()
+    want = _logits(ref)
+    m = qadapt.load(tmp_path, quant=CASES[case][0])
+    assert m.base_format == "bnb"
+    assert float((m.logits(IDS) - want).abs().max()) <= TOL * max(1.0, float(want.abs().max()))

@@ -31,7 +31,7 @@ import qadapt
 from qadapt.errors import FormatError, InputError, QadaptError, UnsupportedError
 from qadapt.quant.gptq import GPTQLinear
 
-from models import tiny_hf
+from models import tiny_arch, tiny_hf
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IDS = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(3))
@@ -327,7 +327,8 @@ def folders(tmp_path_factory):
     def get(arch: str, name: str):
         if (arch, name) not in cache:
             path = tmp_path_factory.mktemp(f"{arch}-{name}")
-            cache[arch, name] = path, write_gptq_folder(tiny_hf(arch, seed=1), path, name)
+            hf = tiny_hf(arch, seed=1) if arch in ("llama", "qwen2") else tiny_arch(arch, seed=1)
+            cache[arch, name] = path, write_gptq_folder(hf, path, name)
         return cache[arch, name]
 
     return get
@@ -343,7 +344,8 @@ def _tol(name: str, mode: str, want: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("mode", ["inplace", "dequantize"])
-@pytest.mark.parametrize("arch,name", [("llama", n) for n in CONFIGS] + [("qwen2", "4bit-actorder-asym-v1")])
+@pytest.mark.parametrize("arch,name", [("llama", n) for n in CONFIGS] + [
+    (a, "4bit-actorder-asym-v1") for a in ("qwen2", "qwen3", "gemma2", "gemma3_text")])
 def test_logits_match_transformers(folders, arch, name, mode):
     """Reference: transformers' modeling code with GPTQ's dequantized weights (tolerance: _tol)."""
     path, ref = folders(arch, name)
@@ -359,8 +361,8 @@ def test_logits_match_transformers(folders, arch, name, mode):
 
 
 @pytest.mark.parametrize("mode", ["inplace", "dequantize"])
-@pytest.mark.parametrize("arch,name", [("llama", "4bit-actorder-asym-v1"), ("llama", "3bit"),
-                                       ("qwen2", "4bit-actorder-asym-v1")])
+@pytest.mark.parametrize("arch,name", [("llama", "4bit-actorder-asym-v1"), ("llama", "3bit")] + [
+    (a, "4bit-actorder-asym-v1") for a in ("qwen2", "qwen3", "gemma2", "gemma3_text")])
 def test_lora_on_gptq_matches_peft(folders, tmp_path, arch, name, mode):
     """Reference: PEFT LoRA (all linears + lm_head, rsLoRA) over transformers on the dequantized weights;
     the adapter delta is float32 on top of the quantized output, so the tolerance is the base's (_tol)."""
