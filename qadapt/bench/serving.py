@@ -81,3 +81,63 @@ def markdown(r: dict[str, Any]) -> str:
     for k, s in r["step_s_by_distinct_adapters"].items():
         lines.append(f"| {k} | {s * 1e3:.1f} | {r['batch'] / s:.1f} |")
     return "\n".join(lines)
+
+
+def many_adapters(cache: Path, fmt: str = "Q4_0", *, adapters: int = 100, rows: int = 16, steps: int = 16,
+                  runs: int = 3, threads: int = 2, zipf: float = 1.0, quick: bool = False) -> dict[str, Any]:
+    """``adapters`` rank-16 adapters resident (the benchmark's eight folders loaded again under new names:
+    separate copies in memory), ``rows`` sequences decoding together, each on an adapter drawn from a Zipf
+    law, against the same rows on one adapter; resident bytes per adapter (the factors qadapt holds, and
+    the process's resident-set growth per adapter)."""
+    import random
+
+    import qadapt
+
+    from ..server.http import rss_bytes
+    from .make import make_bench_files
+    from .spec import FULL, QUICK
+
+    torch.set_num_threads(threads)
+    files = make_bench_files(cache, QUICK if quick else FULL, (fmt,), threads=threads)
+    m = qadapt.load(files.gguf(fmt))
+    rss0 = rss_bytes() or 0
+    names = [f"x{k}" for k in range(adapters)]
+    for k, name in enumerate(names):
+        m.load_adapter(name, files.adapter(k % len(files.adapter_names)))
+    rss1 = rss_bytes() or 0
+    rng = random.Random(0)
+    weights = [1 / (i + 1) ** zipf for i in range(adapters)]
+    drawn = tuple((n,) for n in rng.choices(names, weights, k=rows))
+    vocab = m.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+
+    def tps(row_names) -> float:
+        times = []
+        for _ in range(runs):
+            kv = m.new_cache(8 + steps + 1, batch=rows)
+            m.step(torch.randint(0, vocab, (rows, 8), generator=g), torch.arange(8).expand(rows, 8), kv,
+                   rows=row_names)
+            tok = torch.randint(0, vocab, (rows, 1), generator=g)
+            t = time.perf_counter()
+            for s in range(steps):
+                m.step(tok, torch.full((rows, 1), 8 + s), kv, rows=row_names)
+            times.append(time.perf_counter() - t)
+        return rows * steps / statistics.median(times)
+
+    zipf_tps, one_tps = tps(drawn), tps(((names[0],),) * rows)
+    return {"model": str(files.gguf(fmt)), "format": fmt, "threads": threads, "adapters": adapters, "rows": rows,
+            "distinct_in_batch": len(set(drawn)), "zipf_s": zipf,
+            "adapter_bytes_held": int(statistics.median(m.adapters[n].nbytes for n in names)),
+            "rss_growth_per_adapter": (rss1 - rss0) / adapters if rss0 else None,
+            "tps_zipf_adapters": zipf_tps, "tps_one_adapter": one_tps, "ratio": zipf_tps / one_tps}
+
+
+def many_markdown(r: dict[str, Any]) -> str:
+    rss = r["rss_growth_per_adapter"]
+    return (f"{r['adapters']} rank-16 adapters resident ({r['adapter_bytes_held'] / 2**20:.1f} MiB of factors each"
+            + (f", resident set +{rss / 2**20:.1f} MiB per adapter" if rss else "") + f"); {r['rows']} sequences "
+            f"decoding together ({r['format']}, {r['threads']} threads):\n\n"
+            "| adapters of the batch | aggregate tokens/s |\n|---|---:|\n"
+            f"| Zipf s={r['zipf_s']} over {r['adapters']} ({r['distinct_in_batch']} distinct) | "
+            f"{r['tps_zipf_adapters']:.1f} |\n| one adapter | {r['tps_one_adapter']:.1f} |\n\n"
+            f"Ratio {r['ratio']:.2f}.")

@@ -63,8 +63,12 @@ def _csv(value: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
               help="Only measure what a serving replica's time goes to (adapter load, prefill per token, a batched "
                    "decode step by the number of distinct adapters in it), the costs tools/fleet_sim.py runs on; "
                    "with --out, written to DIR/serving-costs.json. Then exit.")
+@click.option("--many-adapters", "many", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Only measure N rank-16 adapters resident with 16 sequences decoding together on Zipf-drawn "
+                   "adapters, against the same 16 on one adapter (the first of --formats, Q4_0 by default); "
+                   "then exit.")
 def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup, decode_tokens, prompt_tokens,
-          no_xlora, xlora_formats, threads, cache, force, as_json, constrained, moe, serving) -> None:
+          no_xlora, xlora_formats, threads, cache, force, as_json, constrained, moe, serving, many) -> None:
     """Benchmark qadapt beside llama.cpp and transformers + PEFT, against the memory-bandwidth bound.
 
     \b
@@ -80,6 +84,7 @@ def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup,
       qadapt bench --constrained llama.cpp/models/ggml-vocab-llama-bpe.gguf
       qadapt bench --moe Q8_0
       qadapt bench --serving-costs Q4_0 --out docs/fleet
+      qadapt bench --many-adapters 100 --formats Q4_K_M
     """
     import json
 
@@ -115,6 +120,15 @@ def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup,
         if out:
             write_json(Path(out) / "serving-costs.json", result, force=force)
         click.echo(json.dumps(result, indent=2) if as_json else serving_table(result))
+        return
+
+    if many:
+        from ..bench.serving import many_adapters, many_markdown
+
+        fmt = formats.split(",")[0] if formats else "Q4_0"
+        result = many_adapters(Path(cache or default_cache()), fmt, adapters=many, runs=runs or 3, threads=threads,
+                               steps=decode_tokens or 16, quick=quick)
+        click.echo(json.dumps(result, indent=2) if as_json else many_markdown(result))
         return
 
     from ..bench import BenchSettings, run_bench
