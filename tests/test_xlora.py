@@ -369,3 +369,39 @@ def test_server_refuses_an_xlora_model(world):
     ids = IDS[:1]
     with pytest.raises(QadaptError, match="X-LoRA"):
         m.step(ids, torch.arange(ids.shape[1]).unsqueeze(0), m.new_cache(ids.shape[1]), (("alpha",),))
+
+
+def test_decode_on_the_default_kernels_takes_the_native_path(world, monkeypatch):
+    """X-LoRA decode on the q8 kernels: each step's expert deltas go into the fused native calls (one entry
+    per row and expert, scaled by that step's scalings). Reference: the same q8 model with the deltas added
+    per expert in torch (:meth:`XLoraScalings.apply`, itself equal to PEFT above): the bases are the same bytes and
+    kernels and the deltas differ in float32 summation order only, but a later layer rounds its input to 8 bits
+    per block of 32, so an ulp can move one value across a rounding boundary (one step: the block's max/127):
+    1e-3 of the logit scale (measured 3.3e-5), greedy tokens equal."""
+    from qadapt.adapters import xlora as xl
+
+    path, _, ref_layout, _ = world("Q8_0", "d2-layerwise-topk")
+    prompt = IDS[0, :6].tolist()
+    calls = {"n": 0}
+    orig = xl.XLoraScalings.native_entries
+
+    def counted(self, layer, m):
+        got = orig(self, layer, m)
+        calls["n"] += got is not None and len(got) > 0
+        return got
+
+    def run(native: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(xl.XLoraScalings, "native_entries", counted if native else (lambda self, layer, m: None))
+        m = qadapt.load(path, mode="inplace", kernels="q8", xlora=str(ref_layout))
+        cache = m.new_cache(16)
+        out = [m.step(torch.tensor([prompt]), torch.arange(6)[None], cache)]
+        for t in range(4):
+            tok = int(out[-1].argmax())
+            out.append(m.step(torch.tensor([[tok]]), torch.tensor([[6 + t]]), cache))
+        return out
+
+    fast, slow = run(True), run(False)
+    assert calls["n"] > 0  # the native entries were used
+    for a, b in zip(fast, slow):
+        assert float((a - b).abs().max()) <= 1e-3 * float(b.abs().max())
+        assert int(a.argmax()) == int(b.argmax())

@@ -234,8 +234,10 @@ class LoraLinear(nn.Module):
         when the native kernel cannot take them (X-LoRA, no q8 base, a factor it does not take)."""
         if ctx is None:
             return []
-        if ctx.xlora is not None or self._native() is None:
+        if self._native() is None:
             return None
+        if ctx.xlora is not None:
+            return ctx.xlora.native_entries(self, m)
         if ctx.rows is not None:
             if len(ctx.rows) != m:
                 return None

@@ -457,6 +457,23 @@ class XLoraScalings:
     order: tuple[str, ...]
     global_weight: float
 
+    def native_entries(self, layer, m: int) -> list[tuple] | None:
+        """This layer's expert deltas for a decode step of ``m`` rows (one token each) as native LoRA entries
+        (row, A, Bt, scale): each expert's scale times its scaling for that row and layer (what :meth:`apply`
+        computes, in the fused decode's one call); None where the native kernel cannot take them."""
+        row = self.rows.get(layer.path)
+        if row is None:
+            return []
+        s = self.scalings[:, :, row if self.scalings.shape[2] > 1 else 0]  # [B, T, C]
+        if s.shape[0] * s.shape[1] != m or s.shape[1] != 1:
+            return None
+        names = [(i, n) for i, n in enumerate(self.order) if n in layer.adapters]
+        if not all(layer._fits_native(n) for _, n in names):
+            return None
+        s = s[:, 0].tolist()
+        return [(b, layer.adapters[n].A, layer._bt[n], s[b][i] * layer.adapters[n].scale * self.global_weight)
+                for b in range(m) for i, n in names]
+
     def apply(self, layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         row = self.rows.get(layer.path)
         if row is None:

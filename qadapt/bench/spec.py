@@ -166,9 +166,8 @@ class BenchSettings:
                     out.extend(Job(engine, fmt, m) for m in self.modes
                                if m != "dequantize" or self.dequantize_formats is None
                                or fmt in self.dequantize_formats)
-                    if self.xlora and "inplace" in self.modes and (self.xlora_formats is None
-                                                                   or fmt in self.xlora_formats):
-                        out.append(Job(engine, fmt, "inplace", "xlora"))
+                    if self.xlora and (self.xlora_formats is None or fmt in self.xlora_formats):
+                        out.extend(Job(engine, fmt, m, "xlora") for m in ("inplace", "q8") if m in self.modes)
                 else:
                     out.append(Job(engine, fmt))
         return out

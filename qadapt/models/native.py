@@ -162,11 +162,15 @@ class NativeBlock(Block):
         if m > 8:  # more rows: the per-adapter matmuls win
             return None
         epoch = adapters_epoch()
+        # X-LoRA's scalings change every token: its plans are built per step, never cached
+        xlora = getattr(ctx, "xlora", None) is not None
         key = (ctx.rows if ctx is not None and ctx.rows is not None else
-               (ctx.active if ctx is not None else ()), m, getattr(ctx, "xlora", None) is not None)
+               (ctx.active if ctx is not None else ()), m, xlora)
         cache = self._groups.get(("lora", roles))
         if cache is None or cache[0] != epoch or len(cache[1]) > 256:  # a server's ever-new row mixes
             cache = self._groups[("lora", roles)] = (epoch, {})
+        if xlora:
+            cache = (epoch, {})  # a throwaway: nothing kept
         if key in cache[1]:
             return cache[1][key]
         entries, col = [], 0
