@@ -264,13 +264,16 @@ class NativeDecoder(Decoder):
                                       step.native_first).view(B, 1, -1)
 
     def _native_step(self, ctx: Any, B: int, cache: KVCache) -> torch.Tensor | None:
-        """The plan of the native decode step for ``B`` rows under ``ctx`` on ``cache``, or None (X-LoRA, a layer
-        of another shape). Kept per cache, keyed by the adapter set and :func:`adapters_epoch` (a load, an
-        unload, a wrap anywhere)."""
-        if getattr(ctx, "xlora", None) is not None or self.pos_embed is not None:
+        """The plan of the native decode step for ``B`` rows under ``ctx`` on ``cache``, or None (a layer of another
+        shape). Kept per cache, keyed by the adapter set, X-LoRA's scalings and :func:`adapters_epoch` (a load,
+        an unload, a wrap anywhere)."""
+        if self.pos_embed is not None:
             return None
+        xlora = getattr(ctx, "xlora", None)
         key = (ctx.rows if ctx is not None and ctx.rows is not None else (ctx.active if ctx is not None else ()),
-               tuple(sorted(getattr(ctx, "alora", None) or ())), B, adapters_epoch())
+               tuple(sorted(getattr(ctx, "alora", None) or ())), B, adapters_epoch(),
+               # X-LoRA: the step's scalings are in the plan (new each granular step; fixed once non-granular)
+               None if xlora is None else xlora.scalings.float().contiguous().numpy().tobytes())
         plans = self._step_plans.setdefault(cache, {})
         if key not in plans:
             if len(plans) > 16:
