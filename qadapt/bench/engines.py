@@ -204,9 +204,10 @@ def cpu_has_amx() -> bool:
 class LlamaCppEngine(Engine):
     libraries = ("llama_cpp",)
 
-    def __init__(self, path: Path, threads: int, n_ctx: int = 512):
+    def __init__(self, path: Path, threads: int, n_ctx: int = 512, n_batch: int | None = None):
         super().__init__(threads)
         self.path, self.n_ctx = path, n_ctx
+        self.n_batch = n_batch or n_ctx  # long contexts: llama.cpp's default 512-token batches
         self.llm = None
         self.adapters: dict[str, Any] = {}
 
@@ -232,7 +233,7 @@ class LlamaCppEngine(Engine):
 
         llama_cpp.llama_model_default_params = params
         try:
-            self.llm = Llama(str(self.path), n_ctx=self.n_ctx, n_batch=self.n_ctx, n_ubatch=self.n_ctx,
+            self.llm = Llama(str(self.path), n_ctx=self.n_ctx, n_batch=self.n_batch, n_ubatch=self.n_batch,
                              n_threads=self.threads, n_threads_batch=self.threads, verbose=False)
         finally:
             llama_cpp.llama_model_default_params = default

@@ -67,8 +67,11 @@ def _csv(value: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
               help="Only measure N rank-16 adapters resident with 16 sequences decoding together on Zipf-drawn "
                    "adapters, against the same 16 on one adapter (the first of --formats, Q4_0 by default); "
                    "then exit.")
+@click.option("--depths", default=None, metavar="A,B",
+              help="Only measure decode with one LoRA after prompts of these lengths (e.g. 128,4096,16384), qadapt "
+                   "beside llama.cpp, on the first of --formats (Q4_0 by default); then exit.")
 def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup, decode_tokens, prompt_tokens,
-          no_xlora, xlora_formats, threads, cache, force, as_json, constrained, moe, serving, many) -> None:
+          no_xlora, xlora_formats, threads, cache, force, as_json, constrained, moe, serving, many, depths) -> None:
     """Benchmark qadapt beside llama.cpp and transformers + PEFT, against the memory-bandwidth bound.
 
     \b
@@ -85,6 +88,7 @@ def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup,
       qadapt bench --moe Q8_0
       qadapt bench --serving-costs Q4_0 --out docs/fleet
       qadapt bench --many-adapters 100 --formats Q4_K_M
+      qadapt bench --depths 128,4096,16384
     """
     import json
 
@@ -120,6 +124,17 @@ def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup,
         if out:
             write_json(Path(out) / "serving-costs.json", result, force=force)
         click.echo(json.dumps(result, indent=2) if as_json else serving_table(result))
+        return
+
+    if depths:
+        from ..bench.depth import markdown as depth_table
+        from ..bench.depth import measure as measure_depths
+
+        fmt = formats.split(",")[0] if formats else "Q4_0"
+        result = measure_depths(Path(cache or default_cache()), fmt, depths=tuple(int(d) for d in depths.split(",")),
+                                tokens=decode_tokens or 32, threads=threads, quick=quick,
+                                engines=_csv(engines, ("qadapt", "llama.cpp")) if engines else ("qadapt", "llama.cpp"))
+        click.echo(json.dumps(result, indent=2) if as_json else depth_table(result))
         return
 
     if many:
