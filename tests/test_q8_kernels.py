@@ -441,3 +441,31 @@ def test_native_plans_outside_their_bounds_are_refused_unwritten():
     with pytest.raises(ValueError, match="refused"):  # position 4 of a 4-slot cache
         LIB.attn_decode(q, k, v, cos, sin, kc, vc, torch.tensor([4]), torch.tensor([0]), h, kv, d)
     assert not kc.any()
+
+
+@pytest.mark.parametrize("rep", [1, 4, 8])
+def test_native_attention_at_long_contexts_matches_torch(rep):
+    """The decode step's attention core past 512 keys, where grouped queries read each kv head's keys and
+    values once per group (tiles of 256 keys): two rows at different depths (700 and 1500 keys, one in a
+    sliding window from key 300), head dim 64, against torch's softmax(q k^T / sqrt(d)) v on the same cache
+    (rotation off: cos 1, sin 0). Tolerance 1e-5 of the output's scale: float32 in another order."""
+    if LIB is None or not LIB.simd:
+        pytest.skip("needs the native AVX2 kernels")
+    g = torch.Generator().manual_seed(7)
+    kv, d = 2, 64
+    h, S = kv * rep, 1600
+    pos, first = torch.tensor([699, 1499]), torch.tensor([0, 300])
+    kc, vc = torch.randn(2, kv, S, d, generator=g), torch.randn(2, kv, S, d, generator=g)
+    q, k, v = torch.randn(2, h * d, generator=g), torch.randn(2, kv * d, generator=g), torch.randn(2, kv * d, generator=g)
+    cos, sin = torch.ones(2, d), torch.zeros(2, d)
+    got = LIB.attn_decode(q.clone(), k.clone(), v.clone(), cos, sin, kc, vc, pos, first, h, kv, d)
+    for b in range(2):
+        p, f = int(pos[b]), int(first[b])
+        assert torch.equal(kc[b, :, p], k[b].view(kv, d)) and torch.equal(vc[b, :, p], v[b].view(kv, d))
+        keys, vals = kc[b, :, f:p + 1].double(), vc[b, :, f:p + 1].double()  # [kv, n, d]
+        qh = q[b].view(h, d).double()
+        for j in range(h):
+            w = torch.softmax(keys[j // rep] @ qh[j] / d ** 0.5, 0)
+            want = w @ vals[j // rep]
+            out = got[b].view(h, d)[j].double()
+            assert float((out - want).abs().max()) <= 1e-5 * float(want.abs().max()), (b, j)

@@ -2157,6 +2157,69 @@ static int attn_head(const float *q, int64_t h, int64_t H, int64_t Hkv, int64_t 
     return 0;
 }
 
+#ifdef QA_AVX2
+/* o[0..64) += sum_s p[s] * v[s] (the unnormalised values of one head over a tile of keys) */
+static void values64_acc(const float *p, const float *v, int64_t S, float *o) {
+    __m256 acc[8];
+    for (int c = 0; c < 8; c++) acc[c] = _mm256_loadu_ps(o + 8 * c);
+    for (int64_t s = 0; s < S; s++) {
+        const __m256 w = _mm256_set1_ps(p[s]);
+        for (int c = 0; c < 8; c++) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + s * 64 + 8 * c), acc[c]);
+    }
+    for (int c = 0; c < 8; c++) _mm256_storeu_ps(o + 8 * c, acc[c]);
+}
+
+/* Every query head of kv group g (H / Hkv of them, head dim 64) of one row over its keys first..pos, reading
+ * each cached key and value once for the whole group: tiles of ATTN_TILE keys stay in L2 while each head of
+ * the group uses them (per-head passes re-read the group's keys and values once per head: at 16K keys, 8 MiB
+ * per kv head and layer, from DRAM). Same maths as attn_head; -3: out of memory. */
+#define ATTN_TILE 256
+static int attn_group64(const float *q, int64_t g, int64_t H, int64_t Hkv, const float *kc, const float *vc,
+                        int64_t s_max, int64_t pos, int64_t first, float *out) {
+    const int64_t rep = H / Hkv, S = pos + 1 - first, D = 64;
+    const float scale = 1.0f / sqrtf((float)D);
+    const float *kh = kc + (g * s_max + first) * D, *vh = vc + (g * s_max + first) * D;
+    float small[2048];
+    float *p = rep * S <= 2048 ? small : (float *)malloc((size_t)(rep * S) * sizeof(float));
+    if (!p) return -3;
+    for (int64_t t0 = 0; t0 < S; t0 += ATTN_TILE) {
+        const int64_t n = S - t0 < ATTN_TILE ? S - t0 : ATTN_TILE;
+        for (int64_t j = 0; j < rep; j++) scores64(q + (g * rep + j) * D, kh + t0 * D, n, scale, p + j * S + t0);
+    }
+    float inv[64];
+    for (int64_t j = 0; j < rep; j++) {
+        float *pj = p + j * S, mx = -INFINITY, sum = 0.0f;
+        for (int64_t s = 0; s < S; s++) mx = pj[s] > mx ? pj[s] : mx;
+        int64_t s = 0;
+        __m256 sv = _mm256_setzero_ps();
+        const __m256 mv = _mm256_set1_ps(mx);
+        for (; s + 8 <= S; s += 8) {
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(pj + s), mv));
+            _mm256_storeu_ps(pj + s, e);
+            sv = _mm256_add_ps(sv, e);
+        }
+        sum = hsum(sv);
+        for (; s < S; s++) {
+            pj[s] = expf(pj[s] - mx);
+            sum += pj[s];
+        }
+        inv[j] = 1.0f / sum;
+        float *o = out + (g * rep + j) * D;
+        for (int64_t i = 0; i < D; i++) o[i] = 0.0f;
+    }
+    for (int64_t t0 = 0; t0 < S; t0 += ATTN_TILE) {
+        const int64_t n = S - t0 < ATTN_TILE ? S - t0 : ATTN_TILE;
+        for (int64_t j = 0; j < rep; j++) values64_acc(p + j * S + t0, vh + t0 * D, n, out + (g * rep + j) * D);
+    }
+    for (int64_t j = 0; j < rep; j++) {
+        float *o = out + (g * rep + j) * D;
+        for (int64_t i = 0; i < D; i++) o[i] *= inv[j];
+    }
+    if (p != small) free(p);
+    return 0;
+}
+#endif
+
 int qa_attn_decode_rows(int64_t B, float *q, float *k, const float *v, int64_t H, int64_t Hkv, int64_t D,
                         int64_t rope_dim, const float *cos, const float *sin, float *kc, float *vc, int64_t s_max,
                         const int64_t *pos, const int64_t *first, float *out, int nthreads) {
@@ -2182,6 +2245,18 @@ int qa_attn_decode_rows(int64_t B, float *q, float *k, const float *v, int64_t H
                 attn_prep(q + b * H * D, k + b * Hkv * D, v + b * Hkv * D, H, Hkv, D, rope_dim, cos + b * rope_dim,
                           sin + b * rope_dim, kc + b * Hkv * s_max * D, vc + b * Hkv * s_max * D, s_max, pos[b]);
         }
+#ifdef QA_AVX2
+        /* long contexts, grouped queries: each kv group's heads together (its keys and values read once) */
+        const int grouped = D == 64 && H / Hkv > 1 && H / Hkv <= 64 && work > (int64_t)H * D * 512;
+        if (grouped) {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t bg = 0; bg < B * Hkv; bg++) {
+                const int64_t b = bg / Hkv;
+                rc |= attn_group64(q + b * H * D, bg % Hkv, H, Hkv, kc + b * Hkv * s_max * D,
+                                   vc + b * Hkv * s_max * D, s_max, pos[b], first[b], out + b * H * D);
+            }
+        } else
+#endif
 #pragma omp for schedule(dynamic, 4)
         for (int64_t bh = 0; bh < B * H; bh++) {
             const int64_t b = bh / H;
