@@ -70,8 +70,12 @@ def _csv(value: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--depths", default=None, metavar="A,B",
               help="Only measure decode with one LoRA after prompts of these lengths (e.g. 128,4096,16384), qadapt "
                    "beside llama.cpp, on the first of --formats (Q4_0 by default); then exit.")
+@click.option("--real-size", "real", type=click.Choice(["Q4_0", "Q8_0", "Q4_K_M"]), default=None,
+              help="Only measure a Llama-3-8B-shaped model of this type (random blocks, ~4.9 GB as Q4_K_M) with and "
+                   "without a rank-16 LoRA, qadapt beside llama.cpp: load, prefill, decode; then exit.")
 def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup, decode_tokens, prompt_tokens,
-          no_xlora, xlora_formats, threads, cache, force, as_json, constrained, moe, serving, many, depths) -> None:
+          no_xlora, xlora_formats, threads, cache, force, as_json, constrained, moe, serving, many, depths,
+          real) -> None:
     """Benchmark qadapt beside llama.cpp and transformers + PEFT, against the memory-bandwidth bound.
 
     \b
@@ -89,6 +93,7 @@ def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup,
       qadapt bench --serving-costs Q4_0 --out docs/fleet
       qadapt bench --many-adapters 100 --formats Q4_K_M
       qadapt bench --depths 128,4096,16384
+      qadapt bench --real-size Q4_K_M
     """
     import json
 
@@ -124,6 +129,16 @@ def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup,
         if out:
             write_json(Path(out) / "serving-costs.json", result, force=force)
         click.echo(json.dumps(result, indent=2) if as_json else serving_table(result))
+        return
+
+    if real:
+        from ..bench.big import markdown as big_table
+        from ..bench.big import measure as measure_big
+
+        result = measure_big(Path(cache or default_cache()), real, prompt=prompt_tokens or 512,
+                             tokens=decode_tokens or 16, threads=threads,
+                             engines=_csv(engines, ("qadapt", "llama.cpp")) if engines else ("qadapt", "llama.cpp"))
+        click.echo(json.dumps(result, indent=2) if as_json else big_table(result))
         return
 
     if depths:
