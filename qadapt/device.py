@@ -85,8 +85,11 @@ def slot_context(model: Any, active: tuple[str, ...] | None, rows: tuple[tuple[s
         per_row = (keep(model._active if active is None else active),) * batch
     if not any(per_row):
         return None
-    layers = [m for m in model.decoder.modules() if isinstance(m, LoraLinear)]
-    indices = model._slots.prepare(per_row, layers, adapters_epoch())
+    epoch = adapters_epoch()
+    cached = getattr(model, "_slot_layers", None)
+    if cached is None or cached[0] != epoch:  # the LoRA wrappers change only when adapters do
+        cached = model._slot_layers = (epoch, [m for m in model.decoder.modules() if isinstance(m, LoraLinear)])
+    indices = model._slots.prepare(per_row, cached[1], epoch)
     ctx = AdapterContext(rows=per_row, alora=model._alora_starts(per_row, alora, ids))
     ctx.extra["slots"] = (model._slots, indices)
     return ctx

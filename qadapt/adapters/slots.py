@@ -100,17 +100,18 @@ class SlotBank:
         if len(names) > self.slots:
             raise UnsupportedError(f"{len(names)} distinct adapters in one batch, more than the {self.slots} device "
                                    "slots (max_slots); run fewer at once or give more slots")
-        for n in names:
-            for layer in layers:
-                f = layer.adapters.get(n)
-                if f is not None and f.A.shape[0] > self.rank:
-                    raise UnsupportedError(f"adapter `{n}` has rank {f.A.shape[0]} at {layer.path}, above the device "
-                                           f"slots' rank {self.rank} (max_slot_rank)")
         want = set(names)
+        changed = len(layers) != len(self._stacks)
         for n in names:
             if n in self._lru and self._owner[self._lru[n]] == (n, epoch):
                 self._lru.move_to_end(n)
                 continue
+            for layer in layers:  # checked once, when the adapter takes a slot
+                f = layer.adapters.get(n)
+                if f is not None and f.A.shape[0] > self.rank:
+                    raise UnsupportedError(f"adapter `{n}` has rank {f.A.shape[0]} at {layer.path}, above the device "
+                                           f"slots' rank {self.rank} (max_slot_rank)")
+            changed = True
             self._lru.pop(n, None)
             free = [s for s in range(self.slots) if self._owner[s] is None or self._owner[s][1] != epoch]
             if free:
@@ -123,7 +124,8 @@ class SlotBank:
             self._owner[slot] = (n, epoch)
             self._lru[n] = slot
             self.swaps += 1
-        self._copy(layers)
+        if changed:  # a swap, or a layer without its stack yet: bring the stacks in line
+            self._copy(layers)
         depth = max((len(r) for r in rows), default=0)
         return [torch.tensor([self._lru[r[j]] if j < len(r) else -1 for r in rows], dtype=torch.int32,
                              device=self.device) for j in range(depth)]
