@@ -2110,23 +2110,10 @@ static void attn_prep(float *q, float *k, const float *v, int64_t H, int64_t Hkv
     }
 }
 
-/* Query head h of one row over its keys first..pos: softmax(q k / sqrt(D)) v into out [D]. -3: out of memory. */
-static int attn_head(const float *q, int64_t h, int64_t H, int64_t Hkv, int64_t D, const float *kc, const float *vc,
-                     int64_t s_max, int64_t pos, int64_t first, float *out) {
-    const int64_t rep = H / Hkv, S = pos + 1 - first;
-    const float scale = 1.0f / sqrtf((float)D);
-    const float *qh = q + h * D, *kh = kc + ((h / rep) * s_max + first) * D, *vh = vc + ((h / rep) * s_max + first) * D;
-    float small[1024]; /* the scores of up to 1024 keys on the stack: a malloc per head is ~1/3 of a short step's attention */
-    float *p = S <= 1024 ? small : (float *)malloc((size_t)S * sizeof(float));
-    if (!p) return -3;
-    float mx = -INFINITY;
-#ifdef QA_AVX2
-    if (D == 64) scores64(qh, kh, S, scale, p);
-    else
-#endif
-        for (int64_t s = 0; s < S; s++) p[s] = dotf(qh, kh + s * D, D) * scale;
+/* p[s] = exp(p[s] - max p) in place over S scores; returns their sum (the softmax's denominator) */
+static float softmax_exp(float *p, int64_t S) {
+    float mx = -INFINITY, sum = 0.0f;
     for (int64_t s = 0; s < S; s++) mx = p[s] > mx ? p[s] : mx;
-    float sum = 0.0f;
     int64_t s = 0;
 #ifdef QA_AVX2
     __m256 sv = _mm256_setzero_ps();
@@ -2142,6 +2129,25 @@ static int attn_head(const float *q, int64_t h, int64_t H, int64_t Hkv, int64_t 
         p[s] = expf(p[s] - mx);
         sum += p[s];
     }
+    return sum;
+}
+
+/* Query head h of one row over its keys first..pos: softmax(q k / sqrt(D)) v into out [D]. -3: out of memory. */
+static int attn_head(const float *q, int64_t h, int64_t H, int64_t Hkv, int64_t D, const float *kc, const float *vc,
+                     int64_t s_max, int64_t pos, int64_t first, float *out) {
+    const int64_t rep = H / Hkv, S = pos + 1 - first;
+    const float scale = 1.0f / sqrtf((float)D);
+    const float *qh = q + h * D, *kh = kc + ((h / rep) * s_max + first) * D, *vh = vc + ((h / rep) * s_max + first) * D;
+    float small[1024]; /* the scores of up to 1024 keys on the stack: a malloc per head is ~1/3 of a short step's attention */
+    float *p = S <= 1024 ? small : (float *)malloc((size_t)S * sizeof(float));
+    if (!p) return -3;
+#ifdef QA_AVX2
+    if (D == 64) scores64(qh, kh, S, scale, p);
+    else
+#endif
+        for (int64_t s = 0; s < S; s++) p[s] = dotf(qh, kh + s * D, D) * scale;
+    const float sum = softmax_exp(p, S);
+    int64_t s;
     float *o = out + h * D;
     const float inv = 1.0f / sum;
 #ifdef QA_AVX2
@@ -2188,22 +2194,7 @@ static int attn_group64(const float *q, int64_t g, int64_t H, int64_t Hkv, const
     }
     float inv[64];
     for (int64_t j = 0; j < rep; j++) {
-        float *pj = p + j * S, mx = -INFINITY, sum = 0.0f;
-        for (int64_t s = 0; s < S; s++) mx = pj[s] > mx ? pj[s] : mx;
-        int64_t s = 0;
-        __m256 sv = _mm256_setzero_ps();
-        const __m256 mv = _mm256_set1_ps(mx);
-        for (; s + 8 <= S; s += 8) {
-            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(pj + s), mv));
-            _mm256_storeu_ps(pj + s, e);
-            sv = _mm256_add_ps(sv, e);
-        }
-        sum = hsum(sv);
-        for (; s < S; s++) {
-            pj[s] = expf(pj[s] - mx);
-            sum += pj[s];
-        }
-        inv[j] = 1.0f / sum;
+        inv[j] = 1.0f / softmax_exp(p + j * S, S);
         float *o = out + (g * rep + j) * D;
         for (int64_t i = 0; i < D; i++) o[i] = 0.0f;
     }
