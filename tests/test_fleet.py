@@ -173,14 +173,17 @@ def test_killing_a_replica_answers_every_request(fleet):
     fleet["kill"] = outcome
     print(f"\nreplica killed with 12 requests in flight: {outcome}")
     deadline = time.monotonic() + 120
-    while True:
-        got = [complete(url, name, n=40) for name in ADAPTERS]
+    while True:  # until Ray has replaced the replica (a request routed to the dead one meanwhile gets a 503)
+        try:
+            got = [complete(url, name, n=40) for name in ADAPTERS]
+        except httpx.HTTPError as e:
+            got = [(599, repr(e))]
         if all(s == 200 for s, _ in got):
             break
         assert time.monotonic() < deadline, got
         time.sleep(1)
     assert [b["choices"][0]["text"] for _, b in got] == [want[n] for n in ADAPTERS]
-    assert httpx.get(url + "/fleet").json()["replica_failures"] == outcome["503"]
+    assert httpx.get(url + "/fleet").json()["replica_failures"] >= outcome["503"]
 
 
 def test_http_endpoint_listens_on_loopback_only(fleet):
