@@ -86,3 +86,11 @@ def test_registry_evicts_by_bytes(tmp_path):
     with pytest.raises(InputError, match="big.*--max-adapter-bytes"):
         reg.warm(("big",))
     assert "big@" not in " ".join(m.adapters)
+
+
+def test_api_key_check():
+    """The one key check the server's middleware and the fleet's /fleet share."""
+    from qadapt.server.http import key_ok
+
+    assert key_ok({b"authorization": b"Bearer k1"}, b"k1") and key_ok({b"x-api-key": b"k1"}, b"k1")
+    assert not key_ok({b"authorization": b"Bearer k2"}, b"k1") and not key_ok({}, b"k1")

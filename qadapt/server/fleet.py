@@ -39,7 +39,7 @@ from ray.serve.exceptions import BackPressureError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from .http import error_body, sse
+from .http import error_body, key_ok, sse
 from .routing import LORAX_PATHS, key_names, routing_key
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,10 @@ class Ingress:
             return self._error(501, f"{path} is not available with --replicas: it would change one replica only; "
                                     "give adapters at start, or load them on first use with adapter_id and "
                                     "adapter_source (--allow-runtime-adapters)", lorax)
-        if path == "/fleet":
+        if path == "/fleet":  # the replicas check the key on every other path
+            key = self.cfg.server_opts.get("api_key")
+            if key and not key_ok(dict(request.headers.raw), key.encode()):
+                return self._error(401, "missing or wrong API key (send Authorization: Bearer KEY)", False)
             return JSONResponse(self.report())
         body = b""
         async for chunk in request.stream():

@@ -117,6 +117,15 @@ def route(server: Any, fn, lorax: bool = False):
     return handler
 
 
+def key_ok(headers: dict[bytes, bytes], key: bytes) -> bool:
+    """Whether request ``headers`` carry ``key`` (``Authorization: Bearer KEY`` or ``x-api-key: KEY``)."""
+    given = headers.get(b"x-api-key", b"")
+    auth = headers.get(b"authorization", b"")
+    if auth[:7].lower() == b"bearer ":
+        given = auth[7:].strip()
+    return bool(given) and hmac.compare_digest(given, key)
+
+
 class ApiKeyMiddleware:
     """``Authorization: Bearer KEY`` or ``x-api-key: KEY`` on every path but ``/health``; 401 otherwise."""
 
@@ -125,12 +134,7 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] != "/health":
-            headers = dict(scope.get("headers") or [])
-            given = headers.get(b"x-api-key", b"")
-            auth = headers.get(b"authorization", b"")
-            if auth[:7].lower() == b"bearer ":
-                given = auth[7:].strip()
-            if not given or not hmac.compare_digest(given, self.key):
+            if not key_ok(dict(scope.get("headers") or []), self.key):
                 self.metrics.http_errors[401] += 1
                 lorax = scope["path"].startswith("/generate") or scope["path"] == "/"
                 resp = JSONResponse(error_body(401, "missing or wrong API key (send Authorization: Bearer KEY)", lorax),
