@@ -365,3 +365,36 @@ def test_block_geometry_has_one_source():
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout
     assert native.TYPES == set(GGML_TYPE_NAMES)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_lora_rows_read_half_precision_factors_as_they_are(portable, dtype):
+    """An adapter file's bf16/fp16 factors go to the LoRA kernel as they are (converted in registers, F16C /
+    bf16 << 16, or through a buffer in the portable build): every build gives PEFT's maths on the upcast
+    factors (float64 here) within float32 accumulation, 1e-5 of the output scale (K = 1000 and N = 93 are
+    not multiples of 8: the tails run too), and a plan naming another element type is refused unwritten."""
+    from qadapt.quant.native import lora_plan
+
+    g = torch.Generator().manual_seed(3)
+    K, N, r = 1000, 93, 12
+    x = torch.randn(3, K, generator=g)
+    A = (torch.randn(r, K, generator=g) / 30).to(dtype)
+    Bt = (torch.randn(r, N, generator=g) / 4).to(dtype)
+    want = 0.5 * (x.double() @ A.double().T) @ Bt.double()
+    builds = native.installed_variants()
+    have = native.cpu_features(builds)
+    libs = {n: native.NativeKernels(builds[n]) for n, need in native.VARIANTS if n in builds and have & need == need}
+    libs["portable (QA_PORTABLE)"] = portable
+    for name, lib in libs.items():
+        y = torch.zeros(3, N)
+        lib.lora_rows(y, x, lora_plan([(i, A, Bt, 0.5) for i in range(3)]))
+        torch.testing.assert_close(y.double(), want, atol=1e-5 * float(want.abs().max()), rtol=0, msg=name)
+    plan = lora_plan([(0, A, Bt, 0.5)])
+    plan[0, 8] = 2  # Q4_0: not a factor type
+    y = torch.zeros(3, N)
+    with pytest.raises(ValueError, match="refused its plan"):
+        portable.lora_rows(y, x, plan)
+    assert not y.any()
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        lora_plan([(0, A, Bt.float() if dtype != torch.float32 else Bt.half(), 0.5)])

@@ -281,6 +281,44 @@ def test_q8_decode_with_grouped_deltas_matches_peft(tiny_models, tmp_path):
         _assert_q8_close(got[p], want[0, p])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_adapter_files_stay_half_and_match_peft(tiny_models, tmp_path, dtype):
+    """An adapter saved from a bf16/fp16 model (as PEFT saves it: factors in that dtype) is held as it is,
+    half the bytes of float32; decode steps read it in the native call (the plan's type field says so) and the
+    prefill's torch path computes in float32. Reference: PEFT, which upcasts the file's factors into the
+    float32 model: decode logits against the q8-rule model (:func:`_assert_q8_close`), the dequantized
+    model's logits within 1e-4 (float32 maths in another order, as in test_lora)."""
+    from safetensors.torch import load_file, save_file
+
+    from qadapt.adapters.lora import AdapterContext
+    from qadapt.quant.native import _type_id
+
+    ref, path, hf = tiny_models("Q4_0")
+    folder = make_adapter(hf, tmp_path / "a", seed=50)
+    f32_bytes = qadapt.load(path, adapters={"a": str(folder)}).adapters["a"].nbytes
+    st = folder / "adapter_model.safetensors"
+    save_file({k: v.to(dtype) for k, v in load_file(str(st)).items()}, str(st))
+    m = qadapt.load(path, kernels="q8", adapters={"a": str(folder)})
+    lin = m.decoder.blocks[0].linears["q"]
+    assert lin.adapters["a"].A.dtype == dtype and lin._bt["a"].dtype == dtype
+    assert m.adapters["a"].nbytes * 2 == f32_bytes
+    ids = torch.randint(1, hf.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(51))
+    want = peft_logits(q8_reference(ref), {"a": folder}, ["a"], ids)
+    ctx = AdapterContext(active=("a",))
+    with torch.inference_mode():
+        cache = m.new_cache(8)
+        got = [m.decoder(ids[:, p:p + 1], torch.tensor([[p]]), cache, ctx=ctx).logits[0, -1] for p in range(6)]
+    plans = [p for p in m.decoder.blocks[0]._groups[("lora", ("q", "k", "v"))][1].values() if p is not None]
+    assert plans and all((p[:, 8] == _type_id({torch.bfloat16: "BF16", torch.float16: "F16"}[dtype])).all()
+                         for p in plans)
+    for p in range(6):
+        _assert_q8_close(got[p], want[0, p])
+    _assert_q8_close(m.logits(ids), want[0])  # the prefill: torch's matmuls on the upcast factors
+    exact = qadapt.load(path, mode="dequantize", adapters={"a": str(folder)})
+    want = peft_logits(ref, {"a": folder}, ["a"], ids)
+    assert float((exact.logits(ids) - want).abs().max()) <= 1e-4
+
+
 def test_q8_decode_rows_in_a_sliding_window_match_peft(tmp_path):
     """The one-call decode step on Mistral with a 4-token window, two rows on different adapters at
     different positions (continuous batching): each row's logits against PEFT with its adapter on the

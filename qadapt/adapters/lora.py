@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AdapterError
-from ..quant.native import lora_plan, row_stride
+from ..quant.native import LORA_DTYPES, lora_plan, row_stride
 from .context import AdapterContext  # noqa: F401  (re-exported: where callers have always imported it)
 
 log = logging.getLogger(__name__)
@@ -157,8 +157,8 @@ class LoraLinear(nn.Module):
 
     def _fits_native(self, name: str) -> bool:
         f = self.adapters.get(name)
-        return f is not None and f.plain and name not in self.saved and f.A.dtype == torch.float32 \
-            and f.A.shape[0] <= 256
+        return f is not None and f.plain and name not in self.saved and f.A.dtype in LORA_DTYPES \
+            and f.A.is_contiguous() and f.A.shape[0] <= 256
 
     def _general_needed(self, names, ctx: AdapterContext) -> bool:
         """Whether an adapter here needs more than ``scale * B A x`` (saved modules, DoRA, a bias, aLoRA)."""
@@ -249,13 +249,13 @@ class LoraLinear(nn.Module):
         return [(i, self.adapters[n].A, self._bt[n], self.adapters[n].scale) for i, n in pairs]
 
     def delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """``scale * B(A(x))`` for one adapter, in the factors' dtype."""
+        """``scale * B(A(x))`` for one adapter, in the factors' compute dtype (:func:`wide`)."""
         h = self._down(x.reshape(-1, self.in_features), name)
-        return torch.mm(h, self._bt[name]).mul_(self.adapters[name].scale).view(*x.shape[:-1], self.out_features)
+        return torch.mm(h, wide(self._bt[name])).mul_(self.adapters[name].scale).view(*x.shape[:-1], self.out_features)
 
     def _down(self, x2d: torch.Tensor, name: str) -> torch.Tensor:
-        """``A x`` [N, r] in the factors' dtype."""
-        A = self.adapters[name].A
+        """``A x`` [N, r] in the factors' compute dtype."""
+        A = wide(self.adapters[name].A)
         return F.linear(x2d if x2d.dtype == A.dtype else x2d.to(A.dtype), A)
 
     def forward(self, x: torch.Tensor, ctx: AdapterContext | None = None) -> torch.Tensor:
@@ -291,7 +291,7 @@ class LoraLinear(nn.Module):
             lib.lora_rows(y2d, x2d, plan)
             return y
         for name in names:
-            y2d = _add_delta(y2d, self._down(x2d, name), self._bt[name], self.adapters[name].scale)
+            y2d = _add_delta(y2d, self._down(x2d, name), wide(self._bt[name]), self.adapters[name].scale)
         return y2d.view(y.shape)
 
     def _rows_forward(self, x: torch.Tensor, y: torch.Tensor, ctx: AdapterContext) -> torch.Tensor:
@@ -405,6 +405,12 @@ class LoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.path}, adapters={list(self.adapters)}"
+
+
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """A factor as torch computes with it: float32 for an adapter file's bf16/fp16 factors (held as they are,
+    for the native kernel to stream half the bytes; PEFT upcasts them to a float32 model's dtype), else as held."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _add_delta(y2d: torch.Tensor, h: torch.Tensor, Bt: torch.Tensor, scale: float) -> torch.Tensor:

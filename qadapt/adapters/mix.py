@@ -101,10 +101,9 @@ def _rank(a: LoraAdapter) -> int:
 
 
 def _cat(parts: list[tuple[LoraFactors, float]]) -> LoraFactors:
-    dtype = parts[0][0].A.dtype
-    A = torch.cat([f.A.float() * (w * f.scale) for f, w in parts], 0)
+    A = torch.cat([f.A.float() * (w * f.scale) for f, w in parts], 0)  # a mix is float32, whatever its parts
     B = torch.cat([f.B.float() for f, _ in parts], 1)
-    return LoraFactors(A.to(dtype).contiguous(), B.to(dtype).contiguous(), 1.0)
+    return LoraFactors(A.contiguous(), B.contiguous(), 1.0)
 
 
 def _combine(parts: list[tuple[LoraFactors, float]], strategy: str, spec: MixSpec,
@@ -112,10 +111,9 @@ def _combine(parts: list[tuple[LoraFactors, float]], strategy: str, spec: MixSpe
     ws = [w * f.scale for f, w in parts]
     wa = torch.tensor([math.sqrt(abs(w)) * (1 if w >= 0 else -1) for w in ws])
     wb = torch.tensor([math.sqrt(abs(w)) for w in ws])
-    dtype = parts[0][0].A.dtype
     out = []
-    for tensors, weights in (([f.A for f, _ in parts], wa), ([f.B for f, _ in parts], wb)):
-        out.append(_merge(tensors, weights, strategy, spec, gen).to(dtype).contiguous())
+    for tensors, weights in (([f.A.float() for f, _ in parts], wa), ([f.B.float() for f, _ in parts], wb)):
+        out.append(_merge(tensors, weights, strategy, spec, gen).float().contiguous())
     return LoraFactors(out[0], out[1], 1.0)
 
 

@@ -116,7 +116,8 @@ def shapes_by_module(path: Path) -> dict[str, dict[str, tuple[int, ...]]]:
 
 
 def load_parts(path: Path, dtype=None) -> dict[str, dict[str, "torch.Tensor"]]:
-    """module path -> {kind: tensor}, private float copies (``dtype``, float32 by default), each module's
+    """module path -> {kind: tensor}, private float copies (``dtype``; by default float32, but plain LoRA
+    factors a file stores in bfloat16/float16 keep that dtype), each module's
     factors checked for pairing and rank. B is the transposed view of a contiguous B^T [r, out]: the layout
     the second matmul reads, so each factor is in memory once."""
     import torch
@@ -144,11 +145,16 @@ def load_parts(path: Path, dtype=None) -> dict[str, dict[str, "torch.Tensor"]]:
             raise AdapterError(f"{path}: module `{module}` has a {'lora_B bias' if 'B_bias' in slot else 'DoRA magnitude'}"
                                " but no lora_A/lora_B weights")
         parts = {}
+        # plain LoRA factors stored in half precision stay so (both the same dtype): exact as they are, and
+        # half the bytes each decode step streams; the rest (DoRA, biases, embeddings) becomes ``dt``
+        keep = dtype is None and "A" in slot and not slot.keys() & {"B_bias", "magnitude"} \
+            and state[slot["A"]].dtype == state[slot["B"]].dtype in (torch.bfloat16, torch.float16)
         for kind, name in slot.items():
             t = state[name]
+            to = t.dtype if keep and kind in ("A", "B") else dt
             if kind == "B":
-                parts[kind] = t.T.to(dt, memory_format=torch.contiguous_format, copy=True).T
+                parts[kind] = t.T.to(to, memory_format=torch.contiguous_format, copy=True).T
             else:
-                parts[kind] = t.to(dt, copy=True)
+                parts[kind] = t.to(to, copy=True)
         out[module] = parts
     return out

@@ -32,6 +32,7 @@ from torch import nn
 
 from ..errors import AdapterError, FormatError, UnsupportedError
 from ..io import read_json, read_safetensors_header
+from .lora import wide
 
 log = logging.getLogger(__name__)
 
@@ -483,8 +484,9 @@ class XLoraScalings:
             f = layer.adapters.get(name)
             if f is None:
                 continue
-            xs = x.to(f.A.dtype) * s[..., i : i + 1].to(f.A.dtype)
-            y = y + ((xs @ f.A.T) @ f.B.T * (f.scale * self.global_weight)).to(y.dtype)
+            A, B = wide(f.A), wide(f.B)
+            xs = x.to(A.dtype) * s[..., i : i + 1].to(A.dtype)
+            y = y + ((xs @ A.T) @ B.T * (f.scale * self.global_weight)).to(y.dtype)
         return y
 
 

@@ -35,7 +35,8 @@ def long_context_copy(src: Path, dst: Path, context: int) -> Path:
 
 
 def measure(cache: Path, fmt: str = "Q4_0", *, depths: tuple[int, ...] = (128, 4096, 16384), tokens: int = 32,
-            threads: int = 2, engines: tuple[str, ...] = ("qadapt", "llama.cpp"), quick: bool = False) -> dict[str, Any]:
+            threads: int = 2, engines: tuple[str, ...] = ("qadapt", "llama.cpp"), quick: bool = False,
+            adapter_dtype: str = "float32") -> dict[str, Any]:
     import torch
 
     from .engines import LlamaCppEngine, QadaptEngine
@@ -43,7 +44,7 @@ def measure(cache: Path, fmt: str = "Q4_0", *, depths: tuple[int, ...] = (128, 4
     from .spec import FULL, QUICK
 
     torch.set_num_threads(threads)
-    files = make_bench_files(cache, QUICK if quick else FULL, (fmt,), threads=threads)
+    files = make_bench_files(cache, QUICK if quick else FULL, (fmt,), threads=threads, adapter_dtype=adapter_dtype)
     ctx = 1 << (max(depths) + tokens + 16 - 1).bit_length()
     path = long_context_copy(files.gguf(fmt), files.folder / f"model.{fmt}.ctx{ctx}.gguf", ctx)
     rng = random.Random(0)

@@ -51,6 +51,13 @@ class BenchFiles:
     shape: ModelShape
     #: format -> why it could not be made (e.g. Q4_K_M without llama-cpp-python)
     missing: tuple[tuple[str, str], ...] = ()
+    #: the dtype the adapter files store their factors in (float32, or bfloat16 / float16 as PEFT saves an
+    #: adapter trained in that dtype); llama.cpp's LoRA GGUFs then hold F16 (the same values at these sizes)
+    adapter_dtype: str = "float32"
+
+    @property
+    def _adapters(self) -> Path:
+        return self.folder / ("adapters" if self.adapter_dtype == "float32" else f"adapters-{self.adapter_dtype}")
 
     @property
     def hf(self) -> Path:
@@ -60,14 +67,14 @@ class BenchFiles:
         return self.folder / f"model.{fmt}.gguf"
 
     def adapter(self, k: int) -> Path:
-        return self.folder / "adapters" / f"a{k}"
+        return self._adapters / f"a{k}"
 
     def lora_gguf(self, k: int) -> Path:
-        return self.folder / "adapters" / f"a{k}.lora.gguf"
+        return self._adapters / f"a{k}.lora.gguf"
 
     @property
     def xlora(self) -> Path:
-        return self.folder / "xlora"
+        return self.folder / ("xlora" if self.adapter_dtype == "float32" else f"xlora-{self.adapter_dtype}")
 
     @property
     def adapter_names(self) -> list[str]:
@@ -80,13 +87,13 @@ def bench_folder(cache: Path, shape: ModelShape, seed: int) -> BenchFiles:
 
 
 def make_bench_files(cache: Path, shape: ModelShape, formats: tuple[str, ...], seed: int = 0,
-                     threads: int = 2, xlora: bool = False) -> BenchFiles:
+                     threads: int = 2, xlora: bool = False, adapter_dtype: str = "float32") -> BenchFiles:
     """Make whatever of the model, its formats, the adapters (and the X-LoRA checkpoint) is missing.
 
     Holds the folder's lock meanwhile: a second process asking for the same folder waits, then
     finds the files made.
     """
-    files = bench_folder(cache, shape, seed)
+    files = replace(bench_folder(cache, shape, seed), adapter_dtype=adapter_dtype)
     with file_lock(Path(cache), files.folder.name):
         return _make(files, formats, seed, threads, xlora)
 
@@ -256,13 +263,14 @@ def _write_adapter(files: BenchFiles, k: int, seed: int) -> None:
     weights = folder / "adapter_model.safetensors"
     if weights.exists() and (folder / "adapter_config.json").exists() and lora.exists():
         return
-    sd = adapter_factors(files.shape, k, seed)
+    sd = {n: t.to(getattr(torch, files.adapter_dtype)).contiguous()
+          for n, t in adapter_factors(files.shape, k, seed).items()}
     if not (folder / "adapter_config.json").exists():
         write_json(folder / "adapter_config.json", _peft_config(files.hf))
     if not weights.exists():
         atomic_write(weights, save(sd, metadata={"format": "pt"}))
     if not lora.exists():
-        write_lora_gguf(sd, files.shape, lora)
+        write_lora_gguf(sd, files.shape, lora, half=files.adapter_dtype != "float32")
 
 
 def xlora_names() -> list[str]:
@@ -314,27 +322,31 @@ def _write_xlora(files: BenchFiles, seed: int) -> None:
     })
 
 
-def write_lora_gguf(peft_sd: dict[str, torch.Tensor], shape: ModelShape, path: Path) -> Path:
+def write_lora_gguf(peft_sd: dict[str, torch.Tensor], shape: ModelShape | dict, path: Path, arch: str = "llama",
+                    half: bool = False) -> Path:
     """A PEFT LoRA as llama.cpp's ``convert_lora_to_gguf.py`` writes it.
 
     ``general.type=adapter``, ``adapter.type=lora``, ``adapter.lora.alpha``; tensors
     ``blk.N.attn_q.weight.lora_a`` (A, [r, in]) and ``.lora_b`` (B, [out, r]) in F32, with llama.cpp's
-    q/k row permutation applied to B's rows (the output features), as the base weights have it.
+    q/k row permutation applied to B's rows (the output features) where the architecture's base weights
+    have it (Llama). ``shape``: a :class:`ModelShape` or a transformers config dict of ``arch``. ``half``:
+    F16 tensors (``--outtype f16``), else F32.
     """
     import gguf
 
     from ..models.gguf_export import llama_cpp_permute
     from ..layer_maps import evaluate, get_layer_map
 
-    lm = get_layer_map("llama")
-    shapes = lm.normalise_hf_config(shape.hf_config())
+    lm = get_layer_map(arch)
+    cfg = shape if isinstance(shape, dict) else shape.hf_config()
+    shapes = lm.normalise_hf_config(cfg)
     with atomic_path(path) as tmp:
-        w = gguf.GGUFWriter(path=tmp, arch="llama")
+        w = gguf.GGUFWriter(path=tmp, arch=arch)
         w.add_type(gguf.GGUFType.ADAPTER)
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(LORA_ALPHA))
         for ls in lm.layers:
-            for i in range(shape.num_hidden_layers) if ls.per_block else [None]:
+            for i in range(cfg["num_hidden_layers"]) if ls.per_block else [None]:
                 key = "base_model.model." + ls.module_path(i)
                 if key + ".lora_A.weight" not in peft_sd:
                     continue
@@ -343,8 +355,9 @@ def write_lora_gguf(peft_sd: dict[str, torch.Tensor], shape: ModelShape, path: P
                 if ls.gguf_permute_heads:
                     b = llama_cpp_permute(b, evaluate(ls.gguf_permute_heads, shapes))
                 name = ls.gguf_name(i) + ".weight"
-                w.add_tensor(name + ".lora_a", np.ascontiguousarray(a))
-                w.add_tensor(name + ".lora_b", np.ascontiguousarray(b))
+                dt = np.float16 if half else np.float32
+                w.add_tensor(name + ".lora_a", np.ascontiguousarray(a, dtype=dt))
+                w.add_tensor(name + ".lora_b", np.ascontiguousarray(b, dtype=dt))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()

@@ -109,8 +109,10 @@ def summary_markdown(report: dict[str, Any]) -> str:
         cells = [fmt, _fmt(q, 2), _fmt(q8, 2), _fmt(lc, 2), f"{_fmt(hf, 2)} ({pfmt})" if hf is not None else "-",
                  _ratio(q, lc), _ratio(q8, lc), _ratio(q8, hf), _fmt(frac, 2)]
         if xlora:
-            g = _median(idx, ("qadapt", fmt, "inplace", "xlora_decode_tps", mod["xlora"]["experts"]))
-            f = _median(idx, ("qadapt", fmt, "inplace", "xlora_nongranular_decode_tps", mod["xlora"]["experts"]))
+            n_x = mod["xlora"]["experts"]
+            xm = next((m for m in XLORA_MODES if ("qadapt", fmt, m, "xlora_decode_tps", n_x) in idx), "q8")
+            g = _median(idx, ("qadapt", fmt, xm, "xlora_decode_tps", n_x))
+            f = _median(idx, ("qadapt", fmt, xm, "xlora_nongranular_decode_tps", n_x))
             cells.append(f"{_fmt(g, 2)} / {_fmt(f, 2)}")
         lines.append("| " + " | ".join(cells) + " |")
         rows += 1
@@ -119,30 +121,36 @@ def summary_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: the modes X-LoRA is reported in, the default first
+XLORA_MODES = ("q8", "inplace")
+
+
 def _xlora_table(idx: dict, report: dict[str, Any]) -> str:
     xl = report["model"].get("xlora", {})
     n = xl.get("experts")
-    fmts = [f for f in FORMAT_ORDER if (("qadapt", f, "inplace", "xlora_decode_tps", n) in idx
-                                         or ("qadapt", f, "inplace", "xlora_nongranular_decode_tps", n) in idx)]
-    if not fmts:
+    runs = [(f, m) for f in FORMAT_ORDER for m in XLORA_MODES
+            if ("qadapt", f, m, "xlora_decode_tps", n) in idx or ("qadapt", f, m, "xlora_nongranular_decode_tps", n) in idx]
+    if not runs:
         return ""
-    head = ["format", "decode, no adapter", "X-LoRA decode, granular", "X-LoRA decode, non-granular",
+    head = ["format", "kernels", "decode, no adapter", "X-LoRA decode, granular", "X-LoRA decode, non-granular",
             "granular / no adapter", "non-granular / no adapter", "X-LoRA prefill tok/s", "X-LoRA load s",
             "X-LoRA peak RSS MB"]
     out = [f"X-LoRA, qadapt in place, tokens/s (batch 1): {n} experts (adapters a0..a{n - 1}), classifier of depth "
            f"{xl.get('depth')} (hidden {xl.get('size')}), layerwise scalings. Granular: every token runs the scaling "
-           "pass (base model, its own KV cache) and the classifier before the real pass. Non-granular: "
+           "pass (base model, its own KV cache) and the classifier before the real pass, so its bound is half the "
+           "no-adapter rate. Non-granular: "
            f"`tgt_non_granular_index={xl.get('non_granular_index')}`, the scalings are fixed from the prompt and "
-           "decoding skips the scaling pass.", "",
+           "decoding skips the scaling pass. Kernels: `q8` the default, `inplace` the exact ones.", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for fmt in fmts:
-        base = _median(idx, ("qadapt", fmt, "inplace", "decode_tps", 0))
-        g = _median(idx, ("qadapt", fmt, "inplace", "xlora_decode_tps", n))
-        f = _median(idx, ("qadapt", fmt, "inplace", "xlora_nongranular_decode_tps", n))
-        cells = [fmt, _fmt(base, 2), _fmt(g, 2), _fmt(f, 2), _ratio(g, base), _ratio(f, base),
-                 _fmt(_median(idx, ("qadapt", fmt, "inplace", "xlora_prefill_tps", n)), 1),
-                 _fmt(_median(idx, ("qadapt", fmt, "inplace", "xlora_load_s", n)), 2),
-                 _fmt(_median(idx, ("qadapt", fmt, "inplace", "xlora_peak_rss_mb", n)), 0)]
+    for fmt, mode in runs:
+        base = _median(idx, ("qadapt", fmt, mode, "decode_tps", 0))
+        g = _median(idx, ("qadapt", fmt, mode, "xlora_decode_tps", n))
+        f = _median(idx, ("qadapt", fmt, mode, "xlora_nongranular_decode_tps", n))
+        cells = [fmt, "q8 (default)" if mode == "q8" else "exact", _fmt(base, 2), _fmt(g, 2), _fmt(f, 2),
+                 _ratio(g, base), _ratio(f, base),
+                 _fmt(_median(idx, ("qadapt", fmt, mode, "xlora_prefill_tps", n)), 1),
+                 _fmt(_median(idx, ("qadapt", fmt, mode, "xlora_load_s", n)), 2),
+                 _fmt(_median(idx, ("qadapt", fmt, mode, "xlora_peak_rss_mb", n)), 0)]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -163,7 +171,8 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
         f"(best of {bw['repeats']} passes over {bw['array_gib']} GiB, {bw['threads']} threads).  ",
         f"Model: random Llama `{mod['name']}`, {mod['params'] / 1e9:.2f}B parameters (hidden {mod['hidden_size']}, "
         f"{mod['num_hidden_layers']} layers, intermediate {mod['intermediate_size']}, vocab {mod['vocab_size']}, "
-        f"{mod['num_attention_heads']} heads, {mod['num_key_value_heads']} KV heads); LoRA rank 16 on q, k, v, o.  ",
+        f"{mod['num_attention_heads']} heads, {mod['num_key_value_heads']} KV heads); LoRA rank 16 on q, k, v, o, "
+        f"factors stored in {mod.get('lora', {}).get('dtype', 'float32')}.  ",
         f"Medians of {s['runs']} runs after {s['warmup']} warm-up run(s); prompt {s['prompt_tokens']} tokens, "
         f"decode {s['decode_tokens']} tokens (batch 1, greedy); batched: {s['batch']} sequences on {s['batch']} "
         f"different adapters, and on one shared adapter, {s['batch_prompt_tokens']}-token prompts.  ",

@@ -41,7 +41,8 @@ class Worker:
     def __init__(self, job: Job, files: BenchFiles, settings: BenchSettings, logdir: Path):
         self.job = job
         spec = {"engine": job.engine, "format": job.format, "mode": job.mode, "task": job.task,
-                "folder": str(files.folder), "shape": asdict(files.shape), "threads": settings.threads}
+                "folder": str(files.folder), "shape": asdict(files.shape), "threads": settings.threads,
+                "adapter_dtype": files.adapter_dtype}
         env = dict(os.environ, OMP_NUM_THREADS=str(settings.threads), MKL_NUM_THREADS=str(settings.threads),
                    TOKENIZERS_PARALLELISM="false")
         name = f"{job.engine}-{job.mode or 'x'}-{job.task + '-' if job.task else ''}{job.format}".replace(".", "")
@@ -115,7 +116,7 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
     jobs = settings.jobs()
     formats = tuple(dict.fromkeys(j.format for j in jobs))
     files = make_bench_files(settings.cache, settings.shape, formats, settings.seed, settings.threads,
-                             xlora=any(j.task == "xlora" for j in jobs))
+                             xlora=any(j.task == "xlora" for j in jobs), adapter_dtype=settings.adapter_dtype)
     skipped: list[dict] = []
     for fmt, reason in files.missing:
         skipped += [_skip(j, "*", reason) for j in jobs if j.format == fmt]
@@ -147,7 +148,8 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
         "bandwidth_gbs": bw["read_gbs"],
         "bandwidth": bw,
         "model": {"name": settings.shape.name, "params": settings.shape.n_params, **asdict(settings.shape),
-                  "lora": {"rank": LORA_RANK, "alpha": LORA_ALPHA, "targets": list(LORA_TARGETS)},
+                  "lora": {"rank": LORA_RANK, "alpha": LORA_ALPHA, "targets": list(LORA_TARGETS),
+                           "dtype": settings.adapter_dtype},
                   "xlora": {"experts": XLORA_EXPERTS, "depth": XLORA_DEPTH, "size": XLORA_SIZE,
                             "layerwise_scalings": True, "non_granular_index": XLORA_NON_GRANULAR_INDEX},
                   "cache": str(files.folder)},

@@ -21,14 +21,14 @@ log = logging.getLogger(__name__)
 
 
 def measure(cache: Path, fmt: str = "Q4_0", *, batch: int = 8, steps: int = 16, runs: int = 3, threads: int = 2,
-            prompt_tokens: int = 64, quick: bool = False) -> dict[str, Any]:
+            prompt_tokens: int = 64, quick: bool = False, adapter_dtype: str = "float32") -> dict[str, Any]:
     import qadapt
 
     from .make import make_bench_files
     from .spec import FULL, QUICK, LORA_RANK
 
     torch.set_num_threads(threads)
-    files = make_bench_files(cache, QUICK if quick else FULL, (fmt,), threads=threads)
+    files = make_bench_files(cache, QUICK if quick else FULL, (fmt,), threads=threads, adapter_dtype=adapter_dtype)
     m = qadapt.load(files.gguf(fmt))
     names = files.adapter_names[:batch]
     loads = []
@@ -68,7 +68,7 @@ def measure(cache: Path, fmt: str = "Q4_0", *, batch: int = 8, steps: int = 16, 
         step[k] = statistics.median(times)
         log.info("batch %d, %d distinct adapters: %.1f ms per step", batch, k, step[k] * 1e3)
     return {"model": str(files.gguf(fmt)), "format": fmt, "threads": threads, "batch": batch,
-            "adapter_rank": LORA_RANK, "adapter_bytes": int(nbytes), "adapter_load_s": statistics.median(loads),
+            "adapter_rank": LORA_RANK, "adapter_dtype": adapter_dtype, "adapter_bytes": int(nbytes), "adapter_load_s": statistics.median(loads),
             "prefill_s_per_token": statistics.median(pre) / prompt_tokens,
             "step_s_by_distinct_adapters": {str(k): v for k, v in step.items()}}
 
@@ -84,11 +84,13 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 def many_adapters(cache: Path, fmt: str = "Q4_0", *, adapters: int = 100, rows: int = 16, steps: int = 16,
-                  runs: int = 3, threads: int = 2, zipf: float = 1.0, quick: bool = False) -> dict[str, Any]:
+                  runs: int = 3, threads: int = 2, zipf: float = 1.0, quick: bool = False,
+                  adapter_dtype: str = "float32") -> dict[str, Any]:
     """``adapters`` rank-16 adapters resident (the benchmark's eight folders loaded again under new names:
     separate copies in memory), ``rows`` sequences decoding together, each on an adapter drawn from a Zipf
     law, against the same rows on one adapter; resident bytes per adapter (the factors qadapt holds, and
-    the process's resident-set growth per adapter)."""
+    the process's resident-set growth per adapter). ``adapter_dtype``: the dtype the adapter files store
+    their factors in (``bfloat16``: as PEFT saves adapters trained in bf16; qadapt holds them as stored)."""
     import random
 
     import qadapt
@@ -98,12 +100,13 @@ def many_adapters(cache: Path, fmt: str = "Q4_0", *, adapters: int = 100, rows: 
     from .spec import FULL, QUICK
 
     torch.set_num_threads(threads)
-    files = make_bench_files(cache, QUICK if quick else FULL, (fmt,), threads=threads)
+    files = make_bench_files(cache, QUICK if quick else FULL, (fmt,), threads=threads, adapter_dtype=adapter_dtype)
     m = qadapt.load(files.gguf(fmt))
     rss0 = rss_bytes() or 0
     names = [f"x{k}" for k in range(adapters)]
+    folders = [files.adapter(k) for k in range(len(files.adapter_names))]
     for k, name in enumerate(names):
-        m.load_adapter(name, files.adapter(k % len(files.adapter_names)))
+        m.load_adapter(name, folders[k % len(folders)])
     rss1 = rss_bytes() or 0
     rng = random.Random(0)
     weights = [1 / (i + 1) ** zipf for i in range(adapters)]
@@ -126,6 +129,7 @@ def many_adapters(cache: Path, fmt: str = "Q4_0", *, adapters: int = 100, rows: 
 
     zipf_tps, one_tps = tps(drawn), tps(((names[0],),) * rows)
     return {"model": str(files.gguf(fmt)), "format": fmt, "threads": threads, "adapters": adapters, "rows": rows,
+            "adapter_dtype": adapter_dtype,
             "distinct_in_batch": len(set(drawn)), "zipf_s": zipf,
             "adapter_bytes_held": int(statistics.median(m.adapters[n].nbytes for n in names)),
             "rss_growth_per_adapter": (rss1 - rss0) / adapters if rss0 else None,
@@ -134,7 +138,8 @@ def many_adapters(cache: Path, fmt: str = "Q4_0", *, adapters: int = 100, rows: 
 
 def many_markdown(r: dict[str, Any]) -> str:
     rss = r["rss_growth_per_adapter"]
-    return (f"{r['adapters']} rank-16 adapters resident ({r['adapter_bytes_held'] / 2**20:.1f} MiB of factors each"
+    return (f"{r['adapters']} rank-16 adapters resident ({r['adapter_bytes_held'] / 2**20:.1f} MiB of "
+            f"{r.get('adapter_dtype', 'float32')} factors each"
             + (f", resident set +{rss / 2**20:.1f} MiB per adapter" if rss else "") + f"); {r['rows']} sequences "
             f"decoding together ({r['format']}, {r['threads']} threads):\n\n"
             "| adapters of the batch | aggregate tokens/s |\n|---|---:|\n"

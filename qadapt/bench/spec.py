@@ -126,6 +126,8 @@ class BenchSettings:
     probe_repeats: int = 7
     force: bool = False
     seed: int = 0
+    #: the dtype the adapter files store their factors in (``float32``, ``bfloat16``, ``float16``)
+    adapter_dtype: str = "float32"
     #: another shape than FULL / QUICK (tests: a model small enough to make and run in seconds)
     model: ModelShape | None = None
 

@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(2, 1)  # C libraries writing to fd 1 must not corrupt the protocol
     sys.stdout = sys.stderr
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    files = BenchFiles(Path(spec["folder"]), ModelShape(**spec["shape"]))
+    files = BenchFiles(Path(spec["folder"]), ModelShape(**spec["shape"]),
+                       adapter_dtype=spec.get("adapter_dtype", "float32"))
     try:
         engine = make_engine(spec["engine"], spec["format"], spec["mode"], files, spec["threads"],
                              spec.get("task", ""))

@@ -67,6 +67,11 @@ def _csv(value: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
               help="Only measure N rank-16 adapters resident with 16 sequences decoding together on Zipf-drawn "
                    "adapters, against the same 16 on one adapter (the first of --formats, Q4_0 by default); "
                    "then exit.")
+@click.option("--adapter-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              show_default=True,
+              help="The dtype the benchmark's adapter files store their factors in (bfloat16: as PEFT saves an "
+                   "adapter trained in bf16; qadapt holds and reads them as stored; llama.cpp's LoRA GGUFs then "
+                   "hold F16). Applies to every measurement that uses adapters.")
 @click.option("--depths", default=None, metavar="A,B",
               help="Only measure decode with one LoRA after prompts of these lengths (e.g. 128,4096,16384), qadapt "
                    "beside llama.cpp, on the first of --formats (Q4_0 by default); then exit.")
@@ -74,8 +79,8 @@ def _csv(value: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
               help="Only measure a Llama-3-8B-shaped model of this type (random blocks, ~4.9 GB as Q4_K_M) with and "
                    "without a rank-16 LoRA, qadapt beside llama.cpp: load, prefill, decode; then exit.")
 def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup, decode_tokens, prompt_tokens,
-          no_xlora, xlora_formats, threads, cache, force, as_json, constrained, moe, serving, many, depths,
-          real) -> None:
+          no_xlora, xlora_formats, threads, cache, force, as_json, constrained, moe, serving, many, adapter_dtype,
+          depths, real) -> None:
     """Benchmark qadapt beside llama.cpp and transformers + PEFT, against the memory-bandwidth bound.
 
     \b
@@ -91,7 +96,7 @@ def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup,
       qadapt bench --constrained llama.cpp/models/ggml-vocab-llama-bpe.gguf
       qadapt bench --moe Q8_0
       qadapt bench --serving-costs Q4_0 --out docs/fleet
-      qadapt bench --many-adapters 100 --formats Q4_K_M
+      qadapt bench --many-adapters 100 --formats Q4_K_M --adapter-dtype bfloat16
       qadapt bench --depths 128,4096,16384
       qadapt bench --real-size Q4_K_M
     """
@@ -125,7 +130,7 @@ def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup,
         from ..io import write_json
 
         result = measure_serving(Path(cache or default_cache()), serving, runs=runs or 3, threads=threads,
-                                 steps=decode_tokens or 16, quick=quick)
+                                 steps=decode_tokens or 16, quick=quick, adapter_dtype=adapter_dtype)
         if out:
             write_json(Path(out) / "serving-costs.json", result, force=force)
         click.echo(json.dumps(result, indent=2) if as_json else serving_table(result))
@@ -147,7 +152,7 @@ def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup,
 
         fmt = formats.split(",")[0] if formats else "Q4_0"
         result = measure_depths(Path(cache or default_cache()), fmt, depths=tuple(int(d) for d in depths.split(",")),
-                                tokens=decode_tokens or 32, threads=threads, quick=quick,
+                                tokens=decode_tokens or 32, threads=threads, quick=quick, adapter_dtype=adapter_dtype,
                                 engines=_csv(engines, ("qadapt", "llama.cpp")) if engines else ("qadapt", "llama.cpp"))
         click.echo(json.dumps(result, indent=2) if as_json else depth_table(result))
         return
@@ -157,7 +162,7 @@ def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup,
 
         fmt = formats.split(",")[0] if formats else "Q4_0"
         result = many_adapters(Path(cache or default_cache()), fmt, adapters=many, runs=runs or 3, threads=threads,
-                               steps=decode_tokens or 16, quick=quick)
+                               steps=decode_tokens or 16, quick=quick, adapter_dtype=adapter_dtype)
         click.echo(json.dumps(result, indent=2) if as_json else many_markdown(result))
         return
 
@@ -181,7 +186,7 @@ def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup,
         formats=_csv(formats, GGUF_FORMATS + ("bf16", "nf4")), modes=_csv(modes, QADAPT_MODES),
         dequantize_formats=None if dequantize_formats is None else _csv(dequantize_formats, ()),
         xlora=not no_xlora, xlora_formats=None if xlora_formats is None else _csv(xlora_formats, ()),
-        threads=threads, force=force, **kw,
+        threads=threads, force=force, adapter_dtype=adapter_dtype, **kw,
     )
     if out:  # check before the (long) run that the outputs may be written
         from dataclasses import replace

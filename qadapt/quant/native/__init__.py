@@ -232,6 +232,8 @@ class NativeKernels:
             raise ValueError(f"native LoRA: {x.shape[0]} input rows but {y.shape[0]} output rows")
         rc = self._lora_rows(plan.shape[0], plan.data_ptr(), x.data_ptr(), row_stride(x), x.shape[0], x.shape[-1],
                              y.data_ptr(), row_stride(y), y.shape[-1], torch.get_num_threads())
+        if rc == -3:
+            raise MemoryError(f"native LoRA: no memory for the deltas of {plan.shape[0]} plan entries")
         if rc:
             raise ValueError(f"native LoRA refused its plan (an entry outside the {x.shape[0]} x {y.shape[-1]} output, "
                              f"a rank above 256, or factors for another input width; code {rc})")
@@ -309,20 +311,26 @@ def row_stride(t: torch.Tensor) -> int | None:
 
 
 #: int64 fields per LoRA plan entry (QA_LORA_FIELDS in the C source)
-LORA_FIELDS = 8
+LORA_FIELDS = 9
+#: the factor dtypes the LoRA kernel reads as they are (ggml type names: converted in registers)
+LORA_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 def lora_plan(entries) -> torch.Tensor:
     """The plan of :meth:`NativeKernels.lora_rows` from (row, A [r, in], Bt [r, out], scale[, col]) entries:
-    int64 [n, 8] of row, the two factors' addresses, rank, the scale's double bits, where the entry's outputs
-    start in y's row (col, default 0), how many (out), and A's row length (in). The C side refuses an entry
-    outside the call's rows and output columns, or built for another input width."""
+    int64 [n, 9] of row, the two factors' addresses, rank, the scale's double bits, where the entry's outputs
+    start in y's row (col, default 0), how many (out), A's row length (in) and the factors' element type
+    (float32, float16 or bfloat16, both factors the same). The C side refuses an entry outside the call's rows
+    and output columns, or built for another input width."""
     rows = []
     for e in entries:
         row, A, Bt, s = e[:4]
         col = e[4] if len(e) > 4 else 0
+        if A.dtype != Bt.dtype or A.dtype not in LORA_DTYPES or not (A.is_contiguous() and Bt.is_contiguous()):
+            raise ValueError(f"native LoRA: factors {A.dtype}/{Bt.dtype} (contiguous {A.is_contiguous()}/"
+                             f"{Bt.is_contiguous()}); it takes contiguous float32, float16 or bfloat16 pairs")
         rows.append([row, A.data_ptr(), Bt.data_ptr(), A.shape[0], struct.unpack("<q", struct.pack("<d", s))[0],
-                     col, Bt.shape[1], A.shape[1]])
+                     col, Bt.shape[1], A.shape[1], _type_id(LORA_DTYPES[A.dtype])])
     return torch.tensor(rows, dtype=torch.int64).view(-1, LORA_FIELDS)
 
 

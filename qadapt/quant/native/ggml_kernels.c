@@ -1757,10 +1757,15 @@ int qa_x8_convert(int type, uint8_t *w, int64_t N, int64_t K, int64_t row_bytes,
 }
 
 /* A LoRA plan entry: row, A's address, Bt's address, rank r, the scale's double bits, the first output column,
- * the output count N, A's row length (the input width it was built for). */
-#define QA_LORA_FIELDS 8
+ * the output count N, A's row length (the input width it was built for), and the factors' element type
+ * (T_F32, T_F16 or T_BF16: an adapter file's half-precision factors are read as they are, never widened in
+ * memory, so a step streams half the bytes; every product and sum is float32 either way). */
+#define QA_LORA_FIELDS 9
 static int lora_entry(const int64_t *p, const float *x, int64_t ldx, int64_t K, float *y, int64_t ldy);
-static int lora_distinct(int64_t n, const int64_t *plan);
+static int lora_delta(const int64_t *p, const float *x, int64_t ldx, int64_t K, float *out);
+static float *lora_spans(int64_t n, const int64_t *plan, int64_t **off);
+static void lora_add_spans(int64_t n, const int64_t *plan, const float *buf, const int64_t *off, float *y,
+                           int64_t ldy);
 
 /* Every entry of a LoRA plan inside the call's bounds: its row among the M input rows, its outputs inside the
  * ny floats of a y row, a rank the kernel takes (1..256), factors built for inputs of K values. A plan that is
@@ -1770,7 +1775,7 @@ static int lora_plan_ok(int64_t n, const int64_t *plan, int64_t M, int64_t K, in
     for (int64_t e = 0; e < n; e++) {
         const int64_t *p = plan + QA_LORA_FIELDS * e;
         if (p[0] < 0 || p[0] >= M || !p[1] || !p[2] || p[3] < 1 || p[3] > 256 || p[5] < 0 || p[6] < 1 ||
-            p[5] + p[6] > ny || p[7] != K)
+            p[5] + p[6] > ny || p[7] != K || (p[8] != T_F32 && p[8] != T_F16 && p[8] != T_BF16))
             return 0;
     }
     return 1;
@@ -1795,20 +1800,20 @@ static void silu_mul(const float *g, const float *u, int64_t n, float *out);
  * gets each weight's outputs side by side. One parallel region: the rows' prologue (pre) and
  * quantization spread over the threads, then the weights' work.
  *
- * With nl LoRA entries (qa_lora_rows' plan, on the same x and y): entries with disjoint outputs run
- * as work items spread among the weights' (into a zeroed buffer, added at the end), so a step's
- * adapter factors stream from memory while the other thread multiplies (on several input rows the
- * base pass is bound by arithmetic, not memory); others run after the weights, in order. */
+ * With nl LoRA entries (qa_lora_rows' plan, on the same x and y): with several threads each entry is a
+ * work item spread among the weights' (its delta into its own span of a buffer, the spans added to y at
+ * the end in plan order: entries on the same outputs too, as a row with several adapters or an X-LoRA
+ * step's experts), so a step's adapter factors stream from memory while the other thread multiplies
+ * (on several input rows the base pass is bound by arithmetic, not memory); one thread: after the
+ * weights, in order. */
 #ifdef QA_AVX2
-/* Row m's prologue and quantization (and its zeroed delta row, with dl). */
-static void pre_row(const x8_pre *pre, float *x, int64_t ldx, int64_t K, int64_t m, xblk *xq, float *ds, float *dl,
-                    int64_t ldy) {
+/* Row m's prologue and quantization. */
+static void pre_row(const x8_pre *pre, float *x, int64_t ldx, int64_t K, int64_t m, xblk *xq, float *ds) {
     const int64_t nb = K / 32;
     float *xm = x + m * ldx;
     if (pre->kind == PRE_NORM) rms_row(pre->src + m * K, K, pre->w, pre->eps, xm);
     else if (pre->kind == PRE_SILU) silu_mul(pre->src + m * 2 * K, pre->src + m * 2 * K + K, K, xm);
     quantize_row_q8(xm, K, xq + m * nb, ds + m * nb);
-    if (dl) memset(dl + m * ldy, 0, (size_t)ldy * sizeof(float));
 }
 #endif
 
@@ -1836,34 +1841,37 @@ static int x8_lora_run(int n, const int64_t *plan, int64_t K, float *x, int64_t 
     if (nthreads < 1) nthreads = 1;
     const int64_t nb = K / 32, U = u0[n];
     /* LoRA items at positions s0 + e * step of the W = U + L work items */
-    const int64_t L = nl > 0 && nthreads > 1 && lora_distinct(nl, lplan) ? nl : 0, W = U + L;
+    const int64_t L = nl > 0 && nthreads > 1 ? nl : 0, W = U + L;
     const int64_t step = L ? W / L : 1, s0 = step / 2;
-    float *dl = L ? (float *)malloc((size_t)(M * ldy) * sizeof(float)) : 0;
+    int64_t *off = 0;
+    float *dl = L ? lora_spans(nl, lplan, &off) : 0;
     if (L && !dl) return -3;
     float *ds;
     xblk *xq = alloc_rows_q8(M, K, &ds);
     if (!xq) {
         free(dl);
+        free(off);
         return -3;
     }
     int lrc = 0;
     const int64_t chunk = W / ((int64_t)nthreads * 8) > 1 ? W / ((int64_t)nthreads * 8) : 1;
-    /* rows' prologue and the deltas' sum in the region only when every thread gets a row: with fewer rows
-     * (a batch-1 step) they run on this thread, around the region, and the step has two fewer barriers */
+    /* rows' prologue in the region only when every thread gets a row: with fewer rows (a batch-1 step) it
+     * runs on this thread, before the region, and the step has one fewer barrier */
     const int rows_par = nthreads > 1 && M >= nthreads;
     if (!rows_par)
-        for (int64_t m = 0; m < M; m++) pre_row(pre, x, ldx, K, m, xq, ds, dl, ldy);
+        for (int64_t m = 0; m < M; m++) pre_row(pre, x, ldx, K, m, xq, ds);
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1) reduction(| : lrc)
     {
         if (rows_par) {
 #pragma omp for schedule(static)
-            for (int64_t m = 0; m < M; m++) pre_row(pre, x, ldx, K, m, xq, ds, dl, ldy);
+            for (int64_t m = 0; m < M; m++) pre_row(pre, x, ldx, K, m, xq, ds);
         }
 #pragma omp for schedule(dynamic, chunk)
         for (int64_t t = 0; t < W; t++) {
             const int64_t before = !L || t <= s0 ? 0 : ((t - s0 - 1) / step + 1 < L ? (t - s0 - 1) / step + 1 : L);
             if (L && t >= s0 && (t - s0) % step == 0 && (t - s0) / step < L) {
-                lrc |= lora_entry(lplan + QA_LORA_FIELDS * ((t - s0) / step), x, ldx, K, dl, ldy);
+                const int64_t e = (t - s0) / step;
+                lrc |= lora_delta(lplan + QA_LORA_FIELDS * e, x, ldx, K, dl + off[e]);
                 continue;
             }
             const int64_t uu = t - before;
@@ -1888,16 +1896,11 @@ static int x8_lora_run(int n, const int64_t *plan, int64_t K, float *x, int64_t 
                 }
             }
         }
-        if (L && rows_par) {
-#pragma omp for schedule(static)
-            for (int64_t m = 0; m < M; m++)
-                for (int64_t i = 0; i < ldy; i++) y[m * ldy + i] += dl[m * ldy + i];
-        }
     }
-    if (L && !rows_par)
-        for (int64_t i = 0; i < M * ldy; i++) y[i] += dl[i];
+    if (L) lora_add_spans(nl, lplan, dl, off, y, ldy);
     free(xq);
     free(dl);
+    free(off);
     if (!L)
         for (int64_t e = 0; e < nl; e++) lrc |= lora_entry(lplan + QA_LORA_FIELDS * e, x, ldx, K, y, ldy);
     return lrc;
@@ -2263,18 +2266,101 @@ int qa_attn_decode_rows(int64_t B, float *q, float *k, const float *v, int64_t H
  * addresses of float32 [r, K] / [r, N], scale as the bits of a double; x and y rows ldx / ldy floats apart
  * (y may be one part of a grouped output). One call serves a batch whose rows use different adapters, a
  * row with several adapters, and several tokens on one adapter. */
-/* One plan entry (row, A, Bt, r, scale bits, col, N): y[row, col .. col + N) += scale * (A x[row]) . Bt */
-static int lora_entry(const int64_t *p, const float *x, int64_t ldx, int64_t K, float *y, int64_t ldy) {
+/* A . x over K elements of a stored-float row (F16 / BF16): converted in registers where the build has the
+ * instructions (dot1), else through a float32 buffer 256 elements at a time. */
+static float dot_typed(const tinfo *ti, const uint8_t *a, const float *x, int64_t K) {
+    if (ti->dot1) return ti->dot1(a, K, x);
+    float buf[256], t = 0.0f;
+    for (int64_t k = 0; k < K; k += 256) {
+        const int n = (int)(K - k < 256 ? K - k : 256);
+        ti->dq(a, k, n, buf);
+        t += dotf(buf, x + k, n);
+    }
+    return t;
+}
+
+/* o[0..n) += w * v[0..n), v a stored-float row (F16 / BF16) */
+static void axpy_typed(const tinfo *ti, int type, float *o, float w, const uint8_t *v, int64_t n) {
+    int64_t i = 0;
+#ifdef QA_AVX2
+    const __m256 wv = _mm256_set1_ps(w);
+    if (type == T_BF16)
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(wv, bf16x8(v + 2 * i), _mm256_loadu_ps(o + i)));
+#ifdef QA_F16C
+    if (type == T_F16)
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(wv, f16x8(v + 2 * i), _mm256_loadu_ps(o + i)));
+#endif
+#else
+    (void)type;
+#endif
+    float buf[256];
+    for (; i < n; i += 256) {
+        const int m = (int)(n - i < 256 ? n - i : 256);
+        ti->dq(v, i, m, buf);
+        axpyf(o + i, w, buf, m);
+    }
+}
+
+/* One plan entry (row, A, Bt, r, scale bits, col, N, K, type): dst[0 .. N) += scale * (A x[row]) . Bt, dst
+ * the entry's outputs (y[row, col ..], or a span of its own). */
+static int lora_apply(const int64_t *p, const float *x, int64_t ldx, int64_t K, float *dst) {
     float h[256];
-    const int64_t row = p[0], r = p[3], col = p[5], N = p[6];
-    const float *A = (const float *)(intptr_t)p[1], *Bt = (const float *)(intptr_t)p[2];
+    const int64_t row = p[0], r = p[3], N = p[6];
+    const int type = (int)p[8];
     double scale;
     memcpy(&scale, &p[4], sizeof scale);
     if (r > 256) return -1;
+    const float *xr = x + row * ldx;
     /* PEFT's order, B(A x) then the scale, up to where float32 rounds: the scale goes on the r values of h */
-    for (int64_t j = 0; j < r; j++) h[j] = (float)(scale * dotf(A + j * K, x + row * ldx, K));
-    for (int64_t j = 0; j < r; j++) axpyf(y + row * ldy + col, h[j], Bt + j * N, N);
+    if (type == T_F32) {
+        const float *A = (const float *)(intptr_t)p[1], *Bt = (const float *)(intptr_t)p[2];
+        for (int64_t j = 0; j < r; j++) h[j] = (float)(scale * dotf(A + j * K, xr, K));
+        for (int64_t j = 0; j < r; j++) axpyf(dst, h[j], Bt + j * N, N);
+        return 0;
+    }
+    const tinfo *ti = type_info(type);
+    const uint8_t *A = (const uint8_t *)(intptr_t)p[1], *Bt = (const uint8_t *)(intptr_t)p[2];
+    for (int64_t j = 0; j < r; j++) h[j] = (float)(scale * dot_typed(ti, A + 2 * j * K, xr, K));
+    for (int64_t j = 0; j < r; j++) axpy_typed(ti, type, dst, h[j], Bt + 2 * j * N, N);
     return 0;
+}
+
+static int lora_entry(const int64_t *p, const float *x, int64_t ldx, int64_t K, float *y, int64_t ldy) {
+    return lora_apply(p, x, ldx, K, y + p[0] * ldy + p[5]);
+}
+
+/* The entry's delta alone, into out [N] */
+static int lora_delta(const int64_t *p, const float *x, int64_t ldx, int64_t K, float *out) {
+    memset(out, 0, (size_t)p[6] * sizeof(float));
+    return lora_apply(p, x, ldx, K, out);
+}
+
+/* A buffer with one span per entry (its N floats, at *off[e]); 0 when out of memory. */
+static float *lora_spans(int64_t n, const int64_t *plan, int64_t **off) {
+    *off = (int64_t *)malloc((size_t)(n > 0 ? n : 1) * sizeof(int64_t));
+    if (!*off) return 0;
+    int64_t total = 0;
+    for (int64_t e = 0; e < n; e++) {
+        (*off)[e] = total;
+        total += plan[QA_LORA_FIELDS * e + 6];
+    }
+    float *buf = (float *)malloc((size_t)(total > 0 ? total : 1) * sizeof(float));
+    if (!buf) {
+        free(*off);
+        *off = 0;
+    }
+    return buf;
+}
+
+/* y[row, col .. col + N) += each entry's span, in plan order (the order a serial run adds them in) */
+static void lora_add_spans(int64_t n, const int64_t *plan, const float *buf, const int64_t *off, float *y,
+                           int64_t ldy) {
+    for (int64_t e = 0; e < n; e++) {
+        const int64_t *p = plan + QA_LORA_FIELDS * e;
+        float *d = y + p[0] * ldy + p[5];
+        const float *sp = buf + off[e];
+        for (int64_t i = 0; i < p[6]; i++) d[i] += sp[i];
+    }
 }
 
 /* Entries whose (row, col) strictly increase write disjoint outputs (a batch with one adapter per row, the
@@ -2292,9 +2378,20 @@ static int lora_distinct(int64_t n, const int64_t *plan) {
 int qa_lora_rows(int64_t n, const int64_t *plan, const float *x, int64_t ldx, int64_t M, int64_t K, float *y,
                  int64_t ldy, int64_t ny, int nthreads) {
     if (ny > ldy || !lora_plan_ok(n, plan, M, K, ny)) return -4; /* y: M rows of ny floats, ldy apart */
-    const int distinct = lora_distinct(n, plan);
     int rc = 0;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1 && distinct && n > 1) reduction(| : rc)
+    if (nthreads > 1 && n > 1 && !lora_distinct(n, plan)) {
+        /* several entries on the same outputs: each into its own span in parallel, then added in order */
+        int64_t *off;
+        float *buf = lora_spans(n, plan, &off);
+        if (!buf) return -3;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) reduction(| : rc)
+        for (int64_t e = 0; e < n; e++) rc |= lora_delta(plan + QA_LORA_FIELDS * e, x, ldx, K, buf + off[e]);
+        lora_add_spans(n, plan, buf, off, y, ldy);
+        free(buf);
+        free(off);
+        return rc;
+    }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1 && n > 1) reduction(| : rc)
     for (int64_t e = 0; e < n; e++) rc |= lora_entry(plan + QA_LORA_FIELDS * e, x, ldx, K, y, ldy);
     return rc;
 }
