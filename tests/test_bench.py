@@ -201,3 +201,19 @@ def test_llama_cpp_batch_runs_each_row_as_its_own_sequence(cache):
             eng.batched(prompts, 2, ["a0", "a1", "a0"])
     finally:
         eng.unload()
+
+
+def test_real_size_mode_on_tiny_shapes(tmp_path):
+    """``--real-size``'s measurement (qadapt/bench/big.py) end to end on tiny files of both architectures: each
+    engine in its own process, LoRA and base rates, resident memory; a peer that is not installed is an error
+    row, not a failure."""
+    from qadapt.bench.big import markdown, measure
+
+    for shape in ("tiny", "tiny-qwen3"):
+        r = measure(tmp_path, "Q8_0", shape=shape, prompt=16, tokens=4, engines=("qadapt", "llama.cpp"),
+                    adapter_dtype="bfloat16")
+        q = r["rows"][0]
+        assert q["engine"] == "qadapt" and q["decode_tps_lora"] > 0 and q["prefill_tps_base"] > 0
+        assert 0 < q["rss_added_bytes"] < 400e6
+        assert r["bytes_per_token"] > 0.9 * r["file_bytes"] * (1 if shape == "tiny-qwen3" else 0.5)
+        assert "| qadapt |" in markdown(r)

@@ -15,6 +15,8 @@ sampling machinery and no stop conditions (the model's EOS logit is pinned to 0,
   LoRA API (``llama_adapter_lora_init`` + per-context adapter scales).
 - :class:`HFEngine`: transformers (bf16, or bitsandbytes nf4) + PEFT; mixed-adapter batches
   through PEFT's ``adapter_names``.
+- ``MistralRsEngine`` (:mod:`.mistralrs_engine`): mistral.rs on the same GGUF, for ``big`` (not in the
+  default engine set).
 """
 
 from __future__ import annotations
@@ -449,6 +451,10 @@ def make_engine(engine: str, fmt: str, mode: str, files, threads: int, task: str
         return QadaptEngine(files.gguf(fmt), mode, threads)
     if engine == "llama.cpp":
         return LlamaCppEngine(files.gguf(fmt), threads)
+    if engine == "mistral.rs":
+        from .mistralrs_engine import MistralRsEngine
+
+        return MistralRsEngine(files.gguf(fmt), threads)
     if engine == "transformers":
         return HFEngine(files.hf, None, threads)
     if engine == "bnb":

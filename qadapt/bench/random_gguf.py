@@ -15,9 +15,11 @@ LLAMA3_8B = dict(name="llama3-8b", arch="llama", hidden=4096, layers=32, ff=1433
 # token embedding
 QWEN3_4B = dict(name="qwen3-4b", arch="qwen3", hidden=2560, layers=36, ff=9728, heads=32, kv_heads=8, head_dim=128,
                 vocab=151936, rope_theta=1000000.0, tied=True, eps=1e-6)
-SHAPES = {"llama3-8b": LLAMA3_8B, "qwen3-4b": QWEN3_4B}
 TINY = dict(name="tiny", arch="llama", hidden=256, layers=2, ff=512, heads=4, kv_heads=2, vocab=512,
             rope_theta=10000.0)
+#: the real shapes, and tiny ones of the same architectures (tests)
+SHAPES = {"llama3-8b": LLAMA3_8B, "qwen3-4b": QWEN3_4B, "tiny": TINY,
+          "tiny-qwen3": dict(TINY, name="tiny-qwen3", arch="qwen3", head_dim=128, tied=True, eps=1e-6)}
 #: llama.cpp's Q4_K_M recipe, simplified: attn_v, ffn_down and the output (a tied model's token embedding, which
 #: serves as the output) in Q6_K, the rest Q4_K
 MIXES = {"Q4_0": {}, "Q8_0": {}, "Q4_K_M": {"attn_v": "Q6_K", "ffn_down": "Q6_K", "output": "Q6_K"}}
@@ -120,7 +122,9 @@ def _write_gguf(w, rng, shape, base_type) -> int:
     return read
 
 
-def write_adapter(folder: Path, shape: dict, seed: int, rank: int = 16) -> Path:
+def write_adapter(folder: Path, shape: dict, seed: int, rank: int = 16, dtype=None) -> Path:
+    """A PEFT LoRA folder (rank ``rank`` on q/k/v/o, random factors), its tensors stored in ``dtype``
+    (float32 by default; bfloat16 as PEFT saves an adapter trained in bf16)."""
     import torch
     from safetensors.torch import save_file
 
@@ -135,6 +139,8 @@ def write_adapter(folder: Path, shape: dict, seed: int, rank: int = 16) -> Path:
             sd[k + ".lora_B.weight"] = (torch.randn(out, rank, generator=g) * 0.01).contiguous()
     from ..io import atomic_path, write_json
 
+    if dtype is not None:
+        sd = {k: v.to(dtype).contiguous() for k, v in sd.items()}
     with atomic_path(folder / "adapter_model.safetensors", force=True) as tmp:
         save_file(sd, str(tmp))
     write_json(folder / "adapter_config.json", dict(

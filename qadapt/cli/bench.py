@@ -76,11 +76,15 @@ def _csv(value: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
               help="Only measure decode with one LoRA after prompts of these lengths (e.g. 128,4096,16384), qadapt "
                    "beside llama.cpp, on the first of --formats (Q4_0 by default); then exit.")
 @click.option("--real-size", "real", type=click.Choice(["Q4_0", "Q8_0", "Q4_K_M"]), default=None,
-              help="Only measure a Llama-3-8B-shaped model of this type (random blocks, ~4.9 GB as Q4_K_M) with and "
-                   "without a rank-16 LoRA, qadapt beside llama.cpp: load, prefill, decode; then exit.")
+              help="Only measure a real-size model of this type (--real-shape; random blocks, ~4.9 GB as Q4_K_M "
+                   "at Llama 3 8B's shape) with and without a rank-16 LoRA, qadapt beside llama.cpp (and mistral.rs "
+                   "with --engines), each engine in its own process: load, prefill, decode, resident memory; then "
+                   "exit.")
+@click.option("--real-shape", type=click.Choice(["llama3-8b", "qwen3-4b"]), default="llama3-8b", show_default=True,
+              help="With --real-size: the model shape (Llama 3 8B, or Qwen3 4B with its q/k norms and tied output).")
 def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup, decode_tokens, prompt_tokens,
           no_xlora, xlora_formats, threads, cache, force, as_json, constrained, moe, serving, many, adapter_dtype,
-          depths, real) -> None:
+          depths, real, real_shape) -> None:
     """Benchmark qadapt beside llama.cpp and transformers + PEFT, against the memory-bandwidth bound.
 
     \b
@@ -98,7 +102,8 @@ def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup,
       qadapt bench --serving-costs Q4_0 --out docs/fleet
       qadapt bench --many-adapters 100 --formats Q4_K_M --adapter-dtype bfloat16
       qadapt bench --depths 128,4096,16384
-      qadapt bench --real-size Q4_K_M
+      qadapt bench --real-size Q4_K_M --engines qadapt,llama.cpp,mistral.rs
+      qadapt bench --real-size Q4_K_M --real-shape qwen3-4b
     """
     import json
 
@@ -140,8 +145,8 @@ def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup,
         from ..bench.big import markdown as big_table
         from ..bench.big import measure as measure_big
 
-        result = measure_big(Path(cache or default_cache()), real, prompt=prompt_tokens or 512,
-                             tokens=decode_tokens or 16, threads=threads,
+        result = measure_big(Path(cache or default_cache()), real, shape=real_shape, prompt=prompt_tokens or 512,
+                             tokens=decode_tokens or 16, threads=threads, adapter_dtype=adapter_dtype,
                              engines=_csv(engines, ("qadapt", "llama.cpp")) if engines else ("qadapt", "llama.cpp"))
         click.echo(json.dumps(result, indent=2) if as_json else big_table(result))
         return

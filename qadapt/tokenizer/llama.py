@@ -57,7 +57,9 @@ class LlamaTokenizer:
         self._cache_size = word_cache
         v = vocab
         self._byte_ids = [self._byte_token(b) for b in range(256)]
-        self._pieces = [self._piece(i) for i in range(len(v))]
+        #: token -> its bytes, filled on first use (llama.cpp renders pieces on demand too; building all of a
+        #: 150k vocabulary's at load costs ~0.1-0.5 s that most runs never need)
+        self._pieces: list[bytes | None] = [None] * len(v)
 
     # ------------------------------------------------------------------ encode
     def encode(self, text: str, add_special: bool = True, parse_special: bool = False,
@@ -198,7 +200,10 @@ class LlamaTokenizer:
         """Token ``token``'s bytes; control and unknown tokens are empty unless ``special``."""
         if not special and self.vocab.attrs[token] & (CONTROL | UNKNOWN):
             return b""
-        return self._pieces[token]
+        p = self._pieces[token]
+        if p is None:
+            p = self._pieces[token] = self._piece(token)
+        return p
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         """llama.cpp's ``llama_detokenize(ids, remove_special=false, unparse_special=not skip_special)``:
