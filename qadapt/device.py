@@ -39,7 +39,9 @@ def place(model: Any, device: str | torch.device, *, slots: int = DEFAULT_SLOTS,
     """Move ``model`` to ``device`` and apply its adapters through device slots from now on."""
     from .adapters.slots import SlotBank
     from .quant.ggml import GGMLLinear
+    from .quant.gptq import GPTQLinear
     from .quant.triton import require
+    from .quant.triton.gptq import BITS as GPTQ_TRITON_BITS
 
     dev = check_device(device)
     for name, m in model.decoder.named_modules():
@@ -47,7 +49,9 @@ def place(model: Any, device: str | torch.device, *, slots: int = DEFAULT_SLOTS,
         if isinstance(m, GGMLLinear) and path not in ("triton", "blockwise", "dense"):
             raise UnsupportedError(f"{name}: a GGUF layer built for the {path} CPU kernels cannot run on {dev}; "
                                    "load with kernels='triton'")
-        if dev.type == "cuda" and type(m).__name__ in ("GPTQLinear", "BnbLinear"):
+        if isinstance(m, GPTQLinear) and (dev.type == "cuda" or m.bits in GPTQ_TRITON_BITS):
+            m.use_triton()  # the packed codes through the Triton kernel (2/4/8 bits; 3 refused by name)
+        if dev.type == "cuda" and type(m).__name__ == "BnbLinear":
             raise UnsupportedError(f"{name}: {type(m).__name__} in place on CUDA is not supported yet; load the "
                                    "checkpoint with mode='dequantize' (dense bf16/fp16 on the device)")
     if any(getattr(m, "path", None) == "triton" for m in model.decoder.modules()):

@@ -319,6 +319,28 @@ def test_half_precision_adapter_files_stay_half_and_match_peft(tiny_models, tmp_
     assert float((exact.logits(ids) - want).abs().max()) <= 1e-4
 
 
+def test_qwen3_decode_runs_as_one_native_call_and_matches_peft(tmp_path):
+    """Qwen3's per-head q/k RMS norms inside the one-call native decode step (head_dim 128 != hidden / heads):
+    each step's logits with a LoRA on q/k/v/o against PEFT on the q8-rule transformers Qwen3 over the prefix."""
+    from models import tiny_arch
+
+    from qadapt.adapters.lora import AdapterContext
+
+    hf = tiny_arch("qwen3", seed=60, wide=True)
+    ref = write_quantized(hf, tmp_path / "m.gguf", "Q8_0", seed=61)
+    folders = {"a": make_adapter(hf, tmp_path / "a", seed=62, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])}
+    m = qadapt.load(tmp_path / "m.gguf", kernels="q8", adapters={"a": str(folders["a"])})
+    ids = torch.randint(1, hf.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(63))
+    want = peft_logits(q8_reference(ref), folders, ["a"], ids)
+    ctx = AdapterContext(active=("a",))
+    with torch.inference_mode():
+        cache = m.new_cache(8)
+        got = [m.decoder(ids[:, p:p + 1], torch.tensor([[p]]), cache, ctx=ctx).logits[0, -1] for p in range(6)]
+    assert [v is not None for v in native_decode.step_plans(m.decoder, cache).values()] == [True]
+    for p in range(6):
+        _assert_q8_close(got[p], want[0, p])
+
+
 def test_q8_decode_rows_in_a_sliding_window_match_peft(tmp_path):
     """The one-call decode step on Mistral with a 4-token window, two rows on different adapters at
     different positions (continuous batching): each row's logits against PEFT with its adapter on the

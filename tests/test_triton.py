@@ -171,6 +171,61 @@ def test_slots_swap_by_lru_and_refuse_an_overfull_batch(models):
                  rows=(("a",), ("b",), ("c",)))
 
 
+@dev_cpu
+@pytest.mark.parametrize("name", ["4bit-actorder-asym-v1", "4bit-sym-v2", "8bit", "2bit"])
+def test_gptq_kernel_matches_the_gptq_formula(name):
+    """The GPTQ Triton kernel on the packed codes (act-order gathered through g_idx, v1 zeros) against GPTQ's
+    ``scales[g_idx] * (q - zeros[g_idx])`` on codes packed by GPTQ's own pack formulas (tests/test_gptq.py's
+    reference packers), in float64: float32 accumulation over <= 240 terms, 1e-5 of the output's scale.
+    K = 200 (one group) is not a multiple of the 32-row tiles (the tail is masked); 3-bit codes are refused
+    by name."""
+    from test_gptq import CONFIGS, gptq_tensors
+
+    from qadapt.quant.gptq import GPTQLinear
+    from qadapt.quant.triton.gptq import matmul
+
+    bits, group, sym, act, fmt = CONFIGS.get(name, (2, 40, False, True, "gptq"))
+    gen = torch.Generator().manual_seed(7)
+    K = 200 if group == -1 else 240 if bits == 2 else 224  # whole groups; one group: a masked K tail
+    w = torch.randn(80, K, generator=gen)
+    t, ref, _ = gptq_tensors(w, bits, group, sym, act, fmt)
+    layer = GPTQLinear(**t, bits=bits, group_size=group, checkpoint_format=fmt)
+    x = torch.randn(5, K, generator=gen)
+    want = x.double() @ ref.double().T
+    got = matmul(x, layer.qweight, layer.zeros, layer.scales, layer.g_idx, bits, exact=True).double()
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    layer.use_triton()
+    assert layer.path == "triton" and layer.int4_packed is None
+    assert (layer(x.unsqueeze(0)).double()[0] - want).abs().max() <= 1e-5 * want.abs().max()
+    t3, _, _ = gptq_tensors(torch.randn(96, 224, generator=gen), 3, 32, False, False, "gptq")
+    with pytest.raises(UnsupportedError, match="3-bit GPTQ.*mode='dequantize'"):
+        GPTQLinear(**t3, bits=3, group_size=32, checkpoint_format="gptq", name="blk").use_triton()
+
+
+@dev_cpu
+def test_gptq_model_on_the_triton_path_matches_exact(tmp_path):
+    """A GPTQ 4-bit act-order checkpoint loaded with kernels="triton" (the device path on the CPU interpreter:
+    its linears on the Triton GPTQ kernel, adapters in slots) against the CPU path's logits, with and without a
+    LoRA: 1e-5 of the logit scale (the CPU path's blockwise float32 maths; its int4 kernel is avoided by
+    comparing with mode="dequantize", exact float32 of the same weights)."""
+    from test_gptq import write_gptq_folder
+
+    from qadapt.quant.gptq import GPTQLinear
+
+    hf = tiny_hf("llama", seed=1)
+    write_gptq_folder(hf, tmp_path / "g", "4bit-actorder-asym-v1")
+    ads = {"a": str(write_peft_adapter(hf, tmp_path / "a", 3))}
+    ref = qadapt.load(tmp_path / "g", mode="dequantize", adapters=ads, activate=[])
+    tri = qadapt.load(tmp_path / "g", kernels="triton", adapters=ads, activate=[])
+    assert {m.path for m in tri.decoder.modules() if isinstance(m, GPTQLinear)} == {"triton"}
+    ids = torch.tensor([[1, 5, 9, 33, 7, 2]])
+    for act in ([], ["a"]):
+        ref.activate_adapters(act)
+        tri.activate_adapters(act)
+        want = ref.logits(ids)
+        assert (tri.logits(ids) - want).abs().max() <= 1e-5 * want.abs().max(), act
+
+
 def test_cuda_without_a_gpu_is_refused_by_name(models):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

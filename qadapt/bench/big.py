@@ -78,7 +78,11 @@ def measure(cache: Path, fmt: str = "Q4_K_M", *, shape: str = "llama3-8b", promp
 def _engine_row(name: str, path: str, adapter: str, lora_gguf: str, ids: list[int], tokens: int,
                 threads: int) -> dict[str, Any]:
     """One engine, in this (fresh) process: load, the adapter, prefill + decode with and without it, memory."""
+    import os
+
     from .engines import LlamaCppEngine, QadaptEngine, Unsupported
+
+    os.dup2(2, 1)  # engines that log to stdout (mistral.rs) must not mix into the parent's --json output
     from .measure import peak_rss_bytes, rss_bytes
 
     logging.basicConfig(level=logging.INFO)

@@ -196,9 +196,11 @@ class Block(nn.Module):
 
     @property
     def standard(self) -> bool:
-        """A Llama-shaped block (what the fused native decode step runs)."""
+        """A Llama-shaped block (what the fused native decode step runs), Qwen3's per-head q/k RMS norms included."""
         c = self.cfg
-        return self.q_norm is None and self.post_attn_norm is None and c.layer_kinds is None and \
+        qk = self.q_norm is None or all(isinstance(n, RMSNorm) and n.weight.numel() == c.head_dim
+                                        for n in (self.q_norm, self.k_norm))
+        return qk and self.post_attn_norm is None and c.layer_kinds is None and \
             c.attn_softcap is None and c.attn_scale is None and self.experts is None
 
     def forward(self, x: torch.Tensor, step: StepPlan, cache: Any, ctx: Any) -> torch.Tensor:

@@ -235,6 +235,9 @@ class NativeBlock(Block):
                   down.layout.data_ptr()]
         for plan in lm:
             fields += [plan.shape[0], plan.data_ptr() if plan.shape[0] else 0]
+        qn, kn = self.q_norm, self.k_norm  # Qwen3's per-head norms (RMSNorm over head_dim), else none
+        fields += [0, 0, 0, 0] if qn is None else [qn.weight.data_ptr(), _bits(qn.eps), kn.weight.data_ptr(),
+                                                   _bits(kn.eps)]
         return fields, [qkv[0], o[0], lq, lo, gate_up, kc, vc, *lm]
 
 

@@ -31,6 +31,8 @@ a multiple of 16                              the input columns are permuted onc
 2, 3, 8 bits; other shapes      ``blockwise`` a chunk of output rows is dequantized (gathering
                                               each column's group through ``g_idx``, so any
                                               act-order works) into a bounded scratch, matmul
+on a device (``device="cuda"``  ``triton``    :mod:`.triton.gptq`: the packed codes dequantized
+or ``kernels="triton"``), 2/4/8               tile by tile in the kernel (2/4/8 bits)
 ==============================  ============  ===============================================
 """
 
@@ -212,9 +214,27 @@ class GPTQLinear(BaseLinear):
         z = self.zeros[:, r0:r1].index_select(0, self._kgroups).float()
         return q.t(), s.t(), (s * (8 - z)).t()
 
+    def use_triton(self) -> None:
+        """Multiply with the Triton kernel (:mod:`.triton.gptq`, on a GPU or the CPU interpreter) on the
+        packed codes as they are: the int4 kernel's CPU copy and the act-order permutation are dropped."""
+        from .triton.gptq import BITS as TRITON_BITS
+
+        if self.bits not in TRITON_BITS:
+            raise UnsupportedError(f"{self.name}: {self.bits}-bit GPTQ in place on the device kernels is not "
+                                   f"supported (they take {TRITON_BITS}-bit codes); load with mode='dequantize'")
+        self.int4_packed = self.int4_scales = None
+        self._perm, self._int4_group, self.path = None, 0, "triton"
+
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)
+        if self.path == "triton":
+            from .triton.gptq import matmul as triton_matmul
+
+            # float16 tiles on a GPU's tensor cores, float32 under the CPU interpreter (as the GGUF kernels)
+            y = triton_matmul(x2d, self.qweight, self.zeros, self.scales, self.g_idx, self.bits,
+                              exact=x2d.device.type != "cuda")
+            return kernels.finish(y, x, self.bias, self.out_features)
         if self._int4 is not None and x2d.shape[0] <= kernels.INT4PACK_MAX_BATCH:
             xin = x2d if self._perm is None else x2d.index_select(1, self._perm)
             y = self._int4.matmul(xin)

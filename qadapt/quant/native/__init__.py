@@ -211,7 +211,7 @@ class NativeKernels:
         return out
 
     #: int64 fields per layer of :meth:`decode_layers`' plan (QA_LAYER_FIELDS in the C source)
-    LAYER_FIELDS = 24
+    LAYER_FIELDS = 28
 
     def decode_layers(self, plans: torch.Tensor, x: torch.Tensor, H: int, Hkv: int, D: int, cos: torch.Tensor,
                       sin: torch.Tensor, pos: torch.Tensor, first: torch.Tensor) -> torch.Tensor:

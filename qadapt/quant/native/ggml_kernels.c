@@ -2405,9 +2405,10 @@ int qa_lora_rows(int64_t n, const int64_t *plan, const float *x, int64_t ldx, in
  *   6 q/k/v LoRA entries, 7 their plan, 8 o x8 plan (1 weight), 9 o LoRA entries, 10 their plan,
  *   11 key cache [B, Hkv, s_max, D], 12 value cache, 13 s_max, 14 mlp norm weight, 15 its eps,
  *   16 gate/up x8 plan, 17 ff, 18 down type, 19 down layout, 20 gate/up LoRA entries, 21 their plan,
- *   22 down LoRA entries, 23 their plan.
+ *   22 down LoRA entries, 23 their plan, 24 q's per-head RMS norm weight [D] (0: none; Qwen3), 25 its eps,
+ *   26 k's, 27 its eps (both or neither).
  * cos/sin [B, rope_dim], pos/first [B] as qa_attn_decode_rows. Returns 0, or the failing call's code. */
-#define QA_LAYER_FIELDS 24
+#define QA_LAYER_FIELDS 28
 int qa_decode_layers(int64_t nl, const int64_t *plans, float *x, int64_t B, int64_t K, int64_t H, int64_t Hkv,
                      int64_t D, int64_t rope_dim, const float *cos, const float *sin, const int64_t *pos,
                      const int64_t *first, int nthreads) {
@@ -2418,7 +2419,7 @@ int qa_decode_layers(int64_t nl, const int64_t *plans, float *x, int64_t B, int6
         if (p[3] != H * D || p[4] != Hkv * D || p[5] != Hkv * D) return -1;
         /* every address present, the caches as long as the positions need, the LoRA counts non-negative */
         if (!p[0] || !p[2] || !p[8] || !p[11] || !p[12] || !p[14] || !p[16] || !p[19] || p[17] < 8 ||
-            p[6] < 0 || p[9] < 0 || p[20] < 0 || p[22] < 0)
+            p[6] < 0 || p[9] < 0 || p[20] < 0 || p[22] < 0 || !p[24] != !p[26])
             return -1;
         for (int64_t b = 0; b < B; b++)
             if (pos[b] < 0 || pos[b] >= p[13] || first[b] < 0 || first[b] > pos[b]) return -1;
@@ -2445,6 +2446,13 @@ int qa_decode_layers(int64_t nl, const int64_t *plans, float *x, int64_t B, int6
             memcpy(q + b * HD, qkv + b * nqkv, (size_t)HD * sizeof(float));
             memcpy(k + b * KD, qkv + b * nqkv + HD, (size_t)KD * sizeof(float));
             memcpy(v + b * KD, qkv + b * nqkv + HD + KD, (size_t)KD * sizeof(float));
+        }
+        if (p[24]) { /* per-head RMS norms of q and k, before rotary (as the decoder's attend) */
+            double qe, ke;
+            memcpy(&qe, &p[25], sizeof qe);
+            memcpy(&ke, &p[27], sizeof ke);
+            for (int64_t r = 0; r < B * H; r++) rms_row(q + r * D, D, (const float *)(intptr_t)p[24], (float)qe, q + r * D);
+            for (int64_t r = 0; r < B * Hkv; r++) rms_row(k + r * D, D, (const float *)(intptr_t)p[26], (float)ke, k + r * D);
         }
         rc = qa_attn_decode_rows(B, q, k, v, H, Hkv, D, rope_dim, cos, sin, (float *)(intptr_t)p[11],
                                  (float *)(intptr_t)p[12], p[13], pos, first, a, nthreads);
