@@ -16,7 +16,7 @@ import torch
 from .api import MODES, Model
 from .errors import InputError, SourceError
 from .models.decoder import Decoder
-from .quant import native
+from .quant import native, repack
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +137,12 @@ def load(
         raise InputError("kernels='q8' (--kernels q8) runs quantized weights in place; with mode='dequantize' "
                          "the weights are dense float and take the exact kernels: drop one of the two")
     path = _resolve_model_path(path_or_id, gguf_file, revision)
-    base = load_base(path, mode=mode, dtype=_dtype(dtype), quant=quant, double_quant=double_quant, kernels=kernels)
+    with repack.deferred():  # q8 layers map the file; their 8-row repack runs after, off the load's path
+        base = load_base(path, mode=mode, dtype=_dtype(dtype), quant=quant, double_quant=double_quant,
+                         kernels=kernels)
     if kernels not in ("exact", "triton") and mode == "inplace":
         _use_native_ops(base.decoder, warn=kernels == "q8")
+    repack.start(base.decoder)
     model = Model(base.decoder, base.tokenizer, base.layer_map, str(path), mode, base.base_format, base.info)
     if on_device and xlora is not None:
         raise InputError(f"X-LoRA on {device} is not supported yet (its classifier runs on the CPU); drop --device")

@@ -25,4 +25,9 @@ def llama_root(request) -> Path:
     """vendor/llama.cpp of the llama-cpp-python sdist (downloaded once into pytest's cache; tests/llama_sdist.py)."""
     from llama_sdist import sdist_root
 
-    return sdist_root(Path(request.config.cache.mkdir("llama-sdist")))
+    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider (tools/gpu_check.py)
+    if cache is None:
+        import tempfile
+
+        return sdist_root(Path(tempfile.gettempdir()) / "qadapt-llama-sdist")
+    return sdist_root(Path(cache.mkdir("llama-sdist")))

@@ -127,6 +127,9 @@ def test_q8_load_releases_the_file_pages(base, tmp_path):
     del reader
     gc.collect()
     m = qadapt.load(path, kernels="q8")
+    from qadapt.quant import repack
+
+    repack.wait(m.decoder)  # the 8-row repack runs after load, on a background thread
     pages = _resident(path.resolve())
     checked = 0
     for name, (off, n) in spans.items():

@@ -13,7 +13,8 @@ what else it needs travels as wheels made here first (``--prepare``). In order:
    LoRA on q/k/v/o through ``qadapt.load(path, device="cuda")``, against the bound (weight bytes read per
    token over the measured bandwidth) and against transformers + PEFT in bf16 on the same GPU;
 5. aggregate decode tokens/s for 64 sequences on 64 different adapters and on one shared adapter.
-GPTQ 4-bit and nf4 in place on CUDA are not supported yet: reported as such.
+6. the same for a random GPTQ 4-bit checkpoint of that shape (group 128), in place on the Triton GPTQ kernel.
+nf4 in place on CUDA is not supported yet: reported as such.
 
 Examples::
 
@@ -115,6 +116,36 @@ def hf_peft_tps(shape: dict, adapter: Path, tokens: int, device: str) -> float:
     return tokens / (time.perf_counter() - t)
 
 
+def gptq_run(a, shape: dict, adapters: dict, bw: float) -> dict:
+    """Batch-1 decode with one LoRA and the 64-row batches on a random GPTQ 4-bit checkpoint, in place."""
+    import shutil
+
+    import qadapt
+    from qadapt.bench.random_gptq import write_gptq_model
+
+    folder = a.out / "models" / "gptq-4bit"
+    t = time.perf_counter()
+    read = write_gptq_model(folder, shape, bits=4, group=128 if not a.tiny else 32)
+    run: dict = {"bytes_per_token": read, "write_s": time.perf_counter() - t}
+    try:
+        m = qadapt.load(folder, device=a.device, kernels="triton", adapters={"a0": adapters["a0"]}, activate=["a0"],
+                        max_slots=64)
+        run["decode_tps_1_lora"] = decode_tps(m, 1, None, a.tokens, a.device)
+        run["bound_tps"] = bw / read
+        run["fraction_of_bound"] = run["decode_tps_1_lora"] / run["bound_tps"]
+        for k in range(1, a.rows):
+            m.load_adapter(f"a{k}", adapters[f"a{k}"])
+        steps = max(2, a.tokens // 4)
+        run["tps_64_rows_64_adapters"] = decode_tps(m, a.rows, tuple((f"a{k}",) for k in range(a.rows)), steps, a.device)
+        run["tps_64_rows_1_adapter"] = decode_tps(m, a.rows, (("a0",),) * a.rows, steps, a.device)
+        run["ratio_64_vs_1"] = run["tps_64_rows_64_adapters"] / run["tps_64_rows_1_adapter"]
+    except Exception as e:  # a failure is a finding: recorded
+        run["error"] = f"{type(e).__name__}: {e}"
+    shutil.rmtree(folder, ignore_errors=True)
+    print("gptq-4bit", json.dumps(run), flush=True)
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("Examples::")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -127,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--types", default="Q4_0,Q8_0,Q4_K_M")
     p.add_argument("--rows", type=int, default=64, help="sequences (each on its own adapter) in the batched run")
     p.add_argument("--no-tests", action="store_true")
+    p.add_argument("--no-gptq", action="store_true", help="skip the GPTQ 4-bit run")
     a = p.parse_args(argv)
     if a.prepare:
         prepare(a.prepare)
@@ -183,8 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         print(qtype, json.dumps(run), flush=True)
         if a.device == "cuda":
             torch.cuda.empty_cache()
-    for kind in ("gptq-4bit", "nf4"):
-        report["runs"][kind] = {"error": "in place on CUDA is not supported yet (dequantize mode runs them)"}
+    if not a.no_gptq:
+        report["runs"]["gptq-4bit"] = gptq_run(a, shape, adapters, bw)
+        ok = ok and "error" not in report["runs"]["gptq-4bit"]
+    report["runs"]["nf4"] = {"error": "in place on CUDA is not supported yet (dequantize mode runs it)"}
     try:
         report["transformers_peft_bf16_tps"] = hf_peft_tps(shape, Path(adapters["a0"]), a.tokens, a.device)
     except Exception as e:

@@ -5,7 +5,8 @@ A random GGUF of a real model's shape (:data:`.random_gguf.SHAPES`: Llama 3 8B, 
 output; random blocks of the type) and a rank-16 LoRA on q/k/v/o (a PEFT folder for qadapt and mistral.rs,
 the same factors as llama.cpp's LoRA GGUF for llama.cpp). Each engine runs in its own process (so that its
 resident memory is its own): load time, prefill of ``prompt`` tokens and decode tokens/s with and without
-the LoRA (after one untimed warm-up request), and its peak resident set over the file plus the adapter; the
+the LoRA (after one warm-up request of 32 prompt tokens and 2 new ones: the time from load's start to its
+end is "load to first tokens", where work a load defers shows), and its peak resident set over the file plus the adapter; the
 file is read once before each engine loads, so that every load finds it in the page cache. The bound is the
 weight bytes one token reads over the machine's read bandwidth. mistral.rs (:mod:`.mistralrs_engine`) refuses LoRA on Llama GGUFs:
 there its row has the base model only and ``lora_skipped``.
@@ -117,7 +118,8 @@ def _engine_row(name: str, path: str, adapter: str, lora_gguf: str, ids: list[in
         eng.add_adapter("a0", Path(adapter), Path(lora_gguf))
     except Unsupported as e:  # mistral.rs on a Llama GGUF: the base model only
         row["lora_skipped"], labels = str(e), labels[1:]
-    eng.prefill_decode(ids[:32], 2, labels[0][1])  # warm-up (first-use costs), not timed
+    eng.prefill_decode(ids[:32], 2, labels[0][1])  # warm-up (first-use costs): timed as the first tokens only
+    row["first_tokens_s"] = time.perf_counter() - t  # from load's start to the warm-up's 2 tokens
     for label, ads in labels:
         pre, dec = eng.prefill_decode(ids, tokens, ads)
         row[f"decode_tps_{label}"], row[f"prefill_tps_{label}"] = tokens / dec, len(ids) / pre
@@ -134,16 +136,17 @@ def markdown(r: dict[str, Any]) -> str:
              f"threads, prompt {r['prompt']} tokens, {r['tokens']} decode tokens; one token reads "
              f"{r['bytes_per_token'] / 1e9:.2f} GB, bound {bound:.2f} tok/s; LoRA rank 16 on q/k/v/o "
              f"({r.get('adapter_dtype', 'float32')} factors).", "",
-             "| engine | load s | decode tok/s (LoRA) | decode (base) | prefill tok/s (LoRA) | prefill (base) | "
-             "decode / bound | peak RSS added / (file + adapter) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| engine | load s | load to first tokens s | decode tok/s (LoRA) | decode (base) | prefill tok/s (LoRA) "
+             "| prefill (base) | decode / bound | peak RSS added / (file + adapter) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for x in r["rows"]:
         if "error" in x:
-            lines.append(f"| {x['engine']} | {x['error']} |||||||")
+            lines.append(f"| {x['engine']} | {x['error']} ||||||||")
             continue
         lora = (f"{x['decode_tps_lora']:.2f}", f"{x['prefill_tps_lora']:.1f}") if "decode_tps_lora" in x else ("-", "-")
         rss = f"{x['rss_added_bytes'] / held:.2f}" if x.get("rss_added_bytes") else "-"
-        lines.append(f"| {x['engine']} | {x['load_s']:.2f} | {lora[0]} | {x['decode_tps_base']:.2f} | {lora[1]} "
+        first = f"{x['first_tokens_s']:.2f}" if "first_tokens_s" in x else "-"
+        lines.append(f"| {x['engine']} | {x['load_s']:.2f} | {first} | {lora[0]} | {x['decode_tps_base']:.2f} | {lora[1]} "
                      f"| {x['prefill_tps_base']:.1f} | {x['decode_tps_base'] / bound:.2f} | {rss} |")
     skipped = [f"{x['engine']}: {x['lora_skipped']}" for x in r["rows"] if "lora_skipped" in x]
     return "\n".join(lines + ([""] + [f"LoRA not measured on {s}" for s in skipped] if skipped else []))

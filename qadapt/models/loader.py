@@ -12,6 +12,7 @@ import torch
 from ..errors import InputError, UnsupportedError
 from ..layer_maps import LayerMap, gguf_layer_map, hf_layer_map
 from ..tokenizer import Tokenizer
+from ..quant import repack
 from .decoder import Decoder
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ def _load_gguf(path: Path, mode: str, dtype: torch.dtype, kernels: str = "exact"
     decoder.eval()
     info = {"file_size": gf.file_size, "types": gf.type_counts(), "path": str(path)}
     gf.release_pages()
+    repack.after_pass(gf.release_pages)  # again once deferred repacks have read their blocks
     return LoadedBase(decoder, tok, lm, "gguf", info)
 
 

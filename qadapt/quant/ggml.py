@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import FormatError, UnsupportedError
 from ..io import read_fd
 from .base import BaseLinear, DenseLinear, X8Weight
-from . import kernels as _kernels, native
+from . import kernels as _kernels, native, repack
 from .kernels import check_kernels, Int4Packed, blockwise_matmul, int4pack_fits, kernel_path
 from .types import block_geometry
 
@@ -382,6 +382,7 @@ class GGMLLinear(BaseLinear):
         self._row_bytes = self._raw.shape[1]
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32))
         self.register_buffer("_x8", None)
+        self._pending = None  # the file's mapped blocks while the 8-row repack waits (see .repack)
         self.register_buffer("int4_packed", None)
         self.register_buffer("int4_scales", None)
         self._int4_group = 0
@@ -405,12 +406,23 @@ class GGMLLinear(BaseLinear):
         self._native_type = native.NativeKernels.supports(qtype)
         self._lib = lib if path == "q8" else None  # held: q8 layers never fall back to torch
         if path == "q8" and lib.x8_bytes(qtype, self.out_features, self.in_features):
-            self._x8 = lib.repack_x8(self._raw, qtype, self.in_features)
-            native.release_pages(data)  # the file's pages: the forward never reads them again
-            self._raw = None  # dequantize() unpacks the 8-row layout (exact inverse)
+            self._pending = data
+            if not repack.deferring():
+                self.x8()
         elif path == "int4pack":
             packed = Int4Packed.from_codes(self._int4_rows, self.out_features, bt.int4_group)
             self.int4_packed, self.int4_scales, self._int4_group = packed.packed, packed.scales_and_zeros, packed.group
+
+    def x8(self) -> torch.Tensor | None:
+        """The 8-row layout (None: the layer has none), made now if its repack is still pending."""
+        if self._pending is not None:
+            with repack.LOCK:
+                if self._pending is not None:
+                    self._x8 = self._lib.repack_x8(self._raw, self.qtype, self.in_features)
+                    native.release_pages(self._pending)  # the file's pages: the forward never reads them again
+                    self._raw = None  # dequantize() unpacks the 8-row layout (exact inverse)
+                    self._pending = None
+        return self._x8
 
     @property
     def _int4(self) -> Int4Packed | None:
@@ -424,9 +436,10 @@ class GGMLLinear(BaseLinear):
     @property
     def raw(self) -> torch.Tensor:
         """The weight in the file's layout, uint8 [out, bytes_per_row] (unpacked again when repacked)."""
-        if self._raw is not None:
-            return self._raw
-        return self._lib.unrepack_x8(self._x8, self.qtype, self.out_features, self.in_features, self._row_bytes)
+        raw = self._raw  # read once: a background repack sets _x8 before it drops _raw
+        if raw is not None:
+            return raw
+        return self._lib.unrepack_x8(self.x8(), self.qtype, self.out_features, self.in_features, self._row_bytes)
 
     def _int4_rows(self, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         bt = block_type(self.qtype)
@@ -467,8 +480,9 @@ class GGMLLinear(BaseLinear):
             return _kernels.finish(y, x, self.bias, self.out_features)
         if self.path == "q8":
             lib = self._lib
-            if self._x8 is not None:
-                y = lib.matmul_x8(self._x8, self.qtype, self.out_features, self.in_features, x2d)
+            x8 = self.x8()
+            if x8 is not None:
+                y = lib.matmul_x8(x8, self.qtype, self.out_features, self.in_features, x2d)
             elif x2d.shape[0] <= _kernels.Q8_ROW_MAX_BATCH:
                 y = lib.matmul_q8(self._raw, self.qtype, self.in_features, x2d)
             else:  # the file-layout kernel re-reads each block per 4 rows: a prefill dequantizes instead
@@ -488,8 +502,9 @@ class GGMLLinear(BaseLinear):
 
     @property
     def nbytes(self) -> int:
-        if self._x8 is not None:
-            w = self._x8.numel()
+        if self._x8 is not None or self._pending is not None:  # the 8-row layout: the same bytes, reordered
+            raw = self._raw  # read once (see raw)
+            w = raw.numel() if raw is not None else self._x8.numel()
         else:
             w = self._int4.nbytes if self._int4 is not None else self._raw.numel()
         return w + (0 if self.bias is None else self.bias.numel() * 4)
@@ -502,7 +517,8 @@ class GGMLLinear(BaseLinear):
         return self._lib if self.path == "q8" else None
 
     def x8_weight(self) -> X8Weight | None:
-        return None if self._x8 is None or self.bias is not None else X8Weight(self.qtype, self._x8, self.out_features)
+        x8 = self.x8()
+        return None if x8 is None or self.bias is not None else X8Weight(self.qtype, x8, self.out_features)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", path={self.path}"
