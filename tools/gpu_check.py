@@ -116,19 +116,14 @@ def hf_peft_tps(shape: dict, adapter: Path, tokens: int, device: str) -> float:
     return tokens / (time.perf_counter() - t)
 
 
-def gptq_run(a, shape: dict, adapters: dict, bw: float) -> dict:
-    """Batch-1 decode with one LoRA and the 64-row batches on a random GPTQ 4-bit checkpoint, in place."""
-    import shutil
-
+def measure_model(path: Path, a, adapters: dict, bw: float, read: int, write_s: float) -> dict:
+    """Batch-1 decode with one LoRA against the bound, then ``a.rows`` rows on as many adapters and on one;
+    a failure is a finding: recorded in the run, the other models still run."""
     import qadapt
-    from qadapt.bench.random_gptq import write_gptq_model
 
-    folder = a.out / "models" / "gptq-4bit"
-    t = time.perf_counter()
-    read = write_gptq_model(folder, shape, bits=4, group=128 if not a.tiny else 32)
-    run: dict = {"bytes_per_token": read, "write_s": time.perf_counter() - t}
+    run: dict = {"bytes_per_token": read, "write_s": write_s}
     try:
-        m = qadapt.load(folder, device=a.device, kernels="triton", adapters={"a0": adapters["a0"]}, activate=["a0"],
+        m = qadapt.load(path, device=a.device, kernels="triton", adapters={"a0": adapters["a0"]}, activate=["a0"],
                         max_slots=64)
         run["decode_tps_1_lora"] = decode_tps(m, 1, None, a.tokens, a.device)
         run["bound_tps"] = bw / read
@@ -136,11 +131,25 @@ def gptq_run(a, shape: dict, adapters: dict, bw: float) -> dict:
         for k in range(1, a.rows):
             m.load_adapter(f"a{k}", adapters[f"a{k}"])
         steps = max(2, a.tokens // 4)
-        run["tps_64_rows_64_adapters"] = decode_tps(m, a.rows, tuple((f"a{k}",) for k in range(a.rows)), steps, a.device)
+        run["tps_64_rows_64_adapters"] = decode_tps(m, a.rows, tuple((f"a{k}",) for k in range(a.rows)), steps,
+                                                    a.device)
         run["tps_64_rows_1_adapter"] = decode_tps(m, a.rows, (("a0",),) * a.rows, steps, a.device)
         run["ratio_64_vs_1"] = run["tps_64_rows_64_adapters"] / run["tps_64_rows_1_adapter"]
-    except Exception as e:  # a failure is a finding: recorded
+    except Exception as e:  # noqa: BLE001
         run["error"] = f"{type(e).__name__}: {e}"
+    return run
+
+
+def gptq_run(a, shape: dict, adapters: dict, bw: float) -> dict:
+    """Batch-1 decode with one LoRA and the 64-row batches on a random GPTQ 4-bit checkpoint, in place."""
+    import shutil
+
+    from qadapt.bench.random_gptq import write_gptq_model
+
+    folder = a.out / "models" / "gptq-4bit"
+    t = time.perf_counter()
+    read = write_gptq_model(folder, shape, bits=4, group=128 if not a.tiny else 32)
+    run = measure_model(folder, a, adapters, bw, read, time.perf_counter() - t)
     shutil.rmtree(folder, ignore_errors=True)
     print("gptq-4bit", json.dumps(run), flush=True)
     return run
@@ -179,7 +188,6 @@ def main(argv: list[str] | None = None) -> int:
         print(r.stdout[-1500:], flush=True)
     import torch
 
-    import qadapt
     from qadapt.bench.random_gguf import LLAMA3_8B, TINY, write_adapter, write_model
 
     shape = TINY if a.tiny else LLAMA3_8B
@@ -192,24 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         path = work / f"llama.{qtype}.gguf"
         t = time.perf_counter()
         read = write_model(path, shape, qtype)
-        run = {"bytes_per_token": read, "write_s": time.perf_counter() - t}
-        try:
-            m = qadapt.load(path, device=a.device, kernels="triton", adapters={"a0": adapters["a0"]}, activate=["a0"],
-                            max_slots=64)
-            run["decode_tps_1_lora"] = decode_tps(m, 1, None, a.tokens, a.device)
-            run["bound_tps"] = bw / read
-            run["fraction_of_bound"] = run["decode_tps_1_lora"] / run["bound_tps"]
-            for k in range(1, a.rows):
-                m.load_adapter(f"a{k}", adapters[f"a{k}"])
-            many = tuple((f"a{k}",) for k in range(a.rows))
-            steps = max(2, a.tokens // 4)
-            run["tps_64_rows_64_adapters"] = decode_tps(m, a.rows, many, steps, a.device)
-            run["tps_64_rows_1_adapter"] = decode_tps(m, a.rows, (("a0",),) * a.rows, steps, a.device)
-            run["ratio_64_vs_1"] = run["tps_64_rows_64_adapters"] / run["tps_64_rows_1_adapter"]
-            del m
-        except Exception as e:  # a failure is a finding: recorded, the other types still run
-            run["error"] = f"{type(e).__name__}: {e}"
-            ok = False
+        run = measure_model(path, a, adapters, bw, read, time.perf_counter() - t)
+        ok = ok and "error" not in run
         path.unlink()
         report["runs"][qtype] = run
         print(qtype, json.dumps(run), flush=True)
