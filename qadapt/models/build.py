@@ -17,7 +17,6 @@ from torch import nn
 from ..errors import FormatError
 from ..layer_maps import LayerMap, evaluate
 from ..progress import progress
-from ..quant import native
 from .config import ModelConfig
 from .decoder import Block, Decoder, Rotary, make_norm
 from .family import FamilySpec
@@ -79,17 +78,15 @@ class GGUFSource:
         return t
 
     def linear(self, name, shape, row_perm=None, transposed=False, quantize=True):
-        from ..quant.ggml import make_linear, take_rows
+        from ..quant.ggml import make_linear
 
         t = self._check(name, shape)
-        data = t.data if row_perm is None else take_rows(t.data, t.qtype, row_perm)
         bias = self._bias(name, shape[0])
         if bias is not None and row_perm is not None:
             bias = bias[row_perm]
-        layer = make_linear(data, t.qtype, shape, bias=bias, mode=self.mode, dtype=self.dtype, kernels=self.kernels)
-        if row_perm is not None:  # the layer holds its own permuted copy: the pages read for it need not
-            native.release_pages(t.data)  # stay resident until the load's end (GGUFFile.release_pages)
-        return layer
+        # the rows are taken in the layer: by its repack, after the load, on the default kernels
+        return make_linear(t.data, t.qtype, shape, bias=bias, mode=self.mode, dtype=self.dtype, kernels=self.kernels,
+                           row_perm=row_perm)
 
     def expert_linear(self, name, expert, n_experts, shape):
         """Expert ``expert``'s [out, in] slice of a merged [experts, out, in] tensor (llama.cpp stores a layer's

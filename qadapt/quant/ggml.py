@@ -368,6 +368,7 @@ class GGMLLinear(BaseLinear):
     def __init__(
         self, data: np.ndarray | torch.Tensor, qtype: str, shape: tuple[int, int],
         bias: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.float32, kernels: str = "exact",
+        row_perm: torch.Tensor | None = None,
     ):
         super().__init__()
         if compute_dtype not in (torch.float32, torch.bfloat16):
@@ -382,7 +383,9 @@ class GGMLLinear(BaseLinear):
         self._row_bytes = self._raw.shape[1]
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32))
         self.register_buffer("_x8", None)
-        self._pending = None  # the file's mapped blocks while the 8-row repack waits (see .repack)
+        self._pending = None  # the file's mapped blocks while the 8-row repack waits (see x8)
+        #: rows to take from the file's (llama.cpp's q/k order), done by the deferred repack, else right here
+        self._row_perm = row_perm
         self.register_buffer("int4_packed", None)
         self.register_buffer("int4_scales", None)
         self._int4_group = 0
@@ -392,6 +395,7 @@ class GGMLLinear(BaseLinear):
 
             self.path = "triton" if qtype in TYPES else "blockwise"
             self._native_type, self._lib = False, None
+            self._take_rows_now(data)
             return
         lib = native.library()
         path = kernel_path(qtype, compute_dtype)
@@ -409,16 +413,35 @@ class GGMLLinear(BaseLinear):
             self._pending = data
             if not repack.deferring():
                 self.x8()
-        elif path == "int4pack":
+            return
+        self._take_rows_now(data)
+        if path == "int4pack":
             packed = Int4Packed.from_codes(self._int4_rows, self.out_features, bt.int4_group)
             self.int4_packed, self.int4_scales, self._int4_group = packed.packed, packed.scales_and_zeros, packed.group
+
+    def _take_rows_now(self, data) -> None:
+        """Apply the row permutation to a layer that reads the file's layout (a private copy; the file's pages
+        under the original need not stay resident)."""
+        if self._row_perm is not None:
+            self._raw = raw_bytes(take_rows(data, self.qtype, self._row_perm), self.qtype,
+                                  (self.out_features, self.in_features))
+            self._row_perm = None
+            native.release_pages(data)
+
+    def _rows_in_order(self) -> torch.Tensor:
+        """The file-layout rows in the model's order (permuted on the fly while a repack is pending)."""
+        raw, perm = self._raw, self._row_perm
+        if perm is None or raw is None:
+            return raw
+        return torch.from_numpy(take_rows(raw.numpy(), self.qtype, perm))
 
     def x8(self) -> torch.Tensor | None:
         """The 8-row layout (None: the layer has none), made now if its repack is still pending."""
         if self._pending is not None:
             with repack.LOCK:
                 if self._pending is not None:
-                    self._x8 = self._lib.repack_x8(self._raw, self.qtype, self.in_features)
+                    self._x8 = self._lib.repack_x8(self._rows_in_order(), self.qtype, self.in_features)
+                    self._row_perm = None
                     native.release_pages(self._pending)  # the file's pages: the forward never reads them again
                     self._raw = None  # dequantize() unpacks the 8-row layout (exact inverse)
                     self._pending = None
@@ -436,6 +459,8 @@ class GGMLLinear(BaseLinear):
     @property
     def raw(self) -> torch.Tensor:
         """The weight in the file's layout, uint8 [out, bytes_per_row] (unpacked again when repacked)."""
+        if self._pending is not None:
+            self.x8()  # (a repack pending with a row permutation: its rows are not yet in order)
         raw = self._raw  # read once: a background repack sets _x8 before it drops _raw
         if raw is not None:
             return raw
@@ -637,14 +662,17 @@ def _check_mode(mode: str) -> None:
 def make_linear(
     data: np.ndarray | torch.Tensor, qtype: str, shape: tuple[int, int], bias: torch.Tensor | None = None,
     mode: str = "inplace", dtype: torch.dtype = torch.float32, kernels: str = "exact",
+    row_perm: torch.Tensor | None = None,
 ) -> BaseLinear:
     """A base linear over raw GGUF data: in place (:class:`GGMLLinear`, ``dtype`` is its
     compute dtype, ``kernels`` its arithmetic) or dequantized once into a :class:`DenseLinear`
-    of ``dtype``."""
+    of ``dtype``. ``row_perm``: the rows to take, in order (llama.cpp's q/k permutation undone)."""
     _check_mode(mode)
     if mode == "dequantize":
+        if row_perm is not None:
+            data = take_rows(data, qtype, row_perm)
         return DenseLinear(dequantize_array(data, qtype, shape).to(dtype), bias, qtype=qtype)
-    return GGMLLinear(data, qtype, shape, bias, compute_dtype=dtype, kernels=kernels)
+    return GGMLLinear(data, qtype, shape, bias, compute_dtype=dtype, kernels=kernels, row_perm=row_perm)
 
 
 def make_embedding(
