@@ -217,3 +217,16 @@ def test_real_size_mode_on_tiny_shapes(tmp_path):
         assert 0 < q["rss_added_bytes"] < 400e6
         assert r["bytes_per_token"] > 0.9 * r["file_bytes"] * (1 if shape == "tiny-qwen3" else 0.5)
         assert "| qadapt |" in markdown(r)
+
+
+def test_bench_options_that_would_be_ignored_are_refused():
+    """--real-shape without --real-size, --adapter-dtype with a measurement that does not use the benchmark's
+    adapters: a usage error naming the option, not a run that silently ignores it."""
+    from click.testing import CliRunner
+
+    from qadapt.cli import main
+
+    r = CliRunner().invoke(main, ["bench", "--real-shape", "qwen3-4b"])
+    assert r.exit_code == 2 and "--real-shape applies to --real-size only" in r.output
+    r = CliRunner().invoke(main, ["bench", "--moe", "Q8_0", "--adapter-dtype", "bfloat16"])
+    assert r.exit_code == 2 and "--adapter-dtype" in r.output and "--moe" in r.output

@@ -306,7 +306,7 @@ def test_q8_decode_with_grouped_deltas_matches_peft(tiny_models, tmp_path):
 def test_half_precision_adapter_files_stay_half_and_match_peft(tiny_models, tmp_path, dtype):
     """An adapter saved from a bf16/fp16 model (as PEFT saves it: factors in that dtype) is held as it is,
     half the bytes of float32; decode steps read it in the native call (the plan's type field says so) and the
-    prefill's torch path computes in float32. Reference: PEFT, which upcasts the file's factors into the
+    prefill's torch path computes in float32; on a base without the native kernels it is widened once. Reference: PEFT, which upcasts the file's factors into the
     float32 model: decode logits against the q8-rule model (:func:`_assert_q8_close`), the dequantized
     model's logits within 1e-4 (float32 maths in another order, as in test_lora)."""
     from safetensors.torch import load_file, save_file
@@ -336,6 +336,8 @@ def test_half_precision_adapter_files_stay_half_and_match_peft(tiny_models, tmp_
         _assert_q8_close(got[p], want[0, p])
     _assert_q8_close(m.logits(ids), want[0])  # the prefill: torch's matmuls on the upcast factors
     exact = qadapt.load(path, mode="dequantize", adapters={"a": str(folder)})
+    # no native kernel reads them there: widened once at attach, not on every torch matmul
+    assert {f.A.dtype for f in exact.adapters["a"].factors.values()} == {torch.float32}
     want = peft_logits(ref, {"a": folder}, ["a"], ids)
     assert float((exact.logits(ids) - want).abs().max()) <= 1e-4
 

@@ -4,9 +4,12 @@ embedding parts on the token embedding's wrapper, and, on a model whose output l
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
-from .lora import LoraAdapter, SavedModule
+import torch
+
+from .lora import LoraAdapter, SavedModule, wide
 
 
 def attach(model: Any, adapter: LoraAdapter) -> None:
@@ -14,8 +17,13 @@ def attach(model: Any, adapter: LoraAdapter) -> None:
     name = adapter.name
     for path, m in adapter.saved.items():  # before the factors: DoRA's norm uses the layer's own weight
         model._wrapper(path).add_saved(name, m)
-    for path, f in adapter.factors.items():
-        model._wrapper(path).add(name, f)
+    for path, f in list(adapter.factors.items()):
+        w = model._wrapper(path)
+        if f.A.dtype in (torch.float16, torch.bfloat16) and w._native() is None:
+            # half-precision factors pay off where the native kernel streams them; torch's matmuls would widen
+            # them on every call (per token, per layer), so on other bases they are widened once, here
+            f = adapter.factors[path] = replace(f, A=wide(f.A), B=wide(f.B))
+        w.add(name, f)
     e = adapter.embedding
     if e is None:
         return

@@ -20,6 +20,8 @@ def write_gptq_model(folder: Path, shape: dict, bits: int = 4, group: int = 128,
 
     from ..io import atomic_path, write_json
 
+    if shape.get("arch", "llama") != "llama":
+        raise ValueError(f"random GPTQ checkpoints are written with Llama's tensor names, not {shape['arch']}'s")
     if bits not in (2, 4, 8):
         raise ValueError(f"random GPTQ checkpoints are written with 2, 4 or 8 bits, not {bits}")
     g = torch.Generator().manual_seed(seed)

@@ -71,7 +71,7 @@ def _csv(value: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
               show_default=True,
               help="The dtype the benchmark's adapter files store their factors in (bfloat16: as PEFT saves an "
                    "adapter trained in bf16; qadapt holds and reads them as stored; llama.cpp's LoRA GGUFs then "
-                   "hold F16). Applies to every measurement that uses adapters.")
+                   "hold F16). Every measurement with the benchmark's adapters; refused with --moe and --constrained.")
 @click.option("--depths", default=None, metavar="A,B",
               help="Only measure decode with one LoRA after prompts of these lengths (e.g. 128,4096,16384), qadapt "
                    "beside llama.cpp, on the first of --formats (Q4_0 by default); then exit.")
@@ -106,6 +106,12 @@ def bench(out, quick, engines, formats, modes, dequantize_formats, runs, warmup,
       qadapt bench --real-size Q4_K_M --real-shape qwen3-4b
     """
     import json
+
+    if real_shape != "llama3-8b" and not real:
+        raise click.UsageError("--real-shape applies to --real-size only")
+    if adapter_dtype != "float32" and (constrained or moe):
+        raise click.UsageError("--adapter-dtype applies to measurements with the benchmark's adapters, not to "
+                               + ("--constrained" if constrained else "--moe (its adapters are made by its own recipe)"))
 
     if constrained:
         import torch

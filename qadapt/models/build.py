@@ -188,10 +188,15 @@ def build_decoder(cfg: ModelConfig, layer_map: LayerMap, spec: FamilySpec, src: 
 
 def model_bytes(model: nn.Module) -> int:
     """Bytes of the storage behind every parameter and buffer (quantized layers register theirs), each storage
-    counted once (a tied head and its token table share one; a view shares its base's)."""
+    counted once (a tied head and its token table share one; a view shares its base's). Under the repack lock:
+    a layer the background repack is swapping (file blocks -> 8-row layout) is counted before or after, once."""
+    from ..quant import repack
+
     seen: set[int] = set()
     total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
+    with repack.LOCK:
+        tensors = list(model.parameters()) + list(model.buffers())
+    for t in tensors:
         s = t.untyped_storage()
         if s.data_ptr() not in seen:
             seen.add(s.data_ptr())
