@@ -5,7 +5,11 @@ The file is read once first (so the load finds it in the page cache, as a second
 engine loads it (timed) and runs one prefill of ``--prompt`` tokens (timed from the load's start): what
 a user waits for, including work a load defers (qadapt's background 8-row repack). One JSON line.
 
-    python tools/first_token.py qadapt ~/.cache/qadapt/bench/llama-0.8b-*/model.Q8_0.gguf
+Run it with Python's bytecode cache on (as an installed package has it): with PYTHONDONTWRITEBYTECODE set,
+every module the load imports is compiled from source each run (~20 ms that no user pays); the JSON
+line says which (``bytecode_cache``).
+
+    env -u PYTHONDONTWRITEBYTECODE python tools/first_token.py qadapt ~/.cache/qadapt/bench/llama-0.8b-*/model.Q8_0.gguf
     python tools/first_token.py llama.cpp ~/.cache/qadapt/bench/llama-0.8b-*/model.Q8_0.gguf
 """
 
@@ -55,7 +59,8 @@ def main() -> None:
         llm.eval(ids)
     t2 = time.perf_counter()
     print(json.dumps({"engine": a.engine, "file": a.gguf.name, "load_s": round(t1 - t0, 3),
-                      "load_to_first_token_s": round(t2 - t0, 3)}))
+                      "load_to_first_token_s": round(t2 - t0, 3),
+                      "bytecode_cache": not sys.flags.dont_write_bytecode}))
 
 
 if __name__ == "__main__":

@@ -121,11 +121,12 @@ def read_header(path: Path, mm, size: int) -> GGUFHeader:
         if itype == 8:  # strings (a vocabulary): one pass, each length checked before its bytes are read
             length = struct.Struct("<Q").unpack_from
             items = []
+            append = items.append
             for i in range(count):
                 end = off + 8 + length(mm, off)[0] if off + 8 <= size else size + 1
                 if end > size:
                     string(off, f"{what}[{i}]")  # raises, naming the item
-                items.append(text(off + 8, end))
+                append(str(mm[off + 8:end], "utf-8", "replace"))
                 off = end
             return items, off
         items = []

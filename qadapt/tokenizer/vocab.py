@@ -97,10 +97,11 @@ def vocab_from_gguf(meta: Mapping[str, Any], where: str) -> Vocab:
         raise UnsupportedError(f"{where}: unknown tokenizer model `tokenizer.ggml.model` = {model!r}")
     kind, default_ids = _MODELS[model]
     tokens = meta.get("tokenizer.ggml.tokens")
-    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+    if not isinstance(tokens, list) or not tokens or set(map(type, tokens)) != {str}:
         raise FormatError(f"{where}: `tokenizer.ggml.tokens` must be a non-empty list of strings")
     n = len(tokens)
-    tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
+    if "" in tokens:
+        tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
     scores = _array(meta, "scores", n, (int, float), where)
     types = _array(meta, "token_type", n, (int,), where)
     attrs = [NORMAL] * n if types is None else [_TYPE_ATTR.get(int(t), 0) for t in types]
@@ -151,7 +152,8 @@ def _array(meta: Mapping[str, Any], key: str, n: int, types: tuple, where: str) 
     v = meta.get("tokenizer.ggml." + key)
     if v is None:
         return None
-    if not isinstance(v, list) or len(v) < n or not all(isinstance(x, types) for x in v[:n]):
+    allowed = set(types) | ({bool} if int in types else set())  # isinstance's view: a bool is an int
+    if not isinstance(v, list) or len(v) < n or not set(map(type, v[:n])) <= allowed:
         raise FormatError(f"{where}: `tokenizer.ggml.{key}` must be a list of at least {n} numbers (one per token)")
     return v[:n]
 
