@@ -196,10 +196,10 @@ class Model:
 
         if adapter.name in self.adapters:
             raise InputError(f"an adapter named `{adapter.name}` is already loaded; unload it first")
-        if self.device.type != "cpu":
-            from .device import check_adapter
+        if self._slots is not None:
+            from .device import on_device
 
-            check_adapter(self, adapter)
+            adapter = on_device(self, adapter)
         with self.lock:
             attach(self, adapter)
             self.adapters[adapter.name] = adapter

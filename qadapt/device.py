@@ -4,7 +4,9 @@
 ``kernels="triton"``), then :func:`place` moves every weight and buffer to the device and gives the
 model a :class:`~qadapt.adapters.slots.SlotBank`: from then on every forward names each row's adapters
 and each LoRA layer adds them with one gathered kernel pair (the factors stay in host memory and
-are copied into the slots the batch needs). Token ids and positions go to the device in
+are copied into the slots the batch needs). Rows whose adapters need more than ``scale * B A x`` (DoRA,
+a LoRA bias, saved modules, aLoRA) run the general path of :class:`~qadapt.adapters.lora.LoraLinear`
+instead, those adapters' tensors held on the device from attach. Token ids and positions go to the device in
 :meth:`Model.step`; its logits come back to the host, where sampling runs.
 
 ``device="cpu"`` with ``kernels="triton"`` runs the same code on CPU under Triton's interpreter
@@ -38,6 +40,7 @@ def place(model: Any, device: str | torch.device, *, slots: int = DEFAULT_SLOTS,
           slot_rank: int = DEFAULT_SLOT_RANK) -> None:
     """Move ``model`` to ``device`` and apply its adapters through device slots from now on."""
     from .adapters.slots import SlotBank
+    from .quant.bnb import BnbLinear
     from .quant.ggml import GGMLLinear
     from .quant.gptq import GPTQLinear
     from .quant.triton import require
@@ -51,29 +54,39 @@ def place(model: Any, device: str | torch.device, *, slots: int = DEFAULT_SLOTS,
                                    "load with kernels='triton'")
         if isinstance(m, GPTQLinear) and (dev.type == "cuda" or m.bits in GPTQ_TRITON_BITS):
             m.use_triton()  # the packed codes through the Triton kernel (2/4/8 bits; 3 refused by name)
-        if dev.type == "cuda" and type(m).__name__ == "BnbLinear":
-            raise UnsupportedError(f"{name}: {type(m).__name__} in place on CUDA is not supported yet; load the "
-                                   "checkpoint with mode='dequantize' (dense bf16/fp16 on the device)")
+        if isinstance(m, BnbLinear):
+            m.use_triton()  # the stored 4-bit codes / int8 CB through the Triton kernel (bitsandbytes' weight)
     if any(getattr(m, "path", None) == "triton" for m in model.decoder.modules()):
-        require(dev, "the GGUF Triton kernels")
+        require(dev, "the Triton kernels")
     model.decoder.to(dev)
     model.device = dev
     model._slots = SlotBank(slots, slot_rank, dev)
 
 
-def check_adapter(model: Any, a: Any) -> None:
-    """Adapters on an accelerator: plain LoRA factors only (the slots' kernel); others refused by name."""
-    name = a.name
-    kinds = []
-    if any(not f.plain for f in a.factors.values()):
-        kinds.append("DoRA / LoRA bias / aLoRA factors")
-    if a.saved:
-        kinds.append("saved modules (modules_to_save, trainable tokens)")
-    if a.embedding is not None:
-        kinds.append("an embedding LoRA")
-    if kinds:
-        raise UnsupportedError(f"adapter `{name}` carries {', '.join(kinds)}: on {model.device} only plain LoRA "
-                               "runs yet (the device slots); use the CPU for it")
+def general(a: Any) -> bool:
+    """Whether adapter ``a`` needs more than the slots' ``scale * B A x``: DoRA, a LoRA bias, saved modules
+    (``modules_to_save``, trainable tokens on a tied head) or aLoRA's per-token start."""
+    return a is not None and (a.alora is not None or bool(a.saved) or any(not f.plain for f in a.factors.values()))
+
+
+def on_device(model: Any, a: Any) -> Any:
+    """``a`` as the device runs it: plain LoRA factors stay in host memory (the slots copy the batch's in);
+    an adapter that runs the general path (:func:`general`) and every embedding part sit on the device."""
+    from dataclasses import replace
+
+    dev = model.device
+    move = lambda t: None if t is None else t.to(dev)  # noqa: E731
+    if general(a):
+        a = replace(a, factors={p: replace(f, A=move(f.A), B=move(f.B), bias=move(f.bias),
+                                           magnitude=move(f.magnitude), dora=move(f.dora))
+                                for p, f in a.factors.items()},
+                    saved={p: replace(m, weight=move(m.weight), bias=move(m.bias), row_ids=move(m.row_ids),
+                                      row_weight=move(m.row_weight)) for p, m in a.saved.items()})
+    e = a.embedding
+    if e is not None:
+        a = replace(a, embedding=replace(e, table=move(e.table), token_ids=move(e.token_ids),
+                                         token_rows=move(e.token_rows), A=move(e.A), B=move(e.B)))
+    return a
 
 
 def slot_context(model: Any, active: tuple[str, ...] | None, rows: tuple[tuple[str, ...], ...] | None,
@@ -93,7 +106,18 @@ def slot_context(model: Any, active: tuple[str, ...] | None, rows: tuple[tuple[s
     cached = getattr(model, "_slot_layers", None)
     if cached is None or cached[0] != epoch:  # the LoRA wrappers change only when adapters do
         cached = model._slot_layers = (epoch, [m for m in model.decoder.modules() if isinstance(m, LoraLinear)])
-    indices = model._slots.prepare(per_row, cached[1], epoch)
+    # rows with an adapter beyond plain LoRA run all their adapters on the general path, in order (as on the CPU:
+    # DoRA scales the output so far); the others take slots
+    slow = [i for i, r in enumerate(per_row) if any(general(model.adapters.get(n)) for n in r)]
+    fast = tuple(() if i in slow else r for i, r in enumerate(per_row))
+    indices = model._slots.prepare(fast, cached[1], epoch) if any(fast) else []
     ctx = AdapterContext(rows=per_row, alora=model._alora_starts(per_row, alora, ids))
     ctx.extra["slots"] = (model._slots, indices)
+    ctx.extra["device"] = model.device
+    if slow:
+        rows_of: dict[str, list[int]] = {}
+        for i in slow:
+            for n in per_row[i]:
+                rows_of.setdefault(n, []).append(i)
+        ctx.extra["general_rows"] = {n: torch.tensor(ix, device=model.device) for n, ix in rows_of.items()}
     return ctx

@@ -19,10 +19,14 @@ logits by far more than the tolerance.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # the device path's Triton kernels on CPU: before Triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import qadapt
 from models import make_adapter, tiny_hf, write_quantized
@@ -150,6 +154,8 @@ def world(tmp_path_factory):
 def tolerance(base: str, mode: str, want: torch.Tensor, ref=None, case: str = "") -> float:
     if mode == "dequantize":
         return 1e-4
+    if mode == "cuda":  # the GPU's float16 tensor-core prefill: 2^-10 relative per product (tests/test_triton.py)
+        return 2e-3 * float(want.abs().max()) + 1e-4
     if mode == "auto":  # the default q8 kernels: activations rounded to 8 bits (tests/test_q8_kernels.py's bound)
         return 0.05 * float(want.abs().max())
     if base == "Q4_K":  # the exact kernels (the suite's default): float32 maths in another order
@@ -166,8 +172,16 @@ MODES = [("Q4_K", "dequantize"), ("Q4_K", "inplace"), ("Q4_0", "auto"), ("gptq",
 
 
 def load_kw(load: dict, mode: str) -> dict:
-    """qadapt.load's arguments for a base and a test mode (``auto``: in place on the default kernels)."""
+    """qadapt.load's arguments for a base and a test mode (``auto``: in place on the default kernels; ``triton``:
+    the device path, its GGUF kernels and slots, run on CPU under Triton's interpreter, exact float32 tiles)."""
     kw = {k: v for k, v in load.items() if k != "path"}
+    if mode == "triton":
+        pytest.importorskip("triton")
+        return {**kw, "mode": "inplace", "kernels": "triton"}
+    if mode == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("needs CUDA (tools/gpu_check.py runs it)")
+        return {**kw, "mode": "inplace", "device": "cuda"}
     return {**kw, "mode": "inplace", "kernels": "auto"} if mode == "auto" else {**kw, "mode": mode}
 
 
@@ -196,11 +210,12 @@ def test_each_kind_matches_peft(world, base, mode, case):
     assert m.adapters[case].nbytes > 0
 
 
-@pytest.mark.parametrize("base,mode", [("Q4_K", "dequantize"), ("Q4_K", "inplace"), ("Q4_0", "auto"),
-                                       ("nf4", "inplace")])
+@pytest.mark.parametrize("base,mode", [("Q4_K", "dequantize"), ("Q4_K", "inplace"), ("Q4_K", "triton"),
+                                       ("Q4_K", "cuda"), ("Q4_0", "auto"), ("nf4", "inplace")])
 def test_one_batch_mixes_every_kind_with_plain_rows(world, base, mode):
     """The server's path: one forward, each row its own adapter (or none), then a decode step; each row
-    against PEFT with that row's adapter alone on the whole sequence (aLoRA rows keep their prompt's start)."""
+    against PEFT with that row's adapter alone on the whole sequence (aLoRA rows keep their prompt's start).
+    On the device path (``triton``) the plain row takes a slot and the others run the general path there."""
     load, ref, folders = world(base)
     names = [*CASES, "plain"]
     m = qadapt.load(load["path"], adapters={n: str(folders[n]) for n in names}, activate=[], **load_kw(load, mode))

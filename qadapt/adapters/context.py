@@ -32,7 +32,9 @@ class AdapterContext:
         if start is None:
             return None
         pos = self.extra["positions"]
+        start = start.to(pos.device)
         if ix is not None:
+            ix = ix.to(pos.device)
             pos, start = pos.index_select(0, ix), start.index_select(0, ix)
         return pos >= start.unsqueeze(1)
 
@@ -43,6 +45,12 @@ class AdapterContext:
         if "slots" in self.extra:  # the same device slots, each token its row's
             bank, indices = self.extra["slots"]
             ctx.extra["slots"] = (bank, [ix.index_select(0, rows.to(ix.device)) for ix in indices])
+            ctx.extra["device"] = self.extra["device"]
+            if "general_rows" in self.extra:
+                src = rows.tolist()
+                ctx.extra["general_rows"] = {
+                    n: torch.tensor([k for k, r in enumerate(src) if r in set(ix.tolist())], dtype=torch.long,
+                                    device=ix.device) for n, ix in self.extra["general_rows"].items()}
         if self.alora:
             ctx.alora = {n: s.index_select(0, rows) for n, s in self.alora.items()}
             ctx.extra["positions"] = self.extra["positions"][rows, cols].unsqueeze(1)
@@ -56,6 +64,7 @@ class AdapterContext:
             for i, names in enumerate(self.rows or ()):
                 for n in names:
                     groups.setdefault(n, []).append(i)
-            cached = {n: torch.tensor(ix) for n, ix in groups.items()}
+            dev = self.extra.get("device")  # a device batch's: where its rows are gathered
+            cached = {n: torch.tensor(ix, device=dev) for n, ix in groups.items()}
             self.extra["_groups"] = cached
         return cached

@@ -251,11 +251,12 @@ class LoraLinear(nn.Module):
     def delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """``scale * B(A(x))`` for one adapter, in the factors' compute dtype (:func:`wide`)."""
         h = self._down(x.reshape(-1, self.in_features), name)
-        return torch.mm(h, wide(self._bt[name])).mul_(self.adapters[name].scale).view(*x.shape[:-1], self.out_features)
+        bt = on(wide(self._bt[name]), x.device)
+        return torch.mm(h, bt).mul_(self.adapters[name].scale).view(*x.shape[:-1], self.out_features)
 
     def _down(self, x2d: torch.Tensor, name: str) -> torch.Tensor:
         """``A x`` [N, r] in the factors' compute dtype."""
-        A = wide(self.adapters[name].A)
+        A = on(wide(self.adapters[name].A), x2d.device)
         return F.linear(x2d if x2d.dtype == A.dtype else x2d.to(A.dtype), A)
 
     def forward(self, x: torch.Tensor, ctx: AdapterContext | None = None) -> torch.Tensor:
@@ -301,14 +302,20 @@ class LoraLinear(nn.Module):
         if not names:
             return y
         slots = ctx.extra.get("slots")
-        if slots is not None and not self._general_needed(names, ctx):  # device slots: one gathered kernel pair
+        if slots is not None:  # device slots: one gathered kernel pair for the rows of plain LoRA adapters
             bank, indices = slots
-            if x.dim() == 3 and x.shape[1] > 1:
-                indices = [ix.repeat_interleave(x.shape[1]) for ix in indices]
-            y2d = y.reshape(-1, self.out_features)
-            if not y2d.is_contiguous():
-                y2d = y2d.contiguous()
-            return bank.apply(self, x.reshape(-1, self.in_features), y2d, indices).view(y.shape)
+            if indices:
+                if x.dim() == 3 and x.shape[1] > 1:
+                    indices = [ix.repeat_interleave(x.shape[1]) for ix in indices]
+                y2d = y.reshape(-1, self.out_features)
+                if not y2d.is_contiguous():
+                    y2d = y2d.contiguous()
+                y = bank.apply(self, x.reshape(-1, self.in_features), y2d, indices).view(y.shape)
+            general = ctx.extra.get("general_rows")  # the other rows: each adapter of theirs in order, as on CPU
+            if general:
+                pairs = [(n, general[n]) for n in names if n in general]
+                return self._general(x, y, ctx, [(n, None if len(ix) == x.shape[0] else ix) for n, ix in pairs])
+            return y
         if self._general_needed(names, ctx):
             return self._general(x, y, ctx, [(n, None if len(groups[n]) == x.shape[0] else groups[n])
                                              for n in names])
@@ -363,13 +370,14 @@ class LoraLinear(nn.Module):
                 continue
             d = self.delta(_rows(x3, ix), name)
             if f.bias is not None:
-                d = d + f.scale * f.bias.to(d.dtype)
+                d = d + f.scale * on(f.bias, d.device).to(d.dtype)
             if f.dora is not None:
                 sv = self.saved.get(name)
                 bias = sv.bias if sv is not None and sv.bias is not None else base_bias
                 ys = _rows(y3, ix).to(d.dtype)
                 base = ys - bias.to(d.dtype) if bias is not None else ys
-                d = f.dora * d + (f.dora - 1) * base
+                g = on(f.dora, d.device)
+                d = g * d + (g - 1) * base
             mask = ctx.token_mask(name, ix)
             if mask is not None:
                 d = d * mask.unsqueeze(-1).to(d.dtype)
@@ -420,8 +428,14 @@ def _add_delta(y2d: torch.Tensor, h: torch.Tensor, Bt: torch.Tensor, scale: floa
     return y2d + torch.mm(h, Bt).mul_(scale).to(y2d.dtype)
 
 
+def on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``: a plain adapter's host factors, in a device batch row that runs the general path
+    (its other adapters are DoRA, saved modules or aLoRA, which sit on the device from attach)."""
+    return t if t.device == device else t.to(device, non_blocking=True)
+
+
 def _rows(t: torch.Tensor, ix: torch.Tensor | None) -> torch.Tensor:
-    return t if ix is None else t.index_select(0, ix)
+    return t if ix is None else t.index_select(0, ix.to(t.device))
 
 
 def _add_to(y: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
