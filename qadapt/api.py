@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, QadaptError
 from .layer_maps import LayerMap
 from .models.config import ModelConfig
 from .models.decoder import Decoder
@@ -52,6 +52,7 @@ class Model:
         self.lock = threading.RLock()
         self.device = torch.device("cpu")  # where the weights and the KV cache live (qadapt.device.place)
         self._slots: Any = None  # adapters.slots.SlotBank once placed for the device kernels
+        self._graphs: Any = None  # runtime.graphs.DecodeGraphs on a GPU
 
     @property
     def config(self) -> ModelConfig:
@@ -298,7 +299,9 @@ class Model:
         None: the active adapters). ``alora``: per row, where its aLoRA adapters start (:meth:`alora_starts` of
         its prompt; without it, where their invocation occurs in ``ids``). Merged adapters are not applied
         twice; X-LoRA runs its scaling pass and classifier. Holds :attr:`lock`, so adapter changes wait for
-        the step to end. On an accelerator the logits come back to the host (sampling runs there)."""
+        the step to end. On an accelerator the logits come back to the host (sampling runs there); there a
+        one-token step replays a CUDA graph where it can (:mod:`qadapt.runtime.graphs`)."""
+        pos_host = positions
         ids, positions = ids.to(self.device), positions.to(self.device)
         with self.lock:
             if self._xlora is not None:
@@ -309,6 +312,12 @@ class Model:
                 ctx = self._xlora.context(self.decoder, ids, positions, cache)
                 return self.decoder(ids, positions, cache.real, ctx=ctx, last_only=True).logits[:, -1].cpu()
             ctx = self._context(rows=rows, alora=alora, ids=ids)
+            graphs = self._graphs
+            if graphs is not None and graphs.usable(ids, cache, ctx):
+                if int(pos_host.max()) >= cache.max_len:
+                    raise QadaptError(f"sequence of {int(pos_host.max()) + 1} tokens exceeds the cache of "
+                                      f"{cache.max_len} (the context length)")
+                return graphs.step(ids, positions, cache, ctx).cpu()
             return self.decoder(ids, positions, cache, ctx=ctx, last_only=True).logits[:, -1].cpu()
 
     @torch.inference_mode()

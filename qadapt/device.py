@@ -61,6 +61,10 @@ def place(model: Any, device: str | torch.device, *, slots: int = DEFAULT_SLOTS,
     model.decoder.to(dev)
     model.device = dev
     model._slots = SlotBank(slots, slot_rank, dev)
+    if dev.type == "cuda":
+        from .runtime import graphs
+
+        model._graphs = graphs.DecodeGraphs(model) if graphs.enabled() else None
 
 
 def general(a: Any) -> bool:

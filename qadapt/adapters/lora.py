@@ -299,7 +299,8 @@ class LoraLinear(nn.Module):
         """Each row its own adapters: each adapter runs on its rows only (LoRAX's BGMV, one gather per adapter)."""
         groups = ctx.row_groups()
         names = tuple(n for n in groups if self.has(n))
-        if not names:
+        graph = ctx.extra.get("graph", False)  # a captured step replays for other rows: every layer takes its slots
+        if not names and not graph:
             return y
         slots = ctx.extra.get("slots")
         if slots is not None:  # device slots: one gathered kernel pair for the rows of plain LoRA adapters

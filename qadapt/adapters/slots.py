@@ -24,7 +24,9 @@ from ..errors import UnsupportedError
 
 
 def check_bgmv(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor,
-               idx: torch.Tensor) -> None:
+               idx: torch.Tensor, ranged: bool = True) -> None:
+    """Shapes, dtypes and devices; with ``ranged`` also every slot index (a read of ``idx`` back to the host:
+    :class:`SlotBank`, whose indices are in range by construction, skips it so a CUDA graph can capture it)."""
     S, R, K = a.shape
     if x.dim() != 2 or x.shape[1] != K:
         raise ValueError(f"x must be [M, {K}], got {list(x.shape)}")
@@ -36,7 +38,7 @@ def check_bgmv(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bt: torch.Tens
         raise ValueError(f"scale must be [{S}] and idx int [{x.shape[0]}]")
     if len({t.device for t in (x, y, a, bt, scale, idx)}) != 1:
         raise ValueError("x, y, the stacks and idx must be on one device")
-    if idx.numel() and (int(idx.max()) >= S or int(idx.min()) < -1):
+    if ranged and idx.numel() and (int(idx.max()) >= S or int(idx.min()) < -1):
         raise ValueError(f"slot indices must be in [-1, {S})")
 
 
@@ -56,14 +58,14 @@ def bgmv_reference(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bt: torch.
 
 
 def bgmv(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor,
-         idx: torch.Tensor) -> torch.Tensor:
+         idx: torch.Tensor, ranged: bool = True) -> torch.Tensor:
     """The Triton kernels where they run on x's device, else :func:`bgmv_reference`."""
     from ..quant import triton as qt
 
     if qt.available(x.device):
         from ..quant.triton.bgmv import bgmv as kernel
 
-        return kernel(x, y, a, bt, scale, idx)
+        return kernel(x, y, a, bt, scale, idx, ranged)
     return bgmv_reference(x, y, a, bt, scale, idx)
 
 
@@ -156,14 +158,18 @@ class SlotBank:
                 self._ready = torch.cuda.Event()
                 self._ready.record(self._stream)
 
-    def apply(self, layer: Any, x2d: torch.Tensor, y2d: torch.Tensor, indices: list[torch.Tensor]) -> torch.Tensor:
-        """``y2d`` plus each row's deltas at ``layer`` (in place)."""
+    def sync(self) -> None:
+        """Make the running stream wait for the slot copies :meth:`prepare` queued (once)."""
         if self._ready is not None:
             torch.cuda.current_stream(self.device).wait_event(self._ready)
             self._ready = None
+
+    def apply(self, layer: Any, x2d: torch.Tensor, y2d: torch.Tensor, indices: list[torch.Tensor]) -> torch.Tensor:
+        """``y2d`` plus each row's deltas at ``layer`` (in place)."""
+        self.sync()
         st = self._stacks[id(layer)]
         for idx in indices:
-            bgmv(x2d.to(st.a.dtype), y2d, st.a, st.bt, st.scale, idx)
+            bgmv(x2d.to(st.a.dtype), y2d, st.a, st.bt, st.scale, idx, ranged=False)
         return y2d
 
 

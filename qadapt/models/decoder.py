@@ -365,7 +365,9 @@ class Decoder(nn.Module):
         return out
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: Any, ctx: Any, last_only: bool,
-                 logits: bool, rope_top: int | None = None) -> ForwardOutput:
+                 logits: bool, rope_top: int | None = None, plan: StepPlan | None = None) -> ForwardOutput:
+        """One forward; ``plan``: the layers' shared step, given (a captured decode step's, built from device
+        tensors only: :mod:`qadapt.runtime.graphs`) instead of planned here from ``positions`` and ``cache``."""
         if ctx is not None and getattr(ctx, "alora", None):
             ctx.extra["positions"] = positions  # this chunk's: where aLoRA deltas apply
         x = self.embed(ids, ctx) if getattr(self.embed, "takes_context", False) else self.embed(ids)
@@ -373,9 +375,10 @@ class Decoder(nn.Module):
             x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
-        n_keys = None if cache is None else cache.prepare(positions)
-        step = self.step_plan(positions, n_keys, rope_top, cache)
-        x = self.layers(x, step, cache, ctx)
+        if plan is None:
+            n_keys = None if cache is None else cache.prepare(positions)
+            plan = self.step_plan(positions, n_keys, rope_top, cache)
+        x = self.layers(x, plan, cache, ctx)
         x = self.final_norm.forward(x)
         if last_only:
             x = x[:, -1:]

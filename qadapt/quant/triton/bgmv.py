@@ -51,9 +51,10 @@ def _expand(t, bt, scale, idx, y, N, R, stm, sbs, sbr, sym, R_PAD: tl.constexpr,
 
 
 def bgmv(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor,
-         idx: torch.Tensor) -> torch.Tensor:
-    """``y[m] += scale[s] * Bt[s].T @ (A[s] @ x[m])`` with ``s = idx[m]`` (rows with -1 untouched); in place."""
-    check_bgmv(x, y, a, bt, scale, idx)
+         idx: torch.Tensor, ranged: bool = True) -> torch.Tensor:
+    """``y[m] += scale[s] * Bt[s].T @ (A[s] @ x[m])`` with ``s = idx[m]`` (rows with -1 untouched); in place.
+    ``ranged=False``: the caller vouches for the indices (:class:`~qadapt.adapters.slots.SlotBank`'s)."""
+    check_bgmv(x, y, a, bt, scale, idx, ranged)
     M, (_, R, K), N = x.shape[0], a.shape, bt.shape[2]
     if M == 0:
         return y
