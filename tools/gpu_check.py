@@ -4,17 +4,21 @@
 Made for a machine with one NVIDIA GPU, torch (CUDA), Triton, transformers and PEFT, and no package index:
 what else it needs travels as wheels made here first (``--prepare``). In order:
 
-1. installs the carried wheels (gguf, pytest, httpx and their dependencies) with ``--no-index``;
-2. runs the GPU tests (``pytest tests/test_triton.py``: the kernels and ``device="cuda"`` models against
-   the CPU's exact path);
+1. installs the carried wheels (gguf, pytest, httpx and their dependencies; bitsandbytes without its
+   dependencies, torch being there) with ``--no-index``;
+2. runs the GPU tests (``pytest tests/test_triton.py tests/test_triton_bnb.py tests/test_graphs.py`` and the
+   device cases of tests/test_peft_features.py: the kernels, ``device="cuda"`` models against the CPU's exact /
+   dequantized path, CUDA graphs against eager steps, every PEFT adapter kind on the GPU against PEFT);
 3. measures the copy bandwidth (a device-to-device copy of 4 GiB: read + write bytes over time);
 4. writes a random Llama-3-8B-shaped GGUF per type (Q4_0, Q8_0, Q4_K_M; random blocks with small scales:
    the bytes a real file has, no quantization run) and measures batch-1 decode tokens/s with one rank-16
-   LoRA on q/k/v/o through ``qadapt.load(path, device="cuda")``, against the bound (weight bytes read per
-   token over the measured bandwidth) and against transformers + PEFT in bf16 on the same GPU;
+   LoRA on q/k/v/o through ``qadapt.load(path, device="cuda")`` (CUDA graphs on, then the same steps eagerly),
+   against the bound (weight bytes read per token over the measured bandwidth) and against transformers + PEFT
+   in bf16 on the same GPU;
 5. aggregate decode tokens/s for 64 sequences on 64 different adapters and on one shared adapter.
-6. the same for a random GPTQ 4-bit checkpoint of that shape (group 128), in place on the Triton GPTQ kernel.
-nf4 in place on CUDA is not supported yet: reported as such.
+6. the same for a random GPTQ 4-bit checkpoint of that shape (group 128), in place on the Triton GPTQ kernel;
+7. the same for a random bitsandbytes nf4 checkpoint of that shape (blocksize 64, no double quantization),
+   in place on the Triton bitsandbytes kernel (its load includes bitsandbytes' CPU repack and its undoing).
 
 Examples::
 
@@ -38,10 +42,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 WHEELS = ["gguf==0.19.0", "pytest>=8", "httpx>=0.27", "pyyaml", "click>=8.1", "jinja2>=3.1.6", "tqdm>=4.66"]
+NO_DEPS = ["bitsandbytes==0.50.2"]  # its dependencies (torch, numpy) are on the GPU machine: not carried
 
 def prepare(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "-d", str(folder), *WHEELS], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(folder), *NO_DEPS],
+                   check=True)
     print(f"wheels in {folder}: {len(list(folder.glob('*.whl')))}; carry it to the GPU machine")
 
 
@@ -49,7 +56,7 @@ def install(folder: Path) -> None:
     """Each carried package not importable yet, alone (a wheel for another Python fails alone)."""
     import importlib.util
 
-    for w in WHEELS:
+    for w in WHEELS + NO_DEPS:
         name = w.split("=")[0].split(">")[0]
         if importlib.util.find_spec({"pyyaml": "yaml"}.get(name, name)) is None:
             subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(folder),
@@ -83,14 +90,15 @@ def _sync(device: str) -> None:
 def decode_tps(model, batch: int, rows, tokens: int, device: str) -> float:
     import torch
 
-    cache = model.new_cache(16 + tokens + 1, batch)
+    cache = model.new_cache(16 + tokens + 2, batch)
     ids = torch.randint(0, 200, (batch, 16))
     model.step(ids, torch.arange(16).expand(batch, 16), cache, rows=rows)
     tok = torch.randint(0, 200, (batch, 1))
+    model.step(tok, torch.full((batch, 1), 16), cache, rows=rows)  # untimed: a CUDA graph's capture
     _sync(device)
     t = time.perf_counter()
     for s in range(tokens):
-        model.step(tok, torch.full((batch, 1), 16 + s), cache, rows=rows)
+        model.step(tok, torch.full((batch, 1), 17 + s), cache, rows=rows)
     _sync(device)
     return batch * tokens / (time.perf_counter() - t)
 
@@ -126,6 +134,11 @@ def measure_model(path: Path, a, adapters: dict, bw: float, read: int, write_s: 
         m = qadapt.load(path, device=a.device, kernels="triton", adapters={"a0": adapters["a0"]}, activate=["a0"],
                         max_slots=64)
         run["decode_tps_1_lora"] = decode_tps(m, 1, None, a.tokens, a.device)
+        graphs, m._graphs = m._graphs, None  # the same steps without CUDA graphs: what capturing them gains
+        run["decode_tps_1_lora_eager"] = decode_tps(m, 1, None, a.tokens, a.device)
+        m._graphs = graphs
+        if graphs is not None:
+            run["graph_replays"], run["graphs_off"] = graphs.replays, graphs.off
         run["bound_tps"] = bw / read
         run["fraction_of_bound"] = run["decode_tps_1_lora"] / run["bound_tps"]
         for k in range(1, a.rows):
@@ -144,7 +157,7 @@ def gptq_run(a, shape: dict, adapters: dict, bw: float) -> dict:
     """Batch-1 decode with one LoRA and the 64-row batches on a random GPTQ 4-bit checkpoint, in place."""
     import shutil
 
-    from qadapt.bench.random_gptq import write_gptq_model
+    from qadapt.bench.random_hf import write_gptq_model
 
     folder = a.out / "models" / "gptq-4bit"
     t = time.perf_counter()
@@ -152,6 +165,24 @@ def gptq_run(a, shape: dict, adapters: dict, bw: float) -> dict:
     run = measure_model(folder, a, adapters, bw, read, time.perf_counter() - t)
     shutil.rmtree(folder, ignore_errors=True)
     print("gptq-4bit", json.dumps(run), flush=True)
+    return run
+
+
+def nf4_run(a, shape: dict, adapters: dict, bw: float) -> dict:
+    """The same on a random bitsandbytes nf4 checkpoint, in place (without bitsandbytes: the run's error)."""
+    import shutil
+
+    folder = a.out / "models" / "nf4"
+    t = time.perf_counter()
+    try:
+        from qadapt.bench.random_hf import write_nf4_model
+
+        read = write_nf4_model(folder, shape)
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}"}
+    run = measure_model(folder, a, adapters, bw, read, time.perf_counter() - t)
+    shutil.rmtree(folder, ignore_errors=True)
+    print("nf4", json.dumps(run), flush=True)
     return run
 
 
@@ -168,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=64, help="sequences (each on its own adapter) in the batched run")
     p.add_argument("--no-tests", action="store_true")
     p.add_argument("--no-gptq", action="store_true", help="skip the GPTQ 4-bit run")
+    p.add_argument("--no-nf4", action="store_true", help="skip the bitsandbytes nf4 run")
     a = p.parse_args(argv)
     if a.prepare:
         prepare(a.prepare)
@@ -181,8 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"rows": a.rows, "device": a.device, "shape": "tiny" if a.tiny else "llama-3-8b", "runs": {}}
     ok = True
     if not a.no_tests:
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton.py"],
-                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton.py",
+                            "tests/test_triton_bnb.py", "tests/test_graphs.py", "tests/test_peft_features.py", "-k",
+                            "cuda or triton or graph"], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
         report["tests"] = {"exit": r.returncode, "tail": r.stdout[-3000:] + r.stderr[-2000:]}
         ok = r.returncode == 0
         print(r.stdout[-1500:], flush=True)
@@ -210,7 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_gptq:
         report["runs"]["gptq-4bit"] = gptq_run(a, shape, adapters, bw)
         ok = ok and "error" not in report["runs"]["gptq-4bit"]
-    report["runs"]["nf4"] = {"error": "in place on CUDA is not supported yet (dequantize mode runs it)"}
+    if not a.no_nf4:
+        report["runs"]["nf4"] = nf4_run(a, shape, adapters, bw)
+        ok = ok and "error" not in report["runs"]["nf4"]
+        if a.device == "cuda":
+            torch.cuda.empty_cache()
     try:
         report["transformers_peft_bf16_tps"] = hf_peft_tps(shape, Path(adapters["a0"]), a.tokens, a.device)
     except Exception as e:
@@ -220,13 +258,14 @@ def main(argv: list[str] | None = None) -> int:
     write_json(a.out / "gpu_check.json", report, force=True)
     lines = [f"GPU check on {a.device} ({report['shape']}): copy bandwidth {report['copy_bandwidth_GBps']:.0f} GB/s; "
              f"transformers + PEFT bf16: {report['transformers_peft_bf16_tps']}", "",
-             f"| type | decode tok/s, 1 LoRA | bound | fraction | {a.rows} rows x {a.rows} adapters | x 1 adapter | ratio |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"| type | decode tok/s, 1 LoRA | without graphs | bound | fraction | {a.rows} rows x {a.rows} adapters "
+             "| x 1 adapter | ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for qt, r in report["runs"].items():
         if "error" in r:
-            lines.append(f"| {qt} | {r['error']} |||||")
+            lines.append(f"| {qt} | {r['error']} ||||||")
         else:
-            lines.append(f"| {qt} | {r['decode_tps_1_lora']:.1f} | {r['bound_tps']:.1f} | {r['fraction_of_bound']:.2f} "
+            lines.append(f"| {qt} | {r['decode_tps_1_lora']:.1f} | {r['decode_tps_1_lora_eager']:.1f} "
+                         f"| {r['bound_tps']:.1f} | {r['fraction_of_bound']:.2f} "
                          f"| {r['tps_64_rows_64_adapters']:.0f} | {r['tps_64_rows_1_adapter']:.0f} | "
                          f"{r['ratio_64_vs_1']:.2f} |")
     atomic_write(a.out / "gpu_check.md", "\n".join(lines) + "\n", force=True)

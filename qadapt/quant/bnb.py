@@ -8,6 +8,11 @@ bytes do not change under the caller. ``dequantize()`` always returns bitsandbyt
 ``dequantize_4bit`` / ``int8_vectorwise_dequant`` of the weight as quantized (the
 checkpoint's values), kept exact across that repacking.
 
+On the device path (``device="cuda"``, or ``kernels="triton"`` on CPU) :meth:`BnbLinear.use_triton` takes
+the stored weight out of bitsandbytes' module (4-bit codes in the original layout with their absmax as
+stored, nested included; int8 ``CB`` / ``SCB``) and multiplies with :mod:`.triton.bnb` on it: bitsandbytes'
+dequantized weight with float activations (for int8 not LLM.int8()'s int8 arithmetic, which approximates it).
+
 bitsandbytes is imported lazily: ``import qadapt`` works without it, and
 :func:`require_bnb` turns a missing or unusable install into an :class:`UnsupportedError`.
 """
@@ -21,6 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import FormatError, UnsupportedError
+from . import kernels
 from .base import BaseLinear, DenseLinear
 
 log = logging.getLogger(__name__)
@@ -59,6 +65,7 @@ class BnbLinear(BaseLinear):
         self.qtype, self.in_features, self.out_features = qtype, in_features, out_features
         self.compute_dtype = compute_dtype
         self.name = name
+        self.path = "bnb"  # bitsandbytes' own forward; "triton" after use_triton()
         self._state4 = None
         if qtype != "int8":
             self._state4 = copy.copy(inner.weight.quant_state)  # the checkpoint's state, before any repacking
@@ -155,6 +162,8 @@ class BnbLinear(BaseLinear):
 
     # ------------------------------------------------------------------ contract
     def _int8_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.path == "triton":
+            return self.cb, self.scb
         st = self.inner.state
         cb = st.CB if st.CB is not None else self.inner.weight.data
         scb = st.SCB if st.SCB is not None else self.inner.weight.SCB
@@ -168,6 +177,13 @@ class BnbLinear(BaseLinear):
         if self.qtype == "int8":
             cb, scb = self._int8_parts()
             return F.int8_vectorwise_dequant(cb, scb).float().to(dtype)
+        if self.path == "triton":  # the state's tensors are the layer's buffers (wherever .to() moved them)
+            st = copy.copy(self._state4)
+            st.absmax, st.code = self.absmax, self.code
+            if st.nested:
+                st.offset, st.state2 = self.offset, copy.copy(st.state2)
+                st.state2.absmax, st.state2.code = self.absmax2, self.code2
+            return F.dequantize_4bit(self.codes, st).float().reshape(self.out_features, self.in_features).to(dtype)
         w = self.inner.weight
         packed = w.data
         if getattr(w.quant_state, "packing_format_for_cpu", False):
@@ -175,13 +191,66 @@ class BnbLinear(BaseLinear):
             packed, _ = F._convert_weight_packed_for_cpu_inverse(packed, copy.copy(w.quant_state))
         return F.dequantize_4bit(packed, self._state4).float().reshape(self.out_features, self.in_features).to(dtype)
 
+    def use_triton(self) -> None:
+        """Multiply with the Triton kernel (:mod:`.triton.bnb`, on a GPU or the CPU interpreter) on the weight
+        as stored: 4-bit codes in bitsandbytes' original layout (its CPU repack undone) with their absmax as the
+        checkpoint holds it (nested stays nested), or int8 ``CB`` / ``SCB``. They become the layer's buffers
+        (``.to()`` moves them); bitsandbytes' module keeps only the bias."""
+        if self.path == "triton":
+            return
+        import bitsandbytes.functional as F
+
+        if self.qtype == "int8":
+            cb, scb = self._int8_parts()
+            self.register_buffer("cb", cb.contiguous())
+            self.register_buffer("scb", scb.float().reshape(-1).contiguous())
+            self.inner.state.CB = self.inner.state.SCB = None
+        else:
+            w, st = self.inner.weight, self._state4
+            dtypes = {st.state2.dtype, st.state2.absmax.dtype} if st.nested else {st.absmax.dtype}
+            if dtypes != {torch.float32}:
+                raise UnsupportedError(f"{self.name}: a bitsandbytes absmax in {dtypes} is not supported on the "
+                                       "device kernels (float32 only); load with mode='dequantize'")
+            packed = w.data
+            if getattr(w.quant_state, "packing_format_for_cpu", False):
+                packed, _ = F._convert_weight_packed_for_cpu_inverse(packed, copy.copy(w.quant_state))
+            self.register_buffer("codes", packed.contiguous().view(torch.uint8).reshape(-1))
+            self.register_buffer("absmax", st.absmax.reshape(-1))
+            self.register_buffer("code", st.code.float())
+            self.register_buffer("absmax2", st.state2.absmax.reshape(-1) if st.nested else None)
+            self.register_buffer("code2", st.state2.code.float() if st.nested else None)
+            self.register_buffer("offset", torch.as_tensor(st.offset, dtype=torch.float32) if st.nested else None)
+            meta = copy.copy(st)  # shape, dtype, blocksize, quant type: its tensors are the buffers from now on
+            meta.absmax = meta.code = meta.offset = None
+            if st.nested:
+                meta.state2 = copy.copy(st.state2)
+                meta.state2.absmax = meta.state2.code = None
+            self._state4 = meta
+        self.inner.weight = None  # bitsandbytes' copy (CPU-repacked for 4-bit): not held twice
+        self.path = "triton"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)
+        if self.path == "triton":
+            from .triton import bnb as tb
+
+            exact = x2d.device.type != "cuda"  # float16 tiles on a GPU's tensor cores, float32 under the interpreter
+            if self.qtype == "int8":
+                y = tb.matmul_int8(x2d, self.cb, self.scb, exact=exact)
+            else:
+                st = self._state4
+                y = tb.matmul_4bit(x2d, self.codes, self.absmax, self.code, st.blocksize,
+                                   (self.out_features, self.in_features), absmax2=self.absmax2, code2=self.code2,
+                                   offset=self.offset, blocksize2=st.state2.blocksize if st.nested else 256,
+                                   dtype=st.dtype, exact=exact)
+            return kernels.finish(y, x, self.bias, self.out_features)
         y = self.inner(x2d.to(self.compute_dtype) if self.qtype != "int8" else x2d)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     @property
     def nbytes(self) -> int:
+        if self.path == "triton":  # the stored weight as buffers (absmax nested as in the checkpoint), the bias
+            return _tensor_bytes(*self.buffers(recurse=False), self.inner.bias)
         if self.qtype == "int8":
             return _tensor_bytes(*self._int8_parts(), self.inner.bias)
         qs = self.inner.weight.quant_state

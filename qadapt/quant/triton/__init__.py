@@ -1,8 +1,9 @@
-"""Triton kernels: GGUF blocks multiplied in place (:mod:`.ggml`) and many adapters per batch (:mod:`.bgmv`).
+"""Triton kernels: GGUF blocks, GPTQ codes and bitsandbytes weights multiplied in place (:mod:`.ggml`,
+:mod:`.gptq`, :mod:`.bnb`) and many adapters per batch (:mod:`.bgmv`).
 
 They run on NVIDIA GPUs, and on CPU under Triton's interpreter (``TRITON_INTERPRET=1``), where the tests
-compare them with gguf-py's dequantization and torch. Triton is optional (``pip install 'qadapt[cuda]'``;
-torch's CUDA wheels bring it): :func:`available` says whether a tensor on ``device`` can use them.
+compare them with gguf-py's, GPTQ's and bitsandbytes' dequantization and torch. Triton is optional
+(``pip install 'qadapt[cuda]'``; torch's CUDA wheels bring it): :func:`available` says whether a tensor on ``device`` can use them.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ..types import block_geometry
+from .tiles import mma, start, store, x_tile
 
 #: GGUF type -> the kernel's ``QT`` (the decode function's branch)
 TYPES = {"Q8_0": 0, "Q4_0": 1, "Q4_K": 2, "Q6_K": 3}
@@ -83,12 +84,8 @@ def _matmul(x, w, y, M, N, K, row_bytes, sxm, sym, QT: tl.constexpr, BLOCK_M: tl
     lane = tl.arange(0, 32)
     for k0 in range(0, K, 32):
         wt = _tile(w, rows, k0, QT)  # [BN, 32]
-        xt = tl.load(x + m[:, None].to(tl.int64) * sxm + k0 + lane[None, :], mask=m[:, None] < M, other=0.0)
-        if EXACT:
-            acc += tl.dot(xt.to(tl.float32), tl.trans(wt), input_precision="ieee")
-        else:
-            acc += tl.dot(xt.to(tl.float16), tl.trans(wt.to(tl.float16)))
-    tl.store(y + m[:, None].to(tl.int64) * sym + n[None, :], acc, mask=(m[:, None] < M) & (n[None, :] < N))
+        acc = mma(acc, x_tile(x, m, k0 + lane, lane < 32, M, sxm), tl.trans(wt), EXACT)
+    store(y, acc, m, n, M, N, sym)
 
 
 @triton.jit
@@ -136,13 +133,8 @@ def check(raw: torch.Tensor, qtype: str, in_features: int) -> tuple[int, int]:
 def matmul(x2d: torch.Tensor, raw: torch.Tensor, qtype: str, in_features: int, exact: bool = False) -> torch.Tensor:
     """``x2d [M, in] @ W.T`` -> float32 [M, out], ``W`` the GGUF rows ``raw`` (on x's device)."""
     out, row_bytes = check(raw, qtype, in_features)
-    if x2d.dim() != 2 or x2d.shape[1] != in_features:
-        raise ValueError(f"input must be [M, {in_features}], got {list(x2d.shape)}")
-    if x2d.device != raw.device:
-        raise ValueError(f"input on {x2d.device}, weight on {raw.device}")
-    x2d = x2d.contiguous()
+    x2d, y = start(x2d, in_features, out, "GGUF weight", raw)
     M = x2d.shape[0]
-    y = torch.empty(M, out, dtype=torch.float32, device=x2d.device)
     if M == 0:
         return y
     raw = raw.contiguous()

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiles import mma, start, store, x_tile
+
 #: bit widths the kernel takes (fields never straddle a 32-bit word)
 BITS = (2, 4, 8)
 
@@ -43,13 +45,8 @@ def _matmul(x, qw, zeros, scales, g_idx, y, M, N, K, sxm, sym, BITS: tl.constexp
         z = tl.load(zeros + g * N + nn).to(tl.int32)
         s = tl.load(scales + g * N + nn).to(tl.float32)
         w = tl.where(kin[:, None], (q - z).to(tl.float32) * s, 0.0)  # [BK, BN]
-        xt = tl.load(x + m[:, None].to(tl.int64) * sxm + kk[None, :], mask=(m[:, None] < M) & kin[None, :],
-                     other=0.0)
-        if EXACT:
-            acc += tl.dot(xt.to(tl.float32), w, input_precision="ieee")
-        else:
-            acc += tl.dot(xt.to(tl.float16), w.to(tl.float16))
-    tl.store(y + m[:, None].to(tl.int64) * sym + n[None, :], acc, mask=(m[:, None] < M) & (n[None, :] < N))
+        acc = mma(acc, x_tile(x, m, kk, kin, M, sxm), w, EXACT)
+    store(y, acc, m, n, M, N, sym)
 
 
 def matmul(x2d: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
@@ -64,13 +61,8 @@ def matmul(x2d: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales
                          f"{list(qweight.shape)}")
     if tuple(zeros.shape) != tuple(scales.shape) or zeros.shape[1] != N:
         raise ValueError(f"zeros {list(zeros.shape)} and scales {list(scales.shape)} must both be [groups, {N}]")
-    if x2d.dim() != 2 or x2d.shape[1] != K:
-        raise ValueError(f"input must be [M, {K}], got {list(x2d.shape)}")
-    if len({t.device for t in (x2d, qweight, zeros, scales, g_idx)}) != 1:
-        raise ValueError("input and GPTQ tensors must be on one device")
-    x2d = x2d.contiguous()
+    x2d, y = start(x2d, K, N, "GPTQ", qweight, zeros, scales, g_idx)
     M = x2d.shape[0]
-    y = torch.empty(M, N, dtype=torch.float32, device=x2d.device)
     if M == 0:
         return y
     bm, bn, bk = (16, 64, 32)
