@@ -93,6 +93,24 @@ def on_device(model: Any, a: Any) -> Any:
     return a
 
 
+def xlora_on_device(model: Any) -> None:
+    """X-LoRA on the device: its classifier and its experts' factors there (every expert runs on every token,
+    weighted per token, so they stay resident rather than in slots)."""
+    from dataclasses import replace
+
+    from .adapters.lora import LoraLinear
+
+    dev, x = model.device, model._xlora
+    x.classifier.to(dev)
+    for m in model.decoder.modules():
+        if isinstance(m, LoraLinear):
+            for n in x.order:
+                if n in m.adapters:
+                    f = m.adapters[n]
+                    m.adapters[n] = replace(f, A=f.A.to(dev), B=f.B.to(dev))
+                    m._bt[n] = m._bt[n].to(dev)
+
+
 def slot_context(model: Any, active: tuple[str, ...] | None, rows: tuple[tuple[str, ...], ...] | None,
                  alora: Any, ids: torch.Tensor | None) -> Any:
     """The forward's adapter context with every row's adapters in device slots (None: no adapters)."""

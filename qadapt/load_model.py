@@ -144,8 +144,6 @@ def load(
         _use_native_ops(base.decoder, warn=kernels == "q8")
     repack.start(base.decoder)
     model = Model(base.decoder, base.tokenizer, base.layer_map, str(path), mode, base.base_format, base.info)
-    if on_device and xlora is not None:
-        raise InputError(f"X-LoRA on {device} is not supported yet (its classifier runs on the CPU); drop --device")
     if on_device or kernels == "triton":
         from .device import DEFAULT_SLOT_RANK, DEFAULT_SLOTS, place
 
@@ -154,6 +152,10 @@ def load(
         model.chat_template = _chat_template(chat_template)
     if xlora is not None:
         _attach_xlora(model, xlora, ordering, adapter_model_id, tgt_non_granular_index, adapters, activate, merge)
+        if model._slots is not None:
+            from .device import xlora_on_device
+
+            xlora_on_device(model)
         native.trim_heap()
         return model
     if tgt_non_granular_index is not None:

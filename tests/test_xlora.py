@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # the device path's Triton kernels on CPU: before Triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import qadapt
 from qadapt.errors import AdapterError, FormatError, QadaptError, UnsupportedError
@@ -227,6 +231,35 @@ def test_greedy_generation_with_kv_caches_matches_peft(world, cfg):
     m = qadapt.load(path, mode="inplace", xlora=str(ref_layout))
     assert m.generate(prompt, max_new_tokens=n).token_ids == want
     assert m._xlora.scaling_passes == len(want) + (len(want) < n)
+
+
+@pytest.mark.parametrize("where", ["triton", "cuda"])
+def test_device_path_matches_peft(world, where):
+    """X-LoRA on the device path (its classifier and experts there, GGUF weights on the Triton kernels): the
+    logits and scalings against PEFT, then greedy decoding with both KV caches against PEFT's full forwards.
+    ``triton``: the CPU interpreter, exact float32 tiles (ATOL as above); ``cuda``: float16 tensor-core tiles,
+    2e-3 of the logit scale (tests/test_triton.py's bound)."""
+    pytest.importorskip("triton")
+    if where == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA (tools/gpu_check.py runs it)")
+    if where == "triton" and torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the interpreter case runs where there is no GPU")
+    path, pm, ref_layout, _ = world("Q8_0", "d2-layerwise-topk")
+    kw = dict(device="cuda") if where == "cuda" else dict(kernels="triton")
+    m = qadapt.load(path, xlora=str(ref_layout), **kw)
+    want, want_s = peft_forward(pm, IDS)
+    got = m.logits(IDS)
+    tol = ATOL if where == "triton" else 2e-3 * float(want.abs().max())
+    assert float((got - want).abs().max()) <= tol
+    torch.testing.assert_close(m.xlora_scalings().cpu(), want_s, atol=1e-5 if where == "triton" else 2e-3, rtol=0)
+    if where == "triton":
+        prompt = IDS[0, :6].tolist()
+        ids, toks = torch.tensor([prompt]), []
+        for _ in range(5):
+            with torch.no_grad():
+                toks.append(int(pm(ids).logits[0, -1].argmax()))
+            ids = torch.cat([ids, torch.tensor([[toks[-1]]])], dim=1)
+        assert m.generate(prompt, max_new_tokens=5).token_ids == toks
 
 
 def _frozen_reference(pm, ids: torch.Tensor, freeze_at: int) -> torch.Tensor:

@@ -547,12 +547,12 @@ class XLora:
                           self.config.global_scaling_weight)
         return AdapterContext(active=self.order, xlora=s)
 
-    def scaling_pass_context(self, batch: int, seq: int):
+    def scaling_pass_context(self, batch: int, seq: int, device: torch.device | str = "cpu"):
         """Every adapter at ``scaling_pass_value`` (None when it is 0: then the pass is the base model, exactly)."""
         spv = self.config.scaling_pass_value
         if spv == 0:
             return None
-        return self._context(torch.full((batch, seq, 1, self.config.n_classes), float(spv)))
+        return self._context(torch.full((batch, seq, 1, self.config.n_classes), float(spv), device=device))
 
     def context(self, decoder, ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: XLoraCache | None = None):
@@ -565,11 +565,11 @@ class XLora:
                     st.decoded += 1
         if states is None or any(st.frozen is None for st in states):
             hidden = decoder(ids, positions, None if cache is None else cache.scaling,
-                             ctx=self.scaling_pass_context(B, T), logits=False).hidden
+                             ctx=self.scaling_pass_context(B, T, ids.device), logits=False).hidden
             self.scaling_passes += 1
             scalings = self.classifier(hidden)
         else:
-            scalings = torch.empty(B, T, self.classifier.out_layers, self.config.n_classes)
+            scalings = torch.empty(B, T, self.classifier.out_layers, self.config.n_classes, device=ids.device)
         if states is not None:
             self._non_granular(states, scalings)
         self.last_scalings = scalings

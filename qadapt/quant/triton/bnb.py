@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import mma, start, store, x_tile
+from .tiles import Tiled, configs, mma, start, store, x_tile
 
 _ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -88,11 +88,16 @@ def _run(x2d, tensors, N, K, blocksize, blocksize2, fmt, round_to, exact):
     if M == 0:
         return y
     q, absmax, code, absmax2, code2, offset = tensors
-    bm, bn, bk = (16, 64, 32)
-    _matmul[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
-        x2d, q, absmax, code, absmax2, code2, offset, y, M, N, K, x2d.stride(0), y.stride(0), blocksize,
-        blocksize2, FMT=fmt, ROUND=_ROUND[round_to], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EXACT=exact)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+    (_DECODE if M <= 16 else _PREFILL).launch(
+        grid, x2d, q, absmax, code, absmax2, code2, offset, y, M, N, K, x2d.stride(0), y.stride(0), blocksize,
+        blocksize2, FMT=fmt, ROUND=_ROUND[round_to], EXACT=exact)
     return y
+
+
+_FIXED = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32)
+_DECODE = Tiled(_matmul, _FIXED, configs(BLOCK_M=(16,), BLOCK_N=(16, 32, 64, 128), BLOCK_K=(32, 64, 128)))
+_PREFILL = Tiled(_matmul, _FIXED, configs(BLOCK_M=(32, 64), BLOCK_N=(64, 128), BLOCK_K=(32, 64)))
 
 
 def matmul_4bit(x2d: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ..types import block_geometry
-from .tiles import mma, start, store, x_tile
+from .tiles import Tiled, configs, mma, start, store, x_tile
 
 #: GGUF type -> the kernel's ``QT`` (the decode function's branch)
 TYPES = {"Q8_0": 0, "Q4_0": 1, "Q4_K": 2, "Q6_K": 3}
@@ -138,16 +138,17 @@ def matmul(x2d: torch.Tensor, raw: torch.Tensor, qtype: str, in_features: int, e
     if M == 0:
         return y
     raw = raw.contiguous()
+    args = (x2d, raw, y, M, out, in_features, row_bytes, x2d.stride(0), y.stride(0))
     if M <= GEMV_MAX_ROWS:
-        bn = 64
-        _gemv[(M, triton.cdiv(out, bn))](x2d, raw, y, M, out, in_features, row_bytes, x2d.stride(0), y.stride(0),
-                                         QT=TYPES[qtype], BLOCK_N=bn)
+        _GEMV.launch(lambda meta: (M, triton.cdiv(out, meta["BLOCK_N"])), *args, QT=TYPES[qtype])
     else:
-        bm, bn = 16, 64
-        _matmul[(triton.cdiv(M, bm), triton.cdiv(out, bn))](
-            x2d, raw, y, M, out, in_features, row_bytes, x2d.stride(0), y.stride(0), QT=TYPES[qtype],
-            BLOCK_M=bm, BLOCK_N=bn, EXACT=exact)
+        _MATMUL.launch(lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(out, meta["BLOCK_N"])), *args,
+                       QT=TYPES[qtype], EXACT=exact)
     return y
+
+
+_GEMV = Tiled(_gemv, dict(BLOCK_N=64), configs(BLOCK_N=(8, 16, 32, 64, 128), num_warps=(1, 2, 4)))
+_MATMUL = Tiled(_matmul, dict(BLOCK_M=16, BLOCK_N=64), configs(BLOCK_M=(16, 32, 64), BLOCK_N=(32, 64, 128)))
 
 
 def dequantize(raw: torch.Tensor, qtype: str, in_features: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import mma, start, store, x_tile
+from .tiles import Tiled, configs, mma, start, store, x_tile
 
 #: bit widths the kernel takes (fields never straddle a 32-bit word)
 BITS = (2, 4, 8)
@@ -65,8 +65,13 @@ def matmul(x2d: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales
     M = x2d.shape[0]
     if M == 0:
         return y
-    bm, bn, bk = (16, 64, 32)
-    _matmul[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
-        x2d, qweight.contiguous(), zeros.contiguous(), scales.contiguous(), g_idx.contiguous(), y, M, N, K,
-        x2d.stride(0), y.stride(0), BITS=bits, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EXACT=exact)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+    (_DECODE if M <= 16 else _PREFILL).launch(
+        grid, x2d, qweight.contiguous(), zeros.contiguous(), scales.contiguous(), g_idx.contiguous(), y, M, N, K,
+        x2d.stride(0), y.stride(0), BITS=bits, EXACT=exact)
     return y
+
+
+_FIXED = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32)
+_DECODE = Tiled(_matmul, _FIXED, configs(BLOCK_M=(16,), BLOCK_N=(16, 32, 64, 128), BLOCK_K=(32, 64, 128)))
+_PREFILL = Tiled(_matmul, _FIXED, configs(BLOCK_M=(32, 64), BLOCK_N=(64, 128), BLOCK_K=(32, 64)))

@@ -13,6 +13,36 @@ import triton
 import triton.language as tl
 
 
+class Tiled:
+    """A kernel launched with fixed tile sizes under Triton's interpreter (the tests) and autotuned over
+    ``configs`` on a GPU, keyed on the weight's shape (``N``, ``K``): the best tiles differ per GPU and shape and
+    are measured there, once per shape (at a CUDA graph's warm-up, never inside a capture). The kernels store
+    their output (never accumulate into it), so the tuning runs may repeat them."""
+
+    def __init__(self, fn, fixed: dict, configs: list):
+        self.fn, self.fixed = fn, fixed
+        self.tuned = triton.autotune(configs=configs, key=["N", "K"])(fn)
+
+    def launch(self, grid, *args, **consts) -> None:
+        """``grid``: meta-parameters -> the launch grid."""
+        from . import interpreting
+
+        if interpreting():
+            self.fn[grid](*args, **consts, **self.fixed)
+        else:
+            self.tuned[grid](*args, **consts)
+
+
+def configs(**choices) -> list:
+    """Every combination of the given tile sizes (``num_warps`` among them) as autotuning configs."""
+    import itertools
+
+    warps = choices.pop("num_warps", (4,))
+    keys = list(choices)
+    return [triton.Config(dict(zip(keys, vals)), num_warps=w)
+            for vals in itertools.product(*choices.values()) for w in warps]
+
+
 def start(x2d: torch.Tensor, K: int, N: int, what: str, *weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A kernel's input checked ([M, K], on the device of the ``what`` tensors ``weights``) and made contiguous,
     and its float32 output [M, N]."""
