@@ -109,7 +109,7 @@ def write_gguf(model, path: Path, qtype: str = "F32") -> Path:
 # byte offsets of the fp16 scale(s) inside one block, per type: randomised bytes elsewhere
 _SCALE_OFFSETS = {
     "Q8_0": (0,), "Q4_0": (0,), "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
-    "IQ4_NL": (0,), "IQ4_XS": (0,),
+    "IQ4_NL": (0,), "IQ4_XS": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2),
 }
 
 

@@ -40,7 +40,7 @@ from server_helpers import write_peft_adapter  # noqa: E402
 
 from qadapt.errors import UnsupportedError  # noqa: E402
 
-TYPES = ["Q8_0", "Q4_0", "Q4_K", "Q6_K"]
+TYPES = ["Q8_0", "Q4_0", "Q4_K", "Q6_K", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q5_K", "IQ4_NL", "IQ4_XS"]
 dev_cpu = pytest.mark.skipif(torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                              reason="the CPU interpreter tests run where there is no GPU")
 
@@ -77,8 +77,8 @@ def test_gguf_kernels_check_their_inputs():
     from qadapt.quant.triton import ggml as tg
 
     raw, _ = _blocks("Q4_K", 4, 256)
-    with pytest.raises(ValueError, match="Q5_K"):
-        tg.matmul(torch.zeros(1, 256), raw, "Q5_K", 256)
+    with pytest.raises(ValueError, match="IQ2_XXS"):
+        tg.matmul(torch.zeros(1, 256), raw, "IQ2_XXS", 256)
     with pytest.raises(ValueError, match="uint8"):
         tg.matmul(torch.zeros(1, 512), raw, "Q4_K", 512)
     with pytest.raises(ValueError, match="whole blocks"):

@@ -1,4 +1,5 @@
-"""``x @ W.T`` with ``W`` in GGUF blocks (Q8_0, Q4_0, Q4_K, Q6_K), dequantized tile by tile in the kernel.
+"""``x @ W.T`` with ``W`` in GGUF blocks, dequantized tile by tile in the kernel: Q8_0, Q4_0, Q4_1, Q5_0,
+Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS (:data:`TYPES`; the IQ2/IQ3 grids are not here).
 
 The weight stays the file's bytes, uint8 [out, bytes_per_row] (no dense copy, no repack): each program
 takes BLOCK_N weight rows and BLOCK_M input rows and walks the row 32 elements at a time (every type's
@@ -22,7 +23,8 @@ from ..types import block_geometry
 from .tiles import Tiled, configs, mma, start, store, x_tile
 
 #: GGUF type -> the kernel's ``QT`` (the decode function's branch)
-TYPES = {"Q8_0": 0, "Q4_0": 1, "Q4_K": 2, "Q6_K": 3}
+TYPES = {"Q8_0": 0, "Q4_0": 1, "Q4_K": 2, "Q6_K": 3, "Q4_1": 4, "Q5_0": 5, "Q5_1": 6, "Q2_K": 7, "Q3_K": 8,
+         "Q5_K": 9, "IQ4_NL": 10, "IQ4_XS": 11}
 
 
 @triton.jit
@@ -31,6 +33,40 @@ def _f16(p):
     lo = tl.load(p).to(tl.uint16)
     hi = tl.load(p + 1).to(tl.uint16)
     return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _nibble(w, at, lane):
+    """Element ``lane`` (0..31) of a 32-value run stored as 16 bytes at ``at``: low nibbles first, then high."""
+    byte = tl.load(w + at + (lane % 16)).to(tl.int32)
+    return tl.where(lane < 16, byte & 15, byte >> 4)
+
+
+@triton.jit
+def _bit(w, at, lane):
+    """Bit ``lane`` of the little-endian 32-bit mask at ``at`` (Q5_0 / Q5_1's fifth bits)."""
+    return (tl.load(w + at + lane // 8).to(tl.int32) >> (lane % 8)) & 1
+
+
+@triton.jit
+def _k_scale_min(s, j):
+    """Q4_K / Q5_K: sub-block ``j``'s 6-bit scale and min from the 12 packed bytes at ``s``."""
+    lo_j = tl.load(s + j).to(tl.int32)
+    hi_j = tl.load(s + j + 4).to(tl.int32)
+    lo_m = tl.load(s + tl.where(j >= 4, j - 4, j)).to(tl.int32)
+    sc = tl.where(j < 4, lo_j & 63, (hi_j & 15) | ((lo_m >> 6) << 4))
+    mn = tl.where(j < 4, hi_j & 63, (hi_j >> 4) | ((lo_j >> 6) << 4))
+    return sc.to(tl.float32), mn.to(tl.float32)
+
+
+@triton.jit
+def _iq4(n):
+    """IQ4's non-linear levels (llama.cpp's kvalues_iq4nl) at codes ``n`` (0..15)."""
+    return tl.where(n < 8,
+                    tl.where(n < 4, tl.where(n < 2, tl.where(n == 0, -127, -104), tl.where(n == 2, -83, -65)),
+                             tl.where(n < 6, tl.where(n == 4, -49, -35), tl.where(n == 6, -22, -10))),
+                    tl.where(n < 12, tl.where(n < 10, tl.where(n == 8, 1, 13), tl.where(n == 10, 25, 38)),
+                             tl.where(n < 14, tl.where(n == 12, 53, 69), tl.where(n == 14, 89, 113))))
 
 
 @triton.jit
@@ -43,21 +79,58 @@ def _tile(w, rows, k0, QT: tl.constexpr):
         out = _f16(w + base) * q
     elif QT == 1:  # Q4_0: f16 d, 16 bytes: element j < 16 the low nibble of byte j, j >= 16 the high of j - 16
         base = rows + (k0 // 32) * 18
-        byte = tl.load(w + base + 2 + (lane % 16)).to(tl.int32)
-        nib = tl.where(lane < 16, byte & 15, byte >> 4)
-        out = _f16(w + base) * (nib - 8).to(tl.float32)
-    elif QT == 2:  # Q4_K: f16 d, f16 dmin, 12 bytes of 6-bit scales/mins for 8 sub-blocks, 128 bytes of nibbles
-        base = rows + (k0 // 256) * 144
+        out = _f16(w + base) * (_nibble(w, base + 2, lane) - 8).to(tl.float32)
+    elif QT == 2 or QT == 9:  # Q4_K / Q5_K: f16 d, f16 dmin, 12 bytes of 6-bit scales/mins for 8 sub-blocks,
+        # (Q5_K: 32 bytes of fifth bits, bit j of byte l for sub-block j,) then nibbles: 32 bytes per 2 sub-blocks
+        size: tl.constexpr = 144 if QT == 2 else 176
+        base = rows + (k0 // 256) * size
         j = (k0 % 256) // 32  # the sub-block
-        byte = tl.load(w + base + 16 + (j // 2) * 32 + lane).to(tl.int32)
-        nib = tl.where(j % 2 == 0, byte & 15, byte >> 4)
-        s = w + base + 4
-        lo_j = tl.load(s + j).to(tl.int32)
-        hi_j = tl.load(s + j + 4).to(tl.int32)
-        lo_m = tl.load(s + tl.where(j >= 4, j - 4, j)).to(tl.int32)
-        sc = tl.where(j < 4, lo_j & 63, (hi_j & 15) | ((lo_m >> 6) << 4))
-        mn = tl.where(j < 4, hi_j & 63, (hi_j >> 4) | ((lo_j >> 6) << 4))
-        out = _f16(w + base) * sc.to(tl.float32) * nib.to(tl.float32) - _f16(w + base + 2) * mn.to(tl.float32)
+        byte = tl.load(w + base + (16 if QT == 2 else 48) + (j // 2) * 32 + lane).to(tl.int32)
+        q = tl.where(j % 2 == 0, byte & 15, byte >> 4)
+        if QT == 9:
+            q = q | (((tl.load(w + base + 16 + lane).to(tl.int32) >> j) & 1) << 4)
+        sc, mn = _k_scale_min(w + base + 4, j)
+        out = _f16(w + base) * sc * q.to(tl.float32) - _f16(w + base + 2) * mn
+    elif QT == 4:  # Q4_1: f16 d, f16 m, 16 bytes of nibbles
+        base = rows + (k0 // 32) * 20
+        out = _f16(w + base) * _nibble(w, base + 4, lane).to(tl.float32) + _f16(w + base + 2)
+    elif QT == 5:  # Q5_0: f16 d, 32 fifth bits, 16 bytes of nibbles; codes centred on 16
+        base = rows + (k0 // 32) * 22
+        q = (_nibble(w, base + 6, lane) | (_bit(w, base + 2, lane) << 4)) - 16
+        out = _f16(w + base) * q.to(tl.float32)
+    elif QT == 6:  # Q5_1: f16 d, f16 m, 32 fifth bits, 16 bytes of nibbles
+        base = rows + (k0 // 32) * 24
+        q = _nibble(w, base + 8, lane) | (_bit(w, base + 4, lane) << 4)
+        out = _f16(w + base) * q.to(tl.float32) + _f16(w + base + 2)
+    elif QT == 7:  # Q2_K: 16 bytes of 4-bit scale|min per 16 values, 64 bytes of 2-bit codes, f16 d, f16 dmin
+        base = rows + (k0 // 256) * 84
+        p = k0 % 256
+        q = (tl.load(w + base + 16 + (p // 128) * 32 + lane).to(tl.int32) >> (2 * ((p % 128) // 32))) & 3
+        sc = tl.load(w + base + p // 16 + lane // 16).to(tl.int32)
+        dl = _f16(w + base + 80) * (sc & 15).to(tl.float32)
+        ml = _f16(w + base + 82) * (sc >> 4).to(tl.float32)
+        out = dl * q.to(tl.float32) - ml
+    elif QT == 8:  # Q3_K: 32 bytes of high-bit masks, 64 bytes of 2-bit codes, 12 bytes of 6-bit scales, f16 d
+        base = rows + (k0 // 256) * 110
+        p = k0 % 256
+        ql = (tl.load(w + base + 32 + (p // 128) * 32 + lane).to(tl.int32) >> (2 * ((p % 128) // 32))) & 3
+        hb = (tl.load(w + base + lane).to(tl.int32) >> (p // 32)) & 1
+        q = ql - ((hb ^ 1) << 2)  # the high bit set means no offset
+        i = p // 16 + lane // 16  # the 16-value group, its scale: 4 low bits and 2 high bits
+        lo = (tl.load(w + base + 96 + i % 8).to(tl.int32) >> (4 * (i // 8))) & 15
+        hi = (tl.load(w + base + 104 + i % 4).to(tl.int32) >> (2 * (i // 4))) & 3
+        sc = ((lo | (hi << 4)) - 32).to(tl.float32)
+        out = (_f16(w + base + 108) * sc) * q.to(tl.float32)
+    elif QT == 10:  # IQ4_NL: f16 d, 16 bytes of nibbles indexing the non-linear levels
+        base = rows + (k0 // 32) * 18
+        out = _f16(w + base) * _iq4(_nibble(w, base + 2, lane)).to(tl.float32)
+    elif QT == 11:  # IQ4_XS: f16 d, 16-bit high scale bits, 4 bytes of low scale nibbles, 128 bytes of nibbles
+        base = rows + (k0 // 256) * 136
+        j = (k0 % 256) // 32
+        lo = (tl.load(w + base + 4 + j // 2).to(tl.int32) >> (4 * (j % 2))) & 15
+        hbits = tl.load(w + base + 2).to(tl.int32) | (tl.load(w + base + 3).to(tl.int32) << 8)
+        sc = ((lo | (((hbits >> (2 * j)) & 3) << 4)) - 32).to(tl.float32)
+        out = (_f16(w + base) * sc) * _iq4(_nibble(w, base + 8 + j * 16, lane)).to(tl.float32)
     else:  # Q6_K: 128 bytes low nibbles, 64 bytes 2-bit high planes, 16 int8 scales, f16 d (last)
         base = rows + (k0 // 256) * 210
         p = k0 % 256
