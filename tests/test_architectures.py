@@ -29,6 +29,7 @@ import qadapt
 from qadapt.errors import InputError, SourceError, UnsupportedError
 from qadapt.layer_maps import get_layer_map
 
+from device_marks import require
 from models import qwen1_checkpoint, save_hf, save_tokenizer, tiny_arch, tokenizer_metadata, write_quantized
 
 ARCHS = ["llama", "mistral", "phi3", "qwen2", "qwen3", "gemma2", "gemma3_text", "gpt2"]
@@ -207,6 +208,28 @@ def test_adapter_on_every_target_matches_peft(zoo, tmp_path, arch, base):
         m = qadapt.load(path, mode=mode, quant=quant, adapters={"a": str(folder)})
         assert len(m.adapters["a"].factors) == len(wrapped)
         _check(m.logits(IDS_LONG), want, mode, qtype)
+
+
+@pytest.mark.parametrize("where", ["triton", "cuda"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_device_path_matches_peft(zoo, tmp_path, arch, where):
+    """Every family on the device path (GGUF Q8_0 blocks through the Triton kernels, the adapter in a slot, the
+    KV cache there), a prompt and a decode step, against PEFT over the dequantized transformers model.
+    ``triton``: the CPU interpreter, float32 tiles (the exact path's tolerance); ``cuda``: float16 tensor-core
+    tiles, 2e-3 of the logit scale (tests/test_triton.py)."""
+    kw = require(where)
+    path, ref = zoo(arch, "gguf-Q8_0")
+    folder, _ = _make_adapter(ref, tmp_path / "a", arch, seed=7)
+    want = _peft_logits(ref, folder, IDS_LONG)
+    m = qadapt.load(path, adapters={"a": str(folder)}, **kw)
+    cache = m.new_cache(IDS_LONG.shape[1], batch=2)
+    T = IDS_LONG.shape[1] - 1
+    first = m.step(IDS_LONG[:, :T], torch.arange(T).expand(2, T), cache)
+    last = m.step(IDS_LONG[:, T:], torch.full((2, 1), T), cache)
+    tol = _inplace_tol("Q8_0", want) if where == "triton" else 2e-3 * float(want.abs().max())
+    for got, pos in ((first, T - 1), (last, T)):
+        err = float((got - want[:, pos]).abs().max())
+        assert err <= tol, (pos, err, tol)
 
 
 # ------------------------------------------------------------------------------------------ Qwen-1

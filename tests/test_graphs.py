@@ -11,23 +11,18 @@ graphs (tools/gpu_check.py runs it).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported
 pytest.importorskip("triton")
 
+from device_marks import cuda, interpreter  # noqa: E402
 import qadapt  # noqa: E402
 from models import tiny_arch, tiny_hf, write_quantized  # noqa: E402
 from server_helpers import write_peft_adapter  # noqa: E402
 
 from qadapt.runtime.graphs import DecodeGraphs  # noqa: E402
 
-dev_cpu = pytest.mark.skipif(torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-                             reason="the CPU interpreter tests run where there is no GPU")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +54,7 @@ def _decode(ref, tri, rows_per_step, prompt_len=5, batch=3, positions_skew=True)
         nxt, at = want.argmax(-1, keepdim=True), at + 1
 
 
-@dev_cpu
+@interpreter
 def test_static_steps_match_the_eager_path_whatever_the_rows(llama):
     """One "graph" captured on rows naming only adapter c (q only) then replayed for rows naming a and b (every
     projection): every LoRA layer takes its slots in a replay, so their k/v/o deltas apply too. A different
@@ -77,7 +72,7 @@ def test_static_steps_match_the_eager_path_whatever_the_rows(llama):
     assert graphs.replays == before + 1 and len(graphs.graphs) == 3
 
 
-@dev_cpu
+@interpreter
 def test_steps_a_graph_cannot_express_run_eagerly(llama, tmp_path):
     """aLoRA, DoRA rows and prompts take the eager path (counted: no replay), and still match."""
     from models import make_adapter
@@ -93,7 +88,7 @@ def test_steps_a_graph_cannot_express_run_eagerly(llama, tmp_path):
     assert graphs.replays == 0 and not graphs.graphs
 
 
-@dev_cpu
+@interpreter
 @pytest.mark.parametrize("arch", ["mistral", "gemma3_text"])
 def test_windows_and_local_layers(tmp_path, arch):
     """A sliding window (Mistral: 6) and Gemma 3's local/global layers (their own rotary base) in the static mask,
@@ -108,7 +103,7 @@ def test_windows_and_local_layers(tmp_path, arch):
 
 
 # ------------------------------------------------------------------------------------------ on a GPU
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (tools/gpu_check.py runs it)")
+@cuda
 def test_cuda_graphs_replay_the_decode_step(llama):
     """Real CUDA graphs: decode steps replayed against the CPU's exact path at the GPU path's float16
     tolerance (tests/test_triton.py: 2e-3 of the logit scale), and against the same GPU model run eagerly."""

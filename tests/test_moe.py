@@ -32,6 +32,7 @@ import torch
 
 import qadapt
 from qadapt.errors import AdapterError, InputError, UnsupportedError
+from device_marks import require
 from real_configs import build, convert, dequantized_model, save
 
 pytest.importorskip("peft")
@@ -145,6 +146,26 @@ def test_expert_lora_matches_peft(world, name, layout, base):
     experts = [p for p in m.adapters["a"].factors if ".experts." in p]
     n_exp = hf.config.num_local_experts
     assert len(experts) == hf.config.num_hidden_layers * n_exp * 3, len(experts)
+
+
+@pytest.mark.parametrize("where", ["triton", "cuda"])
+@pytest.mark.parametrize("name", sorted(MOE))
+def test_experts_on_the_device_path(world, name, where):
+    """A llama.cpp-converted MoE GGUF on the device path (each expert's slice of the merged ``ffn_*_exps`` tensors
+    through the Triton kernels, the expert LoRAs in slots, rows routed per token) against PEFT over the
+    dequantized model; a second row without the adapter against the model alone. Tolerances as
+    tests/test_triton.py: the exact path's 1e-4 on the interpreter, 2e-3 of the logit scale on CUDA."""
+    kw = require(where)
+    d, models = world
+    hf, _, adapters = models[name]
+    path = d / f"{name}.q8_0.gguf"
+    ref = dequantized_model(hf, path, MOE[name][1])
+    m = qadapt.load(path, adapters={"a": str(adapters["parameters"])}, activate=[], **kw)
+    cache = m.new_cache(16, batch=2)
+    got = m.step(IDS, torch.arange(12).expand(2, 12), cache, rows=(("a",), ()))
+    want = torch.stack([_peft(ref, adapters["parameters"], IDS[:1])[0, -1], ref(IDS[1:]).logits.detach()[0, -1]])
+    tol = 1e-4 if where == "triton" else 2e-3 * float(want.abs().max())
+    assert float((got - want).abs().max()) <= tol
 
 
 def test_rows_with_different_adapters_in_one_batch(world):

@@ -19,16 +19,13 @@ logits by far more than the tolerance.
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # the device path's Triton kernels on CPU: before Triton is imported
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import qadapt
+from device_marks import require
 from models import make_adapter, tiny_hf, write_quantized
 
 pytest.importorskip("peft")
@@ -175,15 +172,8 @@ def load_kw(load: dict, mode: str) -> dict:
     """qadapt.load's arguments for a base and a test mode (``auto``: in place on the default kernels; ``triton``:
     the device path, its GGUF kernels and slots, run on CPU under Triton's interpreter, exact float32 tiles)."""
     kw = {k: v for k, v in load.items() if k != "path"}
-    if mode == "triton":
-        pytest.importorskip("triton")
-        if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-            pytest.skip("the interpreter case runs where there is no GPU (the cuda case runs here)")
-        return {**kw, "mode": "inplace", "kernels": "triton"}
-    if mode == "cuda":
-        if not torch.cuda.is_available():
-            pytest.skip("needs CUDA (tools/gpu_check.py runs it)")
-        return {**kw, "mode": "inplace", "device": "cuda"}
+    if mode in ("triton", "cuda"):
+        return {**kw, "mode": "inplace", **require(mode)}
     return {**kw, "mode": "inplace", "kernels": "auto"} if mode == "auto" else {**kw, "mode": mode}
 
 

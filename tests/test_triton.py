@@ -27,13 +27,12 @@ import sys
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported: it reads its settings then
 pytest.importorskip("triton")
 
 import numpy as np  # noqa: E402
 from gguf import GGMLQuantizationType, quants  # noqa: E402
 
+from device_marks import cuda, interpreter  # noqa: E402
 import qadapt  # noqa: E402
 from models import random_blocks, tiny_arch, tiny_hf, write_quantized  # noqa: E402
 from server_helpers import write_peft_adapter  # noqa: E402
@@ -41,8 +40,6 @@ from server_helpers import write_peft_adapter  # noqa: E402
 from qadapt.errors import UnsupportedError  # noqa: E402
 
 TYPES = ["Q8_0", "Q4_0", "Q4_K", "Q6_K", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q5_K", "IQ4_NL", "IQ4_XS"]
-dev_cpu = pytest.mark.skipif(torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-                             reason="the CPU interpreter tests run where there is no GPU")
 
 
 def _blocks(qtype: str, rows: int, cols: int, seed: int = 0):
@@ -52,7 +49,7 @@ def _blocks(qtype: str, rows: int, cols: int, seed: int = 0):
     return raw, torch.from_numpy(ref.astype(np.float32)).reshape(rows, cols)
 
 
-@dev_cpu
+@interpreter
 @pytest.mark.parametrize("qtype", TYPES)
 def test_gguf_kernels_match_gguf_py(qtype):
     from qadapt.quant.triton import ggml as tg
@@ -72,7 +69,7 @@ def test_gguf_kernels_match_gguf_py(qtype):
             assert ((fast - want).abs() <= bound).all(), qtype
 
 
-@dev_cpu
+@interpreter
 def test_gguf_kernels_check_their_inputs():
     from qadapt.quant.triton import ggml as tg
 
@@ -87,7 +84,7 @@ def test_gguf_kernels_check_their_inputs():
         tg.matmul(torch.zeros(1, 128), raw, "Q4_K", 256)
 
 
-@dev_cpu
+@interpreter
 def test_bgmv_matches_a_per_row_loop():
     from qadapt.adapters.slots import bgmv_reference
     from qadapt.quant.triton.bgmv import bgmv
@@ -125,7 +122,7 @@ def models(tmp_path_factory):
     return out
 
 
-@dev_cpu
+@interpreter
 @pytest.mark.parametrize("which", ["q8", "q4k"])
 def test_model_on_the_triton_path_matches_exact(models, which):
     """The whole model through the device path (GGUF kernels, adapters in slots, per-row mixes, a decode
@@ -154,7 +151,7 @@ def test_model_on_the_triton_path_matches_exact(models, which):
     assert tri._slots.swaps == 3  # a, b, c: each copied into a slot once
 
 
-@dev_cpu
+@interpreter
 def test_slots_swap_by_lru_and_refuse_an_overfull_batch(models):
     path, ads = models["q8"]
     ref = qadapt.load(path, kernels="exact", adapters=ads, activate=[])
@@ -171,7 +168,7 @@ def test_slots_swap_by_lru_and_refuse_an_overfull_batch(models):
                  rows=(("a",), ("b",), ("c",)))
 
 
-@dev_cpu
+@interpreter
 @pytest.mark.parametrize("name", ["4bit-actorder-asym-v1", "4bit-sym-v2", "8bit", "2bit"])
 def test_gptq_kernel_matches_the_gptq_formula(name):
     """The GPTQ Triton kernel on the packed codes (act-order gathered through g_idx, v1 zeros) against GPTQ's
@@ -202,7 +199,7 @@ def test_gptq_kernel_matches_the_gptq_formula(name):
         GPTQLinear(**t3, bits=3, group_size=32, checkpoint_format="gptq", name="blk").use_triton()
 
 
-@dev_cpu
+@interpreter
 def test_gptq_model_on_the_triton_path_matches_exact(tmp_path):
     """A GPTQ 4-bit act-order checkpoint loaded with kernels="triton" (the device path on the CPU interpreter:
     its linears on the Triton GPTQ kernel, adapters in slots) against the CPU path's logits, with and without a
@@ -244,7 +241,6 @@ def test_triton_on_cpu_without_the_interpreter_is_refused(models):
 
 
 # ------------------------------------------------------------------------------------------ on a GPU
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (tools/gpu_check.py runs these)")
 
 
 @cuda

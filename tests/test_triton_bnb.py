@@ -16,27 +16,21 @@ Tolerances, from the error model:
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported: it reads its settings then
 pytest.importorskip("triton")
 pytest.importorskip("bitsandbytes", reason="bitsandbytes is optional (pip install 'qadapt[bnb]')")
 
 import bitsandbytes.functional as F  # noqa: E402
 
+from device_marks import cuda, interpreter  # noqa: E402
 import qadapt  # noqa: E402
 from models import tiny_hf  # noqa: E402
 from server_helpers import write_peft_adapter  # noqa: E402
 
 from qadapt.quant.bnb import BnbLinear  # noqa: E402
 
-dev_cpu = pytest.mark.skipif(torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-                             reason="the CPU interpreter tests run where there is no GPU")
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (tools/gpu_check.py runs these)")
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, tol: float = 1e-5) -> float:
@@ -45,7 +39,7 @@ def _close(got: torch.Tensor, want: torch.Tensor, tol: float = 1e-5) -> float:
     return err
 
 
-@dev_cpu
+@interpreter
 @pytest.mark.parametrize("quant", ["nf4", "fp4"])
 @pytest.mark.parametrize("nested", [False, True])
 def test_4bit_kernel_matches_bitsandbytes_dequantize(quant, nested):
@@ -70,7 +64,7 @@ def test_4bit_kernel_matches_bitsandbytes_dequantize(quant, nested):
         _close(run(x), x.double() @ ref.double().T)
 
 
-@dev_cpu
+@interpreter
 def test_int8_kernel_matches_int8_vectorwise_dequant():
     from qadapt.quant.triton.bnb import matmul_int8
 
@@ -83,7 +77,7 @@ def test_int8_kernel_matches_int8_vectorwise_dequant():
     _close(matmul_int8(x, cb, scb, exact=True), x.double() @ ref.double().T)
 
 
-@dev_cpu
+@interpreter
 def test_bnb_kernels_check_their_inputs():
     from qadapt.quant.triton.bnb import matmul_4bit, matmul_int8
 
@@ -104,7 +98,7 @@ def test_bnb_kernels_check_their_inputs():
         matmul_int8(x, torch.zeros(4, 128, dtype=torch.int8), torch.ones(3))
 
 
-@dev_cpu
+@interpreter
 @pytest.mark.parametrize("quant", ["nf4-dq", "fp4", "int8"])
 def test_layer_use_triton_keeps_the_stored_weight(quant):
     """After use_triton() the layer holds the checkpoint's tensors as buffers (nested absmax still uint8, the
@@ -147,7 +141,7 @@ MODEL_CASES = {"nf4-dq": ("fp", dict(quant="nf4", double_quant=True)), "fp4": ("
                "int8": ("fp", dict(quant="int8")), "nf4-dq-saved": ("pre", {})}
 
 
-@dev_cpu
+@interpreter
 @pytest.mark.parametrize("case", list(MODEL_CASES))
 def test_bnb_model_on_the_triton_path_matches_dequantize(bnb_folders, case):
     """kernels="triton" (the device path on the CPU interpreter: the bnb layers on the Triton kernel, the adapter

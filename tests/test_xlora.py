@@ -16,19 +16,16 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # the device path's Triton kernels on CPU: before Triton is imported
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import qadapt
 from qadapt.errors import AdapterError, FormatError, QadaptError, UnsupportedError
 
+from device_marks import require
 from models import make_adapter, tiny_hf, write_quantized
 
 pytest_plugins = ["fixtures_s3"]
@@ -239,13 +236,8 @@ def test_device_path_matches_peft(world, where):
     logits and scalings against PEFT, then greedy decoding with both KV caches against PEFT's full forwards.
     ``triton``: the CPU interpreter, exact float32 tiles (ATOL as above); ``cuda``: float16 tensor-core tiles,
     2e-3 of the logit scale (tests/test_triton.py's bound)."""
-    pytest.importorskip("triton")
-    if where == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs CUDA (tools/gpu_check.py runs it)")
-    if where == "triton" and torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("the interpreter case runs where there is no GPU")
+    kw = require(where)
     path, pm, ref_layout, _ = world("Q8_0", "d2-layerwise-topk")
-    kw = dict(device="cuda") if where == "cuda" else dict(kernels="triton")
     m = qadapt.load(path, xlora=str(ref_layout), **kw)
     want, want_s = peft_forward(pm, IDS)
     got = m.logits(IDS)

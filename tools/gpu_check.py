@@ -8,8 +8,8 @@ what else it needs travels as wheels made here first (``--prepare``). In order:
    dependencies, torch being there) with ``--no-index``;
 2. runs the GPU tests (``pytest tests/test_triton.py tests/test_triton_bnb.py tests/test_graphs.py`` and the
    device cases of tests/test_peft_features.py: the kernels, ``device="cuda"`` models against the CPU's exact /
-   dequantized path, CUDA graphs against eager steps, every PEFT adapter kind and X-LoRA on the GPU against
-   PEFT);
+   dequantized path, CUDA graphs against eager steps, every PEFT adapter kind, X-LoRA and every family on the
+   GPU against PEFT; the MoE device test needs llama.cpp's converter, 77 MB, not carried);
 3. measures the copy bandwidth (a device-to-device copy of 4 GiB: read + write bytes over time);
 4. writes a random Llama-3-8B-shaped GGUF per type (Q4_0, Q8_0, Q4_K_M; random blocks with small scales:
    the bytes a real file has, no quantization run) and measures batch-1 decode tokens/s with one rank-16
@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     if not a.no_tests:
         r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton.py",
-                            "tests/test_triton_bnb.py", "tests/test_graphs.py", "tests/test_peft_features.py", "tests/test_xlora.py", "-k",
+                            "tests/test_triton_bnb.py", "tests/test_graphs.py", "tests/test_peft_features.py", "tests/test_xlora.py",
+                            "tests/test_architectures.py", "-k",
                             "cuda or triton or graph"], cwd=ROOT, capture_output=True, text=True,
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
         report["tests"] = {"exit": r.returncode, "tail": r.stdout[-3000:] + r.stderr[-2000:]}
