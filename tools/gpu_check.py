@@ -4,12 +4,13 @@
 Made for a machine with one NVIDIA GPU, torch (CUDA), Triton, transformers and PEFT, and no package index:
 what else it needs travels as wheels made here first (``--prepare``). In order:
 
-1. installs the carried wheels (gguf, pytest, httpx and their dependencies; bitsandbytes without its
-   dependencies, torch being there) with ``--no-index``;
+1. installs the carried wheels (gguf, pytest, httpx, the server's packages and the OpenAI client, and their
+   dependencies; bitsandbytes without its dependencies, torch being there) with ``--no-index``;
 2. runs the GPU tests (``pytest tests/test_triton.py tests/test_triton_bnb.py tests/test_graphs.py`` and the
    device cases of tests/test_peft_features.py: the kernels, ``device="cuda"`` models against the CPU's exact /
    dequantized path, CUDA graphs against eager steps, every PEFT adapter kind, X-LoRA and every family on the
-   GPU against PEFT; the MoE device test needs llama.cpp's converter, 77 MB, not carried);
+   GPU against PEFT, ``qadapt serve --device cuda`` batching clients on different adapters; the MoE device test
+   needs llama.cpp's converter, 77 MB, not carried);
 3. measures the copy bandwidth (a device-to-device copy of 4 GiB: read + write bytes over time);
 4. writes a random Llama-3-8B-shaped GGUF per type (Q4_0, Q8_0, Q4_K_M; random blocks with small scales:
    the bytes a real file has, no quantization run) and measures batch-1 decode tokens/s with one rank-16
@@ -42,7 +43,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-WHEELS = ["gguf==0.19.0", "pytest>=8", "httpx>=0.27", "pyyaml", "click>=8.1", "jinja2>=3.1.6", "tqdm>=4.66"]
+WHEELS = ["gguf==0.19.0", "pytest>=8", "httpx>=0.27", "pyyaml", "click>=8.1", "jinja2>=3.1.6", "tqdm>=4.66",
+          "starlette>=0.40", "uvicorn>=0.30", "pydantic>=2.5", "llguidance>=1.9.1", "openai>=1.0"]  # + the server
+ON_DEVICE = {"numpy", "torch", "triton", "transformers", "peft", "safetensors"}
 NO_DEPS = ["bitsandbytes==0.50.2"]  # its dependencies (torch, numpy) are on the GPU machine: not carried
 
 def prepare(folder: Path) -> None:
@@ -50,7 +53,11 @@ def prepare(folder: Path) -> None:
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "-d", str(folder), *WHEELS], check=True)
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(folder), *NO_DEPS],
                    check=True)
-    print(f"wheels in {folder}: {len(list(folder.glob('*.whl')))}; carry it to the GPU machine")
+    for w in folder.glob("*.whl"):  # the GPU machine has these (torch's and transformers' own): not carried
+        if w.name.split("-")[0].lower() in ON_DEVICE:
+            w.unlink()
+    size = sum(w.stat().st_size for w in folder.glob("*.whl"))
+    print(f"wheels in {folder}: {len(list(folder.glob('*.whl')))}, {size / 2**20:.0f} MiB; carry it to the GPU machine")
 
 
 def install(folder: Path) -> None:
@@ -216,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_tests:
         r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton.py",
                             "tests/test_triton_bnb.py", "tests/test_graphs.py", "tests/test_peft_features.py", "tests/test_xlora.py",
-                            "tests/test_architectures.py", "-k",
+                            "tests/test_architectures.py", "tests/test_server_device.py", "-k",
                             "cuda or triton or graph"], cwd=ROOT, capture_output=True, text=True,
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
         report["tests"] = {"exit": r.returncode, "tail": r.stdout[-3000:] + r.stderr[-2000:]}
