@@ -29,6 +29,8 @@ import qadapt  # noqa: E402
 from models import tiny_hf  # noqa: E402
 from server_helpers import write_peft_adapter  # noqa: E402
 
+from qadapt.errors import UnsupportedError  # noqa: E402
+from qadapt.quant import bnb as bnb_mod  # noqa: E402
 from qadapt.quant.bnb import BnbLinear  # noqa: E402
 
 
@@ -160,6 +162,31 @@ def test_bnb_model_on_the_triton_path_matches_dequantize(bnb_folders, case):
         ref.activate_adapters(act)
         tri.activate_adapters(act)
         _close(tri.logits(ids), ref.logits(ids).double())
+
+
+@interpreter
+@pytest.mark.parametrize("case", ["nf4-dq-saved", "fp4"])
+def test_bitsandbytes_own_kernel_on_the_device_path(bnb_folders, case, monkeypatch):
+    """``QADAPT_BNB_KERNEL=bnb`` (the default on a GPU): bitsandbytes' ``matmul_4bit`` on the layer's buffers as a
+    QuantState (nested absmax included), here its CPU kernel in float32, against mode="dequantize" with and
+    without a LoRA: 1e-5 of the logit scale."""
+    d, ads = bnb_folders
+    folder, kw = MODEL_CASES[case]
+    ref = qadapt.load(d / folder, mode="dequantize", adapters=ads, activate=[], **kw)
+    tri = qadapt.load(d / folder, kernels="triton", adapters=ads, activate=[], **kw)
+    monkeypatch.setenv("QADAPT_BNB_KERNEL", "bnb")
+    ids = torch.tensor([[1, 5, 9, 33, 7, 2]])
+    calls = []
+    real = bnb_mod._bnb_matmul
+    monkeypatch.setattr(bnb_mod, "_bnb_matmul", lambda *a: calls.append(1) or real(*a))
+    for act in ([], ["a"]):
+        ref.activate_adapters(act)
+        tri.activate_adapters(act)
+        _close(tri.logits(ids), ref.logits(ids).double())
+    assert len(calls) == 2 * 14
+    monkeypatch.setenv("QADAPT_BNB_KERNEL", "fast")
+    with pytest.raises(UnsupportedError, match="QADAPT_BNB_KERNEL='fast'"):
+        tri.logits(ids)
 
 
 @cuda

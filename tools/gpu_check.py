@@ -20,7 +20,8 @@ what else it needs travels as wheels made here first (``--prepare``). In order:
 5. aggregate decode tokens/s for 64 sequences on 64 different adapters and on one shared adapter.
 6. the same for a random GPTQ 4-bit checkpoint of that shape (group 128), in place on the Triton GPTQ kernel;
 7. the same for a random bitsandbytes nf4 checkpoint of that shape (blocksize 64, no double quantization),
-   in place on the Triton bitsandbytes kernel (its load includes bitsandbytes' CPU repack and its undoing).
+   in place on bitsandbytes' own CUDA kernels (the default there), then batch-1 decode on qadapt's Triton
+   kernel over the same bytes (its load includes bitsandbytes' CPU repack and its undoing).
 
 Examples::
 
@@ -188,7 +189,19 @@ def nf4_run(a, shape: dict, adapters: dict, bw: float) -> dict:
         read = write_nf4_model(folder, shape)
     except Exception as e:  # noqa: BLE001
         return {"error": f"{type(e).__name__}: {e}"}
-    run = measure_model(folder, a, adapters, bw, read, time.perf_counter() - t)
+    run = measure_model(folder, a, adapters, bw, read, time.perf_counter() - t)  # bitsandbytes' own kernels
+    os.environ["QADAPT_BNB_KERNEL"] = "triton"  # then qadapt's Triton kernel on the same bytes, batch-1 decode
+    try:
+        import qadapt
+
+        m = qadapt.load(folder, device=a.device, kernels="triton", adapters={"a0": adapters["a0"]},
+                        activate=["a0"])
+        run["triton_kernel_decode_tps_1_lora"] = decode_tps(m, 1, None, a.tokens, a.device)
+        del m
+    except Exception as e:  # noqa: BLE001
+        run["triton_kernel_error"] = f"{type(e).__name__}: {e}"
+    finally:
+        del os.environ["QADAPT_BNB_KERNEL"]
     shutil.rmtree(folder, ignore_errors=True)
     print("nf4", json.dumps(run), flush=True)
     return run

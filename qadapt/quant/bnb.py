@@ -177,19 +177,38 @@ class BnbLinear(BaseLinear):
         if self.qtype == "int8":
             cb, scb = self._int8_parts()
             return F.int8_vectorwise_dequant(cb, scb).float().to(dtype)
-        if self.path == "triton":  # the state's tensors are the layer's buffers (wherever .to() moved them)
-            st = copy.copy(self._state4)
-            st.absmax, st.code = self.absmax, self.code
-            if st.nested:
-                st.offset, st.state2 = self.offset, copy.copy(st.state2)
-                st.state2.absmax, st.state2.code = self.absmax2, self.code2
-            return F.dequantize_4bit(self.codes, st).float().reshape(self.out_features, self.in_features).to(dtype)
+        if self.path == "triton":
+            return F.dequantize_4bit(self.codes, self._quant_state()).float().reshape(
+                self.out_features, self.in_features).to(dtype)
         w = self.inner.weight
         packed = w.data
         if getattr(w.quant_state, "packing_format_for_cpu", False):
             # undo the CPU kernel's weight layout (a bit permutation, exact); its state copy is discarded
             packed, _ = F._convert_weight_packed_for_cpu_inverse(packed, copy.copy(w.quant_state))
         return F.dequantize_4bit(packed, self._state4).float().reshape(self.out_features, self.in_features).to(dtype)
+
+    def _quant_state(self):
+        """bitsandbytes' QuantState of the weight whose tensors are this layer's buffers (on the device path,
+        wherever ``.to()`` moved them)."""
+        st = copy.copy(self._state4)
+        st.absmax, st.code = self.absmax, self.code
+        if st.nested:
+            st.offset, st.state2 = self.offset, copy.copy(st.state2)
+            st.state2.absmax, st.state2.code = self.absmax2, self.code2
+        return st
+
+    def _kernel(self, x: torch.Tensor) -> str:
+        """Which kernel multiplies a 4-bit weight on the device path: bitsandbytes' own (its CUDA GEMV and
+        dequantize kernels, as a transformers bnb model runs them) on a GPU, the Triton kernel elsewhere;
+        ``QADAPT_BNB_KERNEL=triton|bnb`` chooses (gpu_check measures both)."""
+        import os
+
+        want = os.environ.get("QADAPT_BNB_KERNEL", "")
+        if want in ("triton", "bnb"):
+            return want
+        if want:
+            raise UnsupportedError(f"QADAPT_BNB_KERNEL={want!r}: use 'bnb' or 'triton'")
+        return "bnb" if x.device.type == "cuda" and not _BNB_CUDA_FAILED else "triton"
 
     def use_triton(self) -> None:
         """Multiply with the Triton kernel (:mod:`.triton.bnb`, on a GPU or the CPU interpreter) on the weight
@@ -237,6 +256,11 @@ class BnbLinear(BaseLinear):
             exact = x2d.device.type != "cuda"  # float16 tiles on a GPU's tensor cores, float32 under the interpreter
             if self.qtype == "int8":
                 y = tb.matmul_int8(x2d, self.cb, self.scb, exact=exact)
+            elif self._kernel(x2d) == "bnb":
+                y = _bnb_matmul(x2d.to(self.compute_dtype), self.codes.view(-1, 1).t(), self._quant_state())
+                if y is None:
+                    return self.forward(x)  # bitsandbytes cannot run here: the Triton kernel from now on
+                y = y.float()
             else:
                 st = self._state4
                 y = tb.matmul_4bit(x2d, self.codes, self.absmax, self.code, st.blocksize,
@@ -271,6 +295,27 @@ class BnbLinear(BaseLinear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", " + ", ".join(f"{k}={v}" for k, v in self.config().items() if k != "quant_type")
+
+
+_BNB_CUDA_FAILED = False  # bitsandbytes failed on the GPU once (no CUDA binary for it): the Triton kernel since
+
+
+def _bnb_matmul(x2d: torch.Tensor, packed_t: torch.Tensor, state) -> torch.Tensor | None:
+    """``bitsandbytes.matmul_4bit`` (its CUDA kernels on a GPU); None, with a warning once, where it cannot run."""
+    global _BNB_CUDA_FAILED
+    try:
+        import bitsandbytes as bnb
+
+        return bnb.matmul_4bit(x2d, packed_t, quant_state=state)
+    except Exception as e:  # noqa: BLE001 - an install without this GPU's binary raises RuntimeError/OSError
+        import os
+
+        if x2d.device.type != "cuda" or os.environ.get("QADAPT_BNB_KERNEL") == "bnb":
+            raise
+        _BNB_CUDA_FAILED = True
+        log.warning("bitsandbytes' 4-bit kernel failed on %s (%s: %s); using qadapt's Triton kernel", x2d.device,
+                    type(e).__name__, e)
+        return None
 
 
 def _check_quant(quant: str, compute_dtype: torch.dtype) -> None:
