@@ -336,7 +336,7 @@ def _resolve_or_none(source: str, subfolder: str | None, name: str, report: Chec
 
 def _check_xlora(ordering: Ordering, source: str, info: ModelInfo | None, report: CheckReport) -> None:
     """The ordering against an X-LoRA checkpoint: training order, classifier rows, adapters, no lm_head."""
-    from .adapters.xlora import ordering_problems, read_xlora, wrapped_modules
+    from .adapters.xlora_checkpoint import ordering_problems, read_xlora, wrapped_modules
 
     where = f"xlora {source}"
     try:

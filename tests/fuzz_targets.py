@@ -43,7 +43,7 @@ def _adapter_config(folder: Path) -> None:
 
 
 def _xlora_config(folder: Path) -> None:
-    from qadapt.adapters.xlora import read_xlora
+    from qadapt.adapters.xlora_checkpoint import read_xlora
 
     read_xlora(folder)
 

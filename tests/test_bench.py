@@ -85,7 +85,7 @@ def test_xlora_checkpoint_is_reference_layout(quick_run, cache):
     """The harness's X-LoRA folder, read by qadapt's reader (layout and classifier shapes checked
     there) and against the files: experts are byte copies of adapters a0.., the classifier's
     last layer has one row per (adapted module, expert), as PEFT counts modules."""
-    from qadapt.adapters.xlora import read_xlora
+    from qadapt.adapters.xlora_checkpoint import read_xlora
 
     files = bench_folder(cache, TINY, 0)
     ckpt = read_xlora(files.xlora)
