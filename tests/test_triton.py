@@ -187,10 +187,11 @@ def test_gptq_kernel_matches_the_gptq_formula(name):
     w = torch.randn(80, K, generator=gen)
     t, ref, _ = gptq_tensors(w, bits, group, sym, act, fmt)
     layer = GPTQLinear(**t, bits=bits, group_size=group, checkpoint_format=fmt)
-    x = torch.randn(5, K, generator=gen)
-    want = x.double() @ ref.double().T
-    got = matmul(x, layer.qweight, layer.zeros, layer.scales, layer.g_idx, bits, exact=True).double()
-    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    for rows in (1, 3, 5):  # the decode form (one row per program), then a tile
+        x = torch.randn(rows, K, generator=gen)
+        want = x.double() @ ref.double().T
+        got = matmul(x, layer.qweight, layer.zeros, layer.scales, layer.g_idx, bits, exact=True).double()
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), rows
     layer.use_triton()
     assert layer.path == "triton" and layer.int4_packed is None
     assert (layer(x.unsqueeze(0)).double()[0] - want).abs().max() <= 1e-5 * want.abs().max()

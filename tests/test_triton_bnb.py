@@ -62,8 +62,9 @@ def test_4bit_kernel_matches_bitsandbytes_dequantize(quant, nested):
         run = lambda x: matmul_4bit(x, q, st.absmax, st.code, blocksize, (40, K), dtype=dtype, exact=True,  # noqa: E731
                                     blocksize2=st.state2.blocksize if nested else 256, **kw)
         assert torch.equal(run(torch.eye(K)), ref.T), (blocksize, dtype)
-        x = torch.randn(21, K, generator=g)  # two row tiles, the second partial
-        _close(run(x), x.double() @ ref.double().T)
+        for rows in (1, 3, 21):  # the decode form (one row per program), then tiles, the second partial
+            x = torch.randn(rows, K, generator=g)
+            _close(run(x), x.double() @ ref.double().T)
 
 
 @interpreter
@@ -75,8 +76,9 @@ def test_int8_kernel_matches_int8_vectorwise_dequant():
     cb, scb, _ = F.int8_vectorwise_quant(w.half())
     ref = F.int8_vectorwise_dequant(cb, scb)
     assert torch.equal(matmul_int8(torch.eye(200), cb, scb, exact=True), ref.T)
-    x = torch.randn(5, 200, generator=g)
-    _close(matmul_int8(x, cb, scb, exact=True), x.double() @ ref.double().T)
+    for rows in (1, 5):
+        x = torch.randn(rows, 200, generator=g)
+        _close(matmul_int8(x, cb, scb, exact=True), x.double() @ ref.double().T)
 
 
 @interpreter

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import Tiled, configs, mma, start, store, x_tile
+from .tiles import DECODE_MAX_ROWS, Tiled, configs, mma, start, store, x_tile
 
 _ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -71,7 +71,7 @@ def _matmul(x, q, absmax, code, absmax2, code2, offset, y, M, N, K, sxm, sym, bl
         w = _weight(q, absmax, code, absmax2, code2, offset, nn, kk.to(tl.int64)[:, None], K, blocksize,
                     blocksize2, FMT, ROUND)
         w = tl.where(kin[:, None], w, 0.0)  # [BK, BN]
-        acc = mma(acc, x_tile(x, m, kk, kin, M, sxm), w, EXACT)
+        acc = mma(acc, x_tile(x, m, kk, kin, M, sxm), w, EXACT, BLOCK_M)
     store(y, acc, m, n, M, N, sym)
 
 
@@ -89,15 +89,17 @@ def _run(x2d, tensors, N, K, blocksize, blocksize2, fmt, round_to, exact):
         return y
     q, absmax, code, absmax2, code2, offset = tensors
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
-    (_DECODE if M <= 16 else _PREFILL).launch(
+    (_DECODE if M <= DECODE_MAX_ROWS else _PREFILL).launch(
         grid, x2d, q, absmax, code, absmax2, code2, offset, y, M, N, K, x2d.stride(0), y.stride(0), blocksize,
         blocksize2, FMT=fmt, ROUND=_ROUND[round_to], EXACT=exact)
     return y
 
 
-_FIXED = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32)
-_DECODE = Tiled(_matmul, _FIXED, configs(BLOCK_M=(16,), BLOCK_N=(16, 32, 64, 128), BLOCK_K=(32, 64, 128)))
-_PREFILL = Tiled(_matmul, _FIXED, configs(BLOCK_M=(32, 64), BLOCK_N=(64, 128), BLOCK_K=(32, 64)))
+#: decode (up to DECODE_MAX_ROWS input rows): one row per program, multiply-and-reduce; above, tensor-core tiles
+_DECODE = Tiled(_matmul, dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=32),
+                configs(BLOCK_M=(1,), BLOCK_N=(16, 32, 64, 128), BLOCK_K=(32, 64, 128, 256), num_warps=(1, 2, 4)))
+_PREFILL = Tiled(_matmul, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32),
+                 configs(BLOCK_M=(16, 32, 64), BLOCK_N=(64, 128), BLOCK_K=(32, 64)))
 
 
 def matmul_4bit(x2d: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,

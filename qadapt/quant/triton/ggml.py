@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..types import block_geometry
-from .tiles import Tiled, configs, mma, start, store, x_tile
+from .tiles import DECODE_MAX_ROWS, Tiled, configs, mma, start, store, x_tile
 
 #: GGUF type -> the kernel's ``QT`` (the decode function's branch)
 TYPES = {"Q8_0": 0, "Q4_0": 1, "Q4_K": 2, "Q6_K": 3, "Q4_1": 4, "Q5_0": 5, "Q5_1": 6, "Q2_K": 7, "Q3_K": 8,
@@ -187,7 +187,7 @@ def _dequantize(w, out, N, K, row_bytes, QT: tl.constexpr, BLOCK_N: tl.constexpr
         tl.store(out + n[:, None].to(tl.int64) * K + k0 + lane[None, :], _tile(w, rows, k0, QT), mask=n[:, None] < N)
 
 
-GEMV_MAX_ROWS = 4  # input rows up to which the GEMV kernel runs (decode); above, the tiled one
+GEMV_MAX_ROWS = DECODE_MAX_ROWS  # input rows up to which the GEMV kernel runs (decode); above, the tiled one
 
 
 def check(raw: torch.Tensor, qtype: str, in_features: int) -> tuple[int, int]:

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import Tiled, configs, mma, start, store, x_tile
+from .tiles import DECODE_MAX_ROWS, Tiled, configs, mma, start, store, x_tile
 
 #: bit widths the kernel takes (fields never straddle a 32-bit word)
 BITS = (2, 4, 8)
@@ -45,7 +45,7 @@ def _matmul(x, qw, zeros, scales, g_idx, y, M, N, K, sxm, sym, BITS: tl.constexp
         z = tl.load(zeros + g * N + nn).to(tl.int32)
         s = tl.load(scales + g * N + nn).to(tl.float32)
         w = tl.where(kin[:, None], (q - z).to(tl.float32) * s, 0.0)  # [BK, BN]
-        acc = mma(acc, x_tile(x, m, kk, kin, M, sxm), w, EXACT)
+        acc = mma(acc, x_tile(x, m, kk, kin, M, sxm), w, EXACT, BLOCK_M)
     store(y, acc, m, n, M, N, sym)
 
 
@@ -66,12 +66,14 @@ def matmul(x2d: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales
     if M == 0:
         return y
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
-    (_DECODE if M <= 16 else _PREFILL).launch(
+    (_DECODE if M <= DECODE_MAX_ROWS else _PREFILL).launch(
         grid, x2d, qweight.contiguous(), zeros.contiguous(), scales.contiguous(), g_idx.contiguous(), y, M, N, K,
         x2d.stride(0), y.stride(0), BITS=bits, EXACT=exact)
     return y
 
 
-_FIXED = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32)
-_DECODE = Tiled(_matmul, _FIXED, configs(BLOCK_M=(16,), BLOCK_N=(16, 32, 64, 128), BLOCK_K=(32, 64, 128)))
-_PREFILL = Tiled(_matmul, _FIXED, configs(BLOCK_M=(32, 64), BLOCK_N=(64, 128), BLOCK_K=(32, 64)))
+#: decode (up to DECODE_MAX_ROWS input rows): one row per program, multiply-and-reduce; above, tensor-core tiles
+_DECODE = Tiled(_matmul, dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=32),
+                configs(BLOCK_M=(1,), BLOCK_N=(16, 32, 64, 128), BLOCK_K=(32, 64, 128, 256), num_warps=(1, 2, 4)))
+_PREFILL = Tiled(_matmul, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32),
+                 configs(BLOCK_M=(16, 32, 64), BLOCK_N=(64, 128), BLOCK_K=(32, 64)))

@@ -13,6 +13,10 @@ import triton
 import triton.language as tl
 
 
+#: input rows up to which the kernels take their decode form (one row per program)
+DECODE_MAX_ROWS = 4
+
+
 class Tiled:
     """A kernel launched with fixed tile sizes under Triton's interpreter (the tests) and autotuned over
     ``configs`` on a GPU, keyed on the weight's shape (``N``, ``K``): the best tiles differ per GPU and shape and
@@ -62,8 +66,12 @@ def x_tile(x, m, k, kmask, M, sxm):
 
 
 @triton.jit
-def mma(acc, xt, w, EXACT: tl.constexpr):
-    """``acc + xt @ w`` (xt [BM, BK], w [BK, BN], float32 accumulator)."""
+def mma(acc, xt, w, EXACT: tl.constexpr, BLOCK_M: tl.constexpr = 16):
+    """``acc + xt @ w`` (xt [BM, BK], w [BK, BN], float32 accumulator). One input row (``BLOCK_M`` 1, a decode
+    step): a float32 multiply-and-reduce, no tensor cores (``tl.dot`` needs 16 rows; the weight's bytes are the
+    cost there)."""
+    if BLOCK_M == 1:
+        return acc + tl.sum(tl.trans(xt.to(tl.float32)) * w, axis=0)[None, :]
     if EXACT:
         return acc + tl.dot(xt.to(tl.float32), w, input_precision="ieee")
     return acc + tl.dot(xt.to(tl.float16), w.to(tl.float16))
