@@ -67,20 +67,15 @@ def place(model: Any, device: str | torch.device, *, slots: int = DEFAULT_SLOTS,
         model._graphs = graphs.DecodeGraphs(model) if graphs.enabled() else None
 
 
-def general(a: Any) -> bool:
-    """Whether adapter ``a`` needs more than the slots' ``scale * B A x``: DoRA, a LoRA bias, saved modules
-    (``modules_to_save``, trainable tokens on a tied head) or aLoRA's per-token start."""
-    return a is not None and (a.alora is not None or bool(a.saved) or any(not f.plain for f in a.factors.values()))
-
-
 def on_device(model: Any, a: Any) -> Any:
     """``a`` as the device runs it: plain LoRA factors stay in host memory (the slots copy the batch's in);
-    an adapter that runs the general path (:func:`general`) and every embedding part sit on the device."""
+    an adapter that runs the general path (:attr:`~qadapt.adapters.lora.LoraAdapter.general`) and every embedding
+    part sit on the device."""
     from dataclasses import replace
 
     dev = model.device
     move = lambda t: None if t is None else t.to(dev)  # noqa: E731
-    if general(a):
+    if a.general:
         a = replace(a, factors={p: replace(f, A=move(f.A), B=move(f.B), bias=move(f.bias),
                                            magnitude=move(f.magnitude), dora=move(f.dora))
                                 for p, f in a.factors.items()},
@@ -130,7 +125,8 @@ def slot_context(model: Any, active: tuple[str, ...] | None, rows: tuple[tuple[s
         cached = model._slot_layers = (epoch, [m for m in model.decoder.modules() if isinstance(m, LoraLinear)])
     # rows with an adapter beyond plain LoRA run all their adapters on the general path, in order (as on the CPU:
     # DoRA scales the output so far); the others take slots
-    slow = [i for i, r in enumerate(per_row) if any(general(model.adapters.get(n)) for n in r)]
+    adapters = model.adapters
+    slow = {i for i, r in enumerate(per_row) if any(n in adapters and adapters[n].general for n in r)}
     fast = tuple(() if i in slow else r for i, r in enumerate(per_row))
     indices = model._slots.prepare(fast, cached[1], epoch) if any(fast) else []
     ctx = AdapterContext(rows=per_row, alora=model._alora_starts(per_row, alora, ids))
@@ -138,7 +134,7 @@ def slot_context(model: Any, active: tuple[str, ...] | None, rows: tuple[tuple[s
     ctx.extra["device"] = model.device
     if slow:
         rows_of: dict[str, list[int]] = {}
-        for i in slow:
+        for i in sorted(slow):
             for n in per_row[i]:
                 rows_of.setdefault(n, []).append(i)
         ctx.extra["general_rows"] = {n: torch.tensor(ix, device=model.device) for n, ix in rows_of.items()}

@@ -18,6 +18,7 @@ for the rows that use the adapter and no others.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +111,13 @@ class LoraAdapter:
         factors = sum(t.numel() * t.element_size() for f in self.factors.values()
                       for t in (f.A, f.B, f.bias, f.magnitude, f.dora) if t is not None)
         return factors + sum(m.nbytes for m in self.saved.values()) + (self.embedding.nbytes if self.embedding else 0)
+
+    @functools.cached_property
+    def general(self) -> bool:
+        """Whether this adapter needs more than ``scale * B A x`` per layer (the device slots' kernel): DoRA, a LoRA
+        bias, saved modules (``modules_to_save``, trainable tokens on a tied head) or aLoRA's per-token start.
+        Computed once (an adapter's parts do not change after it is built)."""
+        return self.alora is not None or bool(self.saved) or any(not f.plain for f in self.factors.values())
 
     def alora_start(self, ids) -> int | None:
         """Where this aLoRA adapter starts applying in ``ids`` (PEFT's ``calculate_alora_offsets``: the start
