@@ -23,6 +23,10 @@ what else it needs travels as wheels made here first (``--prepare``). In order:
    in place on bitsandbytes' own CUDA kernels (the default there), then batch-1 decode on qadapt's Triton
    kernel over the same bytes (its load includes bitsandbytes' CPU repack and its undoing).
 
+On the lent machine (10 minutes a command, 15 in all) run it in parts, each with its own ``--out``:
+``--only-tests``; then ``--no-tests --types Q4_0,Q4_K_M --no-gptq --no-nf4``; then ``--no-tests --types Q8_0
+--no-hf``; then ``--no-tests --types "" --no-hf`` (GPTQ and nf4).
+
 Examples::
 
     python tools/gpu_check.py --prepare .gpu/wheels            # here, with an index: the wheels to carry
@@ -221,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-tests", action="store_true")
     p.add_argument("--no-gptq", action="store_true", help="skip the GPTQ 4-bit run")
     p.add_argument("--no-nf4", action="store_true", help="skip the bitsandbytes nf4 run")
+    p.add_argument("--no-hf", action="store_true", help="skip transformers + PEFT in bf16")
+    p.add_argument("--only-tests", action="store_true", help="run the GPU tests, then stop (no measurement)")
     a = p.parse_args(argv)
     if a.prepare:
         prepare(a.prepare)
@@ -242,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
         report["tests"] = {"exit": r.returncode, "tail": r.stdout[-3000:] + r.stderr[-2000:]}
         ok = r.returncode == 0
         print(r.stdout[-1500:], flush=True)
+    if a.only_tests:
+        from qadapt.io import write_json
+
+        write_json(a.out / "gpu_check.json", report, force=True)
+        return 0 if ok else 1
     import torch
 
     from qadapt.bench.random_gguf import LLAMA3_8B, TINY, write_adapter, write_model
@@ -252,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     work = a.out / "models"
     work.mkdir(exist_ok=True)
     adapters = {f"a{k}": str(write_adapter(work / f"a{k}", shape, k)) for k in range(a.rows)}
-    for qtype in a.types.split(","):
+    for qtype in [t for t in a.types.split(",") if t]:
         path = work / f"llama.{qtype}.gguf"
         t = time.perf_counter()
         read = write_model(path, shape, qtype)
@@ -272,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.device == "cuda":
             torch.cuda.empty_cache()
     try:
-        report["transformers_peft_bf16_tps"] = hf_peft_tps(shape, Path(adapters["a0"]), a.tokens, a.device)
+        report["transformers_peft_bf16_tps"] = (None if a.no_hf else
+                                                 hf_peft_tps(shape, Path(adapters["a0"]), a.tokens, a.device))
     except Exception as e:
         report["transformers_peft_bf16_tps"] = f"{type(e).__name__}: {e}"
     from qadapt.io import atomic_write, write_json
