@@ -69,7 +69,8 @@ def test_static_steps_match_the_eager_path_whatever_the_rows(llama):
     assert len(graphs.graphs) == 2 and graphs.replays == len(steps) - 2 and graphs.off is None
     before = graphs.replays
     _decode(ref, tri, [None, None], positions_skew=False)  # no adapters, a new cache: a third graph
-    assert graphs.replays == before + 1 and len(graphs.graphs) == 3
+    # and the first two are gone: their cache was dropped when the first decode returned (graphs hold it weakly)
+    assert graphs.replays == before + 1 and len(graphs.graphs) == 1
 
 
 @interpreter

@@ -16,7 +16,7 @@ deltas whatever the capture-time rows were (a slot is zero where its adapter has
 serves any plain-LoRA rows of that shape.
 
 Captured per (cache, batch rows, adapter slots per row, adapter set epoch), at most :data:`MAX_GRAPHS`
-kept (the least recently used dropped). Steps a graph cannot express run eagerly, as before: prompts
+kept (the least recently used dropped, and those whose cache was dropped: a graph holds its cache weakly). Steps a graph cannot express run eagerly, as before: prompts
 (more than one token), X-LoRA, aLoRA, rows with DoRA / saved modules / embedding parts, mixture-of-experts
 blocks, rotary scalings that change with the length. The first replay of every graph is checked against
 the eager step it was captured from (the same kernels on the same inputs: equal but for attention over the
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,10 +56,10 @@ class StaticCache:
     each row's position), this step's keys written by (row, position) index: no host reads."""
 
     def __init__(self, cache: KVCache, rows: torch.Tensor):
-        self.cache, self.rows = cache, rows  # rows: [B, 1] arange on the device
+        self.k, self.v, self.rows = cache.k, cache.v, rows  # its tensors, not the cache (held weakly); rows: [B, 1]
 
     def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        kc, vc = self.k[layer], self.v[layer]
         kc[self.rows, :, positions] = k.to(kc.dtype)
         vc[self.rows, :, positions] = v.to(vc.dtype)
         return kc, vc
@@ -88,7 +89,7 @@ def static_plan(dec: Any, positions: torch.Tensor, keys: torch.Tensor, tables: d
 
 @dataclass
 class _Graph:
-    cache: KVCache  # held: the graph writes into its tensors
+    cache: Any  # weakref.ref to the KVCache it writes into: a dropped cache frees its memory and its graph
     ids: torch.Tensor
     positions: torch.Tensor
     indices: list[torch.Tensor]
@@ -133,7 +134,7 @@ class DecodeGraphs:
         bank, indices = ctx.extra["slots"] if ctx is not None else (None, [])
         key = (id(cache), ids.shape[0], len(indices), adapters_epoch() if ctx is not None else None)
         g = self.graphs.get(key)
-        if g is not None and g.cache is not cache:
+        if g is not None and g.cache() is not cache:  # a new cache where a dropped one was: capture again
             g = None
         if bank is not None:
             bank.sync()  # the slot copies prepare() queued, before the step reads them
@@ -172,7 +173,7 @@ class DecodeGraphs:
             plan = static_plan(dec, spos, keys, tables)
             return dec._forward(sids, spos, scache, sctx, True, True, plan=plan).logits[:, -1]
 
-        g = _Graph(cache, sids, spos, sidx, static_step)
+        g = _Graph(weakref.ref(cache), sids, spos, sidx, static_step)
         if self.capture:
             want = self._record(g, static_step, dev)
             if want is None:
@@ -187,6 +188,8 @@ class DecodeGraphs:
             out = got
         else:
             out = static_step()
+        for k in [k for k, old in self.graphs.items() if old.cache() is None]:
+            del self.graphs[k]  # their caches are gone
         self.graphs[key] = g
         while len(self.graphs) > MAX_GRAPHS:
             self.graphs.popitem(last=False)
