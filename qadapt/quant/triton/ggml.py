@@ -157,7 +157,7 @@ def _matmul(x, w, y, M, N, K, row_bytes, sxm, sym, QT: tl.constexpr, BLOCK_M: tl
     lane = tl.arange(0, 32)
     for k0 in range(0, K, 32):
         wt = _tile(w, rows, k0, QT)  # [BN, 32]
-        acc = mma(acc, x_tile(x, m, k0 + lane, lane < 32, M, sxm), tl.trans(wt), EXACT)
+        acc = mma(acc, x_tile(x, m, k0 + lane, lane < 32, M, sxm), tl.trans(wt), EXACT, BLOCK_M)
     store(y, acc, m, n, M, N, sym)
 
 

@@ -66,7 +66,7 @@ def x_tile(x, m, k, kmask, M, sxm):
 
 
 @triton.jit
-def mma(acc, xt, w, EXACT: tl.constexpr, BLOCK_M: tl.constexpr = 16):
+def mma(acc, xt, w, EXACT: tl.constexpr, BLOCK_M: tl.constexpr):
     """``acc + xt @ w`` (xt [BM, BK], w [BK, BN], float32 accumulator). One input row (``BLOCK_M`` 1, a decode
     step): a float32 multiply-and-reduce, no tensor cores (``tl.dot`` needs 16 rows; the weight's bytes are the
     cost there)."""
