@@ -70,6 +70,18 @@ def main(everything: bool) -> None:
         compile_one(bgmv._shrink, BGMV, {"R_PAD": 64, "BLOCK_K": 64}, target=target)
         compile_one(bgmv._expand, BGMV, {"R_PAD": 64, "BLOCK_N": 64}, target=target)
         n += 2
+    for x in ("*bf16", "*fp16"):  # activations in half precision (a model loaded with dtype=bfloat16 / float16)
+        compile_one(ggml._gemv, {**GGML, "x": x}, {"QT": ggml.TYPES["Q4_K"], "BLOCK_N": 64})
+        compile_one(ggml._matmul, {**GGML, "x": x}, {"QT": ggml.TYPES["Q4_K"], "BLOCK_M": 16, "BLOCK_N": 64,
+                                                     "EXACT": False})
+        for bm in (1, 16):
+            compile_one(gptq._matmul, {**GPTQ, "x": x}, {"BITS": 4, "BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 32,
+                                                         "EXACT": False})
+            compile_one(bnb._matmul, {**bnb_types(1), "x": x}, {"FMT": 1, "ROUND": 1, "BLOCK_M": bm, "BLOCK_N": 64,
+                                                                "BLOCK_K": 32, "EXACT": False})
+        compile_one(bgmv._shrink, {**BGMV, "x": x}, {"R_PAD": 64, "BLOCK_K": 64})
+        compile_one(bgmv._expand, {**BGMV, "y": x}, {"R_PAD": 64, "BLOCK_N": 64})
+        n += 8
     print(f"branches: {n} variants compiled", flush=True)
     if not everything:
         return
