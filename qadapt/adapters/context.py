@@ -46,11 +46,12 @@ class AdapterContext:
             bank, indices = self.extra["slots"]
             ctx.extra["slots"] = (bank, [ix.index_select(0, rows.to(ix.device)) for ix in indices])
             ctx.extra["device"] = self.extra["device"]
-            if "general_rows" in self.extra:
+            if "general_rows" in self.extra:  # each token whose row runs the general path, for the same adapters
                 src = rows.tolist()
+                general = {n: (set(ix.tolist()), ix.device) for n, ix in self.extra["general_rows"].items()}
                 ctx.extra["general_rows"] = {
-                    n: torch.tensor([k for k, r in enumerate(src) if r in set(ix.tolist())], dtype=torch.long,
-                                    device=ix.device) for n, ix in self.extra["general_rows"].items()}
+                    n: torch.tensor([k for k, r in enumerate(src) if r in keep], dtype=torch.long, device=dev)
+                    for n, (keep, dev) in general.items()}
         if self.alora:
             ctx.alora = {n: s.index_select(0, rows) for n, s in self.alora.items()}
             ctx.extra["positions"] = self.extra["positions"][rows, cols].unsqueeze(1)
